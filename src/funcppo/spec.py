@@ -1,0 +1,175 @@
+"""The factored action space as data: heads, their sizes, and which heads each op uses.
+
+An action is one integer per head. The op head picks what to do; the other heads are its
+arguments. The causal table says, for each op value, which heads the environment reads. A head
+that the taken op does not read carries no credit: its log-prob, entropy and advantage are 0.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "LIFECYCLE_OPS",
+    "ActionSpec",
+    "availability_masks",
+    "causal_masks",
+    "lifecycle_spec",
+    "resolve_masks",
+]
+
+
+@dataclass(frozen=True)
+class ActionSpec:
+    """Ordered heads, the op head, and the causal table.
+
+    Attributes:
+      heads: ``(name, size)`` pairs in a fixed order; sizes may differ.
+      op_head: the head whose value selects a row of ``causal``.
+      causal: one set of head names per op value. The op head is added to every row, so it is
+        relevant to every op by construction (seed 000: total KL weight is then >= 1).
+      op_conditioned: heads whose validity mask depends on the op; their masks have shape
+        ``[..., n_ops, size]`` and the row of the taken op applies.
+      op_names: optional readable names of the op values.
+    """
+
+    heads: tuple[tuple[str, int], ...]
+    op_head: str
+    causal: tuple[frozenset[str], ...]
+    op_conditioned: frozenset[str] = field(default_factory=frozenset)
+    op_names: tuple[str, ...] | None = None
+
+    def __init__(
+        self,
+        heads: Mapping[str, int] | Sequence[tuple[str, int]],
+        op_head: str,
+        causal: Sequence[Iterable[str]],
+        op_conditioned: Iterable[str] = (),
+        op_names: Sequence[str] | None = None,
+    ) -> None:
+        pairs = tuple(heads.items()) if isinstance(heads, Mapping) else tuple(heads)
+        pairs = tuple((str(name), int(size)) for name, size in pairs)
+        names = [name for name, _ in pairs]
+        if not pairs:
+            raise ValueError("heads: expected at least one (name, size) pair, got none")
+        if len(set(names)) != len(names):
+            raise ValueError(f"heads: expected unique names, got {names}")
+        for name, size in pairs:
+            if size < 1:
+                raise ValueError(f"heads: head {name!r} must have size >= 1, got {size}")
+        if op_head not in names:
+            raise ValueError(f"op_head: expected one of {names}, got {op_head!r}")
+        n_ops = dict(pairs)[op_head]
+        rows = tuple(frozenset(row) | {op_head} for row in causal)
+        if len(rows) != n_ops:
+            raise ValueError(
+                f"causal: expected one row per op value ({n_ops} for head {op_head!r}), "
+                f"got {len(rows)}"
+            )
+        for op, row in enumerate(rows):
+            unknown = sorted(row - set(names))
+            if unknown:
+                raise ValueError(f"causal: row {op} names unknown heads {unknown}")
+        conditioned = frozenset(op_conditioned)
+        if op_head in conditioned or not conditioned <= set(names):
+            raise ValueError(
+                f"op_conditioned: expected non-op heads from {names}, got {sorted(conditioned)}"
+            )
+        if op_names is not None and len(op_names) != n_ops:
+            raise ValueError(f"op_names: expected {n_ops} names, got {len(op_names)}")
+        object.__setattr__(self, "heads", pairs)
+        object.__setattr__(self, "op_head", op_head)
+        object.__setattr__(self, "causal", rows)
+        object.__setattr__(self, "op_conditioned", conditioned)
+        object.__setattr__(self, "op_names", None if op_names is None else tuple(op_names))
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(name for name, _ in self.heads)
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return tuple(size for _, size in self.heads)
+
+    @property
+    def n_ops(self) -> int:
+        return self.size(self.op_head)
+
+    def size(self, name: str) -> int:
+        return dict(self.heads)[name]
+
+    def causal_table(self, device: torch.device | str | None = None) -> Tensor:
+        """Bool ``[n_ops, n_heads]``: entry (o, h) is True when op o uses head h."""
+        rows = [[name in row for name in self.names] for row in self.causal]
+        return torch.tensor(rows, dtype=torch.bool, device=device)
+
+
+def _op_one_hot(op_actions: Tensor, n_ops: int) -> Tensor:
+    # Comparison with arange instead of F.one_hot: one_hot checks its input's range on the
+    # host, which breaks vmap and fullgraph compile.
+    return op_actions.unsqueeze(-1) == torch.arange(n_ops, device=op_actions.device)
+
+
+def causal_masks(spec: ActionSpec, op_actions: Tensor) -> dict[str, Tensor]:
+    """Which heads the taken op used: bool ``[...]`` per head, for ``op_actions`` of ``[...]``.
+
+    The op head's mask is all True (seed 000).
+    """
+    table = spec.causal_table(op_actions.device)
+    used = (_op_one_hot(op_actions, spec.n_ops).unsqueeze(-1) & table).any(-2)
+    return {name: used[..., i] for i, name in enumerate(spec.names)}
+
+
+def availability_masks(spec: ActionSpec, op_valid: Tensor) -> dict[str, Tensor]:
+    """Which heads could have mattered: bool ``[...]`` per head, for ``op_valid`` ``[..., n_ops]``.
+
+    A head is available where some valid op uses it; the entropy floor applies only there.
+    """
+    table = spec.causal_table(op_valid.device)
+    avail = (op_valid.bool().unsqueeze(-1) & table).any(-2)
+    return {name: avail[..., i] for i, name in enumerate(spec.names)}
+
+
+def resolve_masks(
+    spec: ActionSpec, masks: Mapping[str, Tensor], op_actions: Tensor
+) -> dict[str, Tensor]:
+    """Per-head validity masks ``[..., size]``, with op-conditioned heads at the taken op's row."""
+    one_hot = _op_one_hot(op_actions, spec.n_ops).unsqueeze(-1)
+    return {
+        name: (masks[name].bool() & one_hot).any(-2)
+        if name in spec.op_conditioned
+        else masks[name].bool()
+        for name in spec.names
+    }
+
+
+LIFECYCLE_OPS = ("WAIT", "GERMINATE", "SET_ALPHA_TARGET", "PRUNE", "FOSSILIZE", "ADVANCE")
+
+
+def lifecycle_spec(num_slots: int = 3) -> ActionSpec:
+    """The seed system's eight heads and causal table; the slot mask depends on the op."""
+    if num_slots < 1:
+        raise ValueError(f"num_slots: expected >= 1, got {num_slots}")
+    heads = {
+        "op": len(LIFECYCLE_OPS),
+        "slot": num_slots,
+        "blueprint": 13,
+        "style": 4,
+        "tempo": 3,
+        "alpha_target": 3,
+        "alpha_speed": 4,
+        "alpha_curve": 5,
+    }
+    causal = (
+        {"op"},
+        {"op", "slot", "blueprint", "style", "tempo", "alpha_target"},
+        {"op", "slot", "style", "alpha_target", "alpha_speed", "alpha_curve"},
+        {"op", "slot", "alpha_speed", "alpha_curve"},
+        {"op", "slot"},
+        {"op", "slot"},
+    )
+    return ActionSpec(heads, "op", causal, op_conditioned=("slot",), op_names=LIFECYCLE_OPS)

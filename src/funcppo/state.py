@@ -1,0 +1,146 @@
+"""The pytrees the update step carries and consumes: TrainState, Hyperparams and Batch."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+
+from funcppo import random as jr
+from funcppo.config import PPOConfig
+from funcppo.networks import policy_init
+from funcppo.optim import ScaleByAdamState, adamw, is_critic_path
+
+__all__ = [
+    "Batch",
+    "Hyperparams",
+    "TrainState",
+    "init_train_state",
+    "make_hyperparams",
+    "make_optimizer",
+]
+
+
+class Hyperparams(NamedTuple):
+    """Hyperparameters that may differ per seed: 0-d tensors, vmapped with the state.
+
+    A sweep passes ``[S]`` tensors to ``init_train_state`` and runs S settings in one program.
+    """
+
+    learning_rate: Tensor
+    ent_coef: Tensor
+    clip_coef: Tensor
+    vf_coef: Tensor
+    gamma: Tensor
+    gae_lambda: Tensor
+    max_grad_norm: Tensor
+    target_kl: Tensor
+
+
+class TrainState(NamedTuple):
+    """Everything one agent carries from update to update."""
+
+    params: dict[str, Any]
+    opt_state: Any
+    step: Tensor
+    key: Tensor
+    hparams: Hyperparams
+
+
+class Batch(NamedTuple):
+    """One rollout, time-major ``[T, B]``.
+
+    Attributes:
+      obs: ``[T, B, obs_dim]`` observation seen before each action.
+      actions: per head, int64 ``[T, B]``.
+      masks: per head, bool ``[T, B, size]`` (op-conditioned heads ``[T, B, n_ops, size]``).
+      logprobs: per head, the behaviour policy's log-prob ``[T, B]`` (0 where irrelevant).
+      values: the behaviour critic's ``V(obs)`` ``[T, B]``.
+      next_values: ``V`` of the observation after each step ``[T, B]``; for a truncated step,
+        of the final observation before the reset.
+      rewards, terminated, truncated: ``[T, B]``; terminated and truncated are bool.
+      episode_start: bool ``[T, B]``, True where ``obs`` starts an episode (LSTM reset).
+      hidden: the LSTM state before each step, ``LSTMState`` of ``[T, B, H]``; None for the MLP.
+    """
+
+    obs: Tensor
+    actions: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    logprobs: dict[str, Tensor]
+    values: Tensor
+    next_values: Tensor
+    rewards: Tensor
+    terminated: Tensor
+    truncated: Tensor
+    episode_start: Tensor
+    hidden: Any = None
+
+
+def make_hyperparams(config: PPOConfig, device: torch.device | str | None = None, **overrides):
+    """Hyperparams from the config, with any field overridden by a float or a tensor.
+
+    ``target_kl`` of None is stored as +inf: early stopping then never fires.
+    """
+    unknown = sorted(set(overrides) - set(Hyperparams._fields))
+    if unknown:
+        raise ValueError(f"overrides: expected fields of Hyperparams, got unknown {unknown}")
+    values = {
+        name: getattr(config, name) if getattr(config, name) is not None else float("inf")
+        for name in Hyperparams._fields
+    }
+    values.update(overrides)
+    return Hyperparams(
+        **{k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in values.items()}
+    )
+
+
+def make_optimizer(config: PPOConfig, hparams: Hyperparams):
+    """AdamW with decay on the critic only and per-seed clipping by global norm.
+
+    Decay on actor layers kills exploration; seed 003 praises keeping it on the critic.
+    """
+    return adamw(
+        learning_rate=hparams.learning_rate,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        decay_mask=is_critic_path,
+        max_grad_norm=hparams.max_grad_norm,
+    )
+
+
+def init_train_state(keys: Tensor, config: PPOConfig, **hparam_overrides) -> TrainState:
+    """A TrainState for one key ``[2]``, or S stacked states for keys ``[S, 2]``.
+
+    Overrides are floats, or ``[S]`` tensors for a per-seed sweep.
+    """
+    jr._check_key(keys, "keys")
+    if keys.dim() == 1:
+        hparams = make_hyperparams(config, keys.device, **hparam_overrides)
+        k_params, k_state = jr.split(keys, 2)
+        params = policy_init(k_params, config)
+        opt_state = make_optimizer(config, hparams).init(params)
+        step = torch.zeros((), dtype=torch.int64, device=keys.device)
+        return TrainState(params, opt_state, step, k_state, hparams)
+    if keys.dim() != 2:
+        raise ValueError(f"keys: expected shape [2] or [S, 2], got {tuple(keys.shape)}")
+    num_seeds = keys.shape[0]
+    states = []
+    for i in range(num_seeds):
+        per_seed = {
+            k: (v[i] if isinstance(v, Tensor) and v.dim() > 0 else v)
+            for k, v in hparam_overrides.items()
+        }
+        states.append(init_train_state(keys[i], config, **per_seed))
+    return optree.tree_map(lambda *xs: torch.stack(xs), *states, none_is_leaf=False)
+
+
+def count_state(state: Any) -> Tensor:
+    """The optimizer step count inside an AdamW chain state (for metrics and tests)."""
+    for leaf in optree.tree_leaves(
+        state, is_leaf=lambda x: isinstance(x, ScaleByAdamState), none_is_leaf=False
+    ):
+        if isinstance(leaf, ScaleByAdamState):
+            return leaf.count
+    raise ValueError("opt_state: expected an AdamW chain state, found no ScaleByAdamState")

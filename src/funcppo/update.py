@@ -1,0 +1,343 @@
+"""``make_update_fn(config)``: one pure PPO update over a rollout, compiled and vmappable.
+
+The update is three pure pieces: ``prepare`` (GAE, advantage normalisation, causal and
+availability masks, the rollout cut into sequences and shuffled), ``minibatch_step`` (one
+gradient step, gated by KL early stopping and by finiteness) and ``finish`` (metrics). With
+``compile_scope="update"`` they are composed into one function and compiled as one graph
+(torch.compile unrolls the epoch and minibatch loops); with ``"minibatch"`` each piece is
+compiled once and a Python loop drives ``minibatch_step``, which bounds compile time when
+the LSTM makes one minibatch step a long unrolled graph.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+from torch.func import grad_and_value, vmap
+
+from funcppo import random as jr
+from funcppo.advantages import gae, normalize_advantages, per_head_advantages
+from funcppo.config import PPOConfig
+from funcppo.constants import KL_EARLY_STOP_FACTOR
+from funcppo.distributions import factored_entropy, factored_logprob, mask_stats
+from funcppo.losses import LossCoefs, ppo_loss
+from funcppo.networks import policy_apply
+from funcppo.optim import apply_updates, global_norm
+from funcppo.spec import availability_masks, causal_masks, resolve_masks
+from funcppo.state import Batch, TrainState, make_optimizer
+from funcppo.validation import check_batch
+
+__all__ = ["Prepared", "make_update_fn"]
+
+
+class Prepared(NamedTuple):
+    """The rollout as ``[L, N]`` sequences (L = bptt_len for the LSTM, 1 for the MLP)."""
+
+    data: dict[str, Any]
+    hidden: Any
+    order: Tensor
+    stats: dict[str, Tensor]
+
+
+class Carry(NamedTuple):
+    params: Any
+    opt_state: Any
+    stopped: Tensor
+    stop_epoch: Tensor
+    applied: Tensor
+    skipped: Tensor
+
+
+def _to_sequences(x: Tensor, seq_len: int) -> Tensor:
+    """``[T, B, ...] -> [L, (T // L) * B, ...]``: chunk c of env b becomes sequence c * B + b."""
+    t, b = x.shape[:2]
+    chunks = x.reshape(t // seq_len, seq_len, b, *x.shape[2:]).movedim(0, 1)
+    return chunks.reshape(seq_len, (t // seq_len) * b, *x.shape[2:])
+
+
+def _explained_variance(values: Tensor, returns: Tensor, weight: Tensor) -> Tensor:
+    """``1 - Var[R - V] / Var[R]`` over weighted steps; NaN where ``Var[R] = 0`` (as CleanRL)."""
+    w = weight.to(values.dtype)
+    n = w.sum().clamp(min=1.0)
+
+    def var(x: Tensor) -> Tensor:
+        x = torch.where(weight, x, 0.0)
+        mean = (x * w).sum() / n
+        return ((x - mean) ** 2 * w).sum() / n
+
+    var_r = var(returns)
+    return torch.where(var_r > 0, 1.0 - var(returns - values) / var_r, torch.nan)
+
+
+def _make_prepare(config: PPOConfig) -> Callable[[TrainState, Batch], Prepared]:
+    spec = config.spec
+    seq_len = config.bptt_len if config.recurrent else 1
+
+    def prepare(state: TrainState, batch: Batch) -> Prepared:
+        hp = state.hparams
+        adv, returns = gae(
+            batch.rewards,
+            batch.values,
+            batch.next_values,
+            batch.terminated,
+            batch.truncated,
+            hp.gamma,
+            hp.gae_lambda,
+        )
+        finite = torch.isfinite(adv) & torch.isfinite(returns) & torch.isfinite(batch.obs).all(-1)
+        adv = torch.where(finite, adv, 0.0)
+        if config.norm_adv:
+            adv = normalize_advantages(adv, finite)
+        op = batch.actions[spec.op_head]
+        causal = causal_masks(spec, op)
+        resolved = resolve_masks(spec, batch.masks, op)
+        available = availability_masks(spec, batch.masks[spec.op_head])
+        availability = {h: available[h] & (resolved[h].sum(-1) > 1) for h in spec.names}
+        per_step = {
+            "obs": batch.obs,
+            "actions": batch.actions,
+            "masks": batch.masks,
+            "old_logprobs": batch.logprobs,
+            "old_values": batch.values,
+            "returns": returns,
+            "advantages": per_head_advantages(adv, causal),
+            "causal": causal,
+            "availability": availability,
+            "finite": finite,
+            "episode_start": batch.episode_start,
+        }
+        data = optree.tree_map(lambda x: _to_sequences(x, seq_len), per_step)
+        # An empty tuple, not None: torch's vmap rejects None inputs and outputs.
+        hidden = ()
+        if config.recurrent:
+            hidden = optree.tree_map(lambda h: h[::seq_len].flatten(0, 1), batch.hidden)
+        num_seq = data["returns"].shape[1]
+        keys = jr.split(jr.fold_in(state.key, 0), config.update_epochs)
+        order = torch.stack([jr.permutation(k, num_seq) for k in keys])
+        order = order.reshape(config.update_epochs * config.num_minibatches, -1)
+        stats = {
+            "explained_variance": _explained_variance(batch.values, returns, finite),
+            **{
+                f"{k}/{h}": v
+                for h, head_stats in mask_stats(spec, batch.masks, op).items()
+                for k, v in head_stats._asdict().items()
+            },
+        }
+        return Prepared(data, hidden, order, stats)
+
+    return prepare
+
+
+def _make_minibatch_step(config: PPOConfig):
+    spec = config.spec
+    target_kl_on = config.target_kl is not None
+
+    def loss_fn(params, mb, hidden, hp):
+        out = policy_apply(config, params, mb["obs"], hidden, mb["episode_start"])
+        new_logprobs, _ = factored_logprob(spec, out.logits, mb["masks"], mb["actions"])
+        entropies = factored_entropy(spec, out.logits, mb["masks"], mb["actions"])
+        coefs = LossCoefs(
+            clip_coef=hp.clip_coef,
+            vf_coef=hp.vf_coef,
+            ent_coef=hp.ent_coef,
+            head_ent_coef=config.head_ent_coefs(),
+            clip_vloss=config.clip_vloss,
+            value_clip=config.value_clip,
+            entropy_floor=config.entropy_floors() or None,
+            entropy_floor_coef=config.entropy_floor_coef,
+        )
+        loss, info = ppo_loss(
+            new_logprobs,
+            mb["old_logprobs"],
+            entropies,
+            out.value,
+            mb["old_values"],
+            mb["returns"],
+            mb["advantages"],
+            mb["causal"],
+            coefs,
+            mb["availability"],
+        )
+        finite = torch.stack(
+            [torch.isfinite(lp).all() for lp in new_logprobs.values()]
+            + [torch.isfinite(out.value).all(), torch.isfinite(loss)]
+        ).all()
+        return loss, (info, finite)
+
+    grad_fn = grad_and_value(loss_fn, has_aux=True)
+
+    def minibatch_step(carry: Carry, prep: Prepared, hp, k: Tensor):
+        idx = prep.order[k]
+        epoch = k // config.num_minibatches
+        mb = optree.tree_map(lambda x: x[:, idx], prep.data)
+        hidden = optree.tree_map(lambda h: h[idx], prep.hidden) if config.recurrent else None
+        grads, (loss, (info, finite)) = grad_fn(carry.params, mb, hidden, hp)
+        grad_norm = global_norm(grads)
+        finite = finite & torch.isfinite(grad_norm) & mb["finite"].all()
+        # KL is checked before the optimizer step (seed 004), per seed: a stopped seed's
+        # remaining steps are masked, not skipped, so vmapped seeds stop independently.
+        stop_now = carry.stopped
+        if target_kl_on:
+            stop_now = stop_now | (finite & (info.approx_kl > KL_EARLY_STOP_FACTOR * hp.target_kl))
+        apply = finite & ~stop_now
+        updates, new_opt = make_optimizer(config, hp).update(grads, carry.opt_state, carry.params)
+        new_params = apply_updates(carry.params, updates)
+
+        def keep(new, old):
+            return torch.where(apply, new, old)
+
+        n_rel = {h: mb["causal"][h].sum() for h in spec.names}
+        head_grad_norm = {
+            # NaN, never a silent 0, where no step used the head (seed 001).
+            h: torch.where(n_rel[h] > 0, global_norm(grads["heads"][h]), torch.nan)
+            for h in spec.names
+        }
+        carry = Carry(
+            params=optree.tree_map(keep, new_params, carry.params),
+            opt_state=optree.tree_map(keep, new_opt, carry.opt_state),
+            stopped=stop_now,
+            stop_epoch=torch.where(stop_now & ~carry.stopped, epoch, carry.stop_epoch),
+            applied=carry.applied + apply.long(),
+            skipped=carry.skipped + (~finite).long(),
+        )
+        step_info = {
+            "loss": loss.detach(),
+            "info": info,
+            "grad_norm": grad_norm,
+            "head_grad_norm": head_grad_norm,
+            "finite": finite,
+        }
+        return carry, step_info
+
+    return minibatch_step
+
+
+def _masked_average(values: Tensor, weight: Tensor) -> Tensor:
+    """Mean of ``values`` over ``weight`` and over finite entries; NaN when none qualifies."""
+    ok = weight & torch.isfinite(values)
+    total = torch.where(ok, values, 0.0).sum()
+    count = ok.sum()
+    return torch.where(count > 0, total / count.clamp(min=1), torch.nan)
+
+
+def _finish(config: PPOConfig, state: TrainState, carry: Carry, prep: Prepared, infos: list):
+    stacked = optree.tree_map(lambda *xs: torch.stack(xs), *infos)
+    finite = stacked.pop("finite")
+    info = stacked.pop("info")
+    flat = {
+        "loss": stacked["loss"],
+        "grad_norm": stacked["grad_norm"],
+        "policy_loss": info.policy_loss,
+        "value_loss": info.value_loss,
+        "entropy": info.entropy,
+        "entropy_floor_penalty": info.entropy_floor_penalty,
+        "approx_kl": info.approx_kl,
+        "clip_fraction": info.clip_fraction,
+        **{f"ratio_{k}": v for k, v in info.ratio._asdict().items()},
+    }
+    for name, heads in (
+        ("policy_loss", info.head_policy_loss),
+        ("entropy", info.head_entropy),
+        ("kl", info.head_kl),
+        ("clip_fraction", info.head_clip_fraction),
+        ("grad_norm", stacked["head_grad_norm"]),
+    ):
+        flat.update({f"{name}/{h}": v for h, v in heads.items()})
+    metrics = {k: _masked_average(v, finite) for k, v in flat.items()}
+    metrics["ratio_max"] = torch.where(finite, flat["ratio_max"], -torch.inf).max()
+    metrics["ratio_min"] = torch.where(finite, flat["ratio_min"], torch.inf).min()
+    metrics.update(prep.stats)
+    num_steps = config.update_epochs * config.num_minibatches
+    metrics["stop_epoch"] = carry.stop_epoch.float()
+    metrics["early_stopped"] = carry.stopped.float()
+    metrics["updates_applied"] = carry.applied.float()
+    metrics["nonfinite_skips"] = carry.skipped.float()
+    metrics["minibatch_steps"] = torch.full_like(metrics["loss"], num_steps)
+    new_state = TrainState(
+        params=carry.params,
+        opt_state=carry.opt_state,
+        step=state.step + 1,
+        key=jr.fold_in(state.key, 1),
+        hparams=state.hparams,
+    )
+    return new_state, metrics
+
+
+def _initial_carry(config: PPOConfig, state: TrainState) -> Carry:
+    zero = torch.zeros((), dtype=torch.int64, device=state.step.device)
+    return Carry(
+        params=state.params,
+        opt_state=state.opt_state,
+        stopped=torch.zeros((), dtype=torch.bool, device=zero.device),
+        stop_epoch=zero + config.update_epochs,
+        applied=zero,
+        skipped=zero,
+    )
+
+
+def make_update_fn(
+    config: PPOConfig, *, num_seeds: int | None = None, compile_scope: str = "update"
+) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
+    """A pure ``update(state, batch) -> (state, metrics)`` for ``config``.
+
+    Args:
+      config: the PPO configuration; ``config.compile`` compiles with ``fullgraph=True``.
+      num_seeds: when given, ``state`` and ``batch`` carry a leading seed axis of this size and
+        the update is vmapped over it: S independent agents in one program.
+      compile_scope: ``"update"`` compiles the whole update as one graph; ``"minibatch"``
+        compiles ``prepare``, one minibatch step and ``finish`` separately and loops in Python.
+
+    The returned function validates shapes, dtypes and devices on the host before running.
+    """
+    if compile_scope not in ("update", "minibatch"):
+        raise ValueError(f"compile_scope: expected 'update' or 'minibatch', got {compile_scope!r}")
+    prepare = _make_prepare(config)
+    step = _make_minibatch_step(config)
+    num_steps = config.update_epochs * config.num_minibatches
+
+    def finish(state, carry, prep, infos):
+        return _finish(config, state, carry, prep, infos)
+
+    def whole(state: TrainState, batch: Batch):
+        prep = prepare(state, batch)
+        carry = _initial_carry(config, state)
+        infos = []
+        for k in range(num_steps):
+            carry, info = step(carry, prep, state.hparams, torch.tensor(k))
+            infos.append(info)
+        return finish(state, carry, prep, infos)
+
+    def wrap(fn, in_dims=0):
+        fn = fn if num_seeds is None else vmap(fn, in_dims=in_dims, randomness="error")
+        return torch.compile(fn, fullgraph=True) if config.compile else fn
+
+    if compile_scope == "update":
+        run = wrap(whole)
+    else:
+        prepare_c = wrap(prepare)
+        init_c = wrap(lambda state: _initial_carry(config, state))
+        step_c = wrap(step, in_dims=(0, 0, 0, None))
+        finish_c = wrap(finish)
+
+        def run(state: TrainState, batch: Batch):
+            prep = prepare_c(state, batch)
+            carry = init_c(state)
+            infos = []
+            for k in range(num_steps):
+                carry, info = step_c(carry, prep, state.hparams, torch.tensor(k))
+                infos.append(info)
+            return finish_c(state, carry, prep, infos)
+
+    def update(state: TrainState, batch: Batch):
+        check_batch(config, state, batch, num_seeds)
+        if batch.hidden is None:
+            batch = batch._replace(hidden=())
+        return run(state, batch)
+
+    update.prepare = prepare
+    update.minibatch_step = step
+    return update

@@ -1,0 +1,302 @@
+"""make_update_fn: against a plain torch reference, compiled against eager, vmapped against a
+loop, KL early stopping per seed, the finiteness gate, the NaN gradient sentinel and errors."""
+
+import math
+
+import optree
+import pytest
+import torch
+
+from funcppo import random as jr
+from funcppo.advantages import gae, normalize_advantages, per_head_advantages
+from funcppo.config import PPOConfig
+from funcppo.distributions import factored_entropy, factored_logprob
+from funcppo.losses import LossCoefs, ppo_loss
+from funcppo.networks import policy_apply
+from funcppo.spec import ActionSpec, availability_masks, causal_masks, resolve_masks
+from funcppo.state import init_train_state
+from funcppo.synthetic import synthetic_batch
+from funcppo.update import make_update_fn
+
+SPEC = ActionSpec(
+    {"op": 3, "a": 5, "b": 4, "c": 6}, "op", [(), ("a",), ("a", "b", "c")], op_conditioned=("a",)
+)
+T, B = 16, 4
+
+
+def small_config(**changes) -> PPOConfig:
+    base = dict(
+        obs_dim=6,
+        spec=SPEC,
+        torso_sizes=(16,),
+        lstm_size=8,
+        bptt_len=8,
+        update_epochs=2,
+        num_minibatches=2,
+        compile=False,
+        learning_rate=1e-2,
+        weight_decay=0.1,
+    )
+    base.update(changes)
+    return PPOConfig(**base)
+
+
+def make_case(config, seed=0):
+    state = init_train_state(jr.key(seed), config)
+    batch = synthetic_batch(config, state.params, jr.key(seed + 100), T, B)
+    return state, batch
+
+
+def leaves_close(a, b, atol):
+    return all(
+        torch.allclose(x, y, atol=atol, rtol=0, equal_nan=True)
+        for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True)
+    )
+
+
+def max_diff(a, b):
+    return max(
+        float((x.float() - y.float()).abs().max())
+        for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True)
+    )
+
+
+def reference_update(config, state, batch):
+    """One epoch, one minibatch over the whole rollout, with torch.optim.AdamW and
+    clip_grad_norm_: written without make_update_fn's sequencing, gating or metrics."""
+    params = optree.tree_map(lambda p: p.detach().clone().requires_grad_(True), state.params)
+    paths, leaves, _ = optree.tree_flatten_with_path(params)
+    critic = [p for path, p in zip(paths, leaves, strict=True) if path[0] in ("critic", "value")]
+    actor = [p for path, p in zip(paths, leaves, strict=True) if path[0] not in ("critic", "value")]
+    opt = torch.optim.AdamW(
+        [
+            {"params": actor, "weight_decay": 0.0},
+            {"params": critic, "weight_decay": config.weight_decay},
+        ],
+        lr=config.learning_rate,
+        eps=config.adam_eps,
+    )
+    adv, returns = gae(
+        batch.rewards,
+        batch.values,
+        batch.next_values,
+        batch.terminated,
+        batch.truncated,
+        config.gamma,
+        config.gae_lambda,
+    )
+    adv = normalize_advantages(adv)
+    op = batch.actions["op"]
+    causal = causal_masks(SPEC, op)
+    resolved = resolve_masks(SPEC, batch.masks, op)
+    avail = availability_masks(SPEC, batch.masks["op"])
+    availability = {h: avail[h] & (resolved[h].sum(-1) > 1) for h in SPEC.names}
+    out = policy_apply(config, params, batch.obs, None, batch.episode_start)
+    new_lp, _ = factored_logprob(SPEC, out.logits, batch.masks, batch.actions)
+    ent = factored_entropy(SPEC, out.logits, batch.masks, batch.actions)
+    coefs = LossCoefs(
+        config.clip_coef,
+        config.vf_coef,
+        config.ent_coef,
+        None,
+        config.clip_vloss,
+        config.value_clip,
+        None,
+        config.entropy_floor_coef,
+    )
+    loss, _ = ppo_loss(
+        new_lp,
+        batch.logprobs,
+        ent,
+        out.value,
+        batch.values,
+        returns,
+        per_head_advantages(adv, causal),
+        causal,
+        coefs,
+        availability,
+    )
+    opt.zero_grad()
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(leaves, config.max_grad_norm)
+    opt.step()
+    return optree.tree_map(lambda p: p.detach(), params)
+
+
+def test_one_step_matches_plain_torch_reference():
+    config = small_config(update_epochs=1, num_minibatches=1)
+    state, batch = make_case(config)
+    new_state, metrics = make_update_fn(config)(state, batch)
+    expected = reference_update(config, state, batch)
+    assert max_diff(new_state.params, expected) < 1e-6
+    assert float(metrics["updates_applied"]) == 1.0
+    assert int(new_state.step) == 1
+
+
+def test_update_is_pure_and_changes_params():
+    config = small_config()
+    state, batch = make_case(config)
+    before = optree.tree_map(torch.clone, (state, batch))
+    new_state, _ = make_update_fn(config)(state, batch)
+    assert max_diff((state, batch), before) == 0.0
+    assert max_diff(new_state.params, state.params) > 0.0
+
+
+@pytest.mark.parametrize("scope", ["update", "minibatch"])
+def test_compiled_matches_eager_without_graph_breaks(scope):
+    config = small_config(target_kl=0.05)
+    state, batch = make_case(config)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    compiled = make_update_fn(config.replace(compile=True), compile_scope=scope)
+    c_state, c_metrics = compiled(state, batch)
+    e_state, e_metrics = make_update_fn(config)(state, batch)
+    assert sum(counters["graph_break"].values()) == 0
+    assert max_diff(c_state.params, e_state.params) < 1e-5
+    for name, value in e_metrics.items():
+        assert torch.allclose(c_metrics[name], value, atol=1e-5, equal_nan=True), name
+
+
+def test_vmapped_seeds_match_each_seed_alone():
+    config = small_config(target_kl=0.02)
+    keys = jr.split(jr.key(3), 4)
+    states = init_train_state(keys, config)
+    batches = [
+        synthetic_batch(
+            config,
+            optree.tree_map(lambda x, i=i: x[i], states.params),
+            jr.fold_in(jr.key(4), i),
+            T,
+            B,
+        )
+        for i in range(4)
+    ]
+    batch = optree.tree_map(lambda *xs: torch.stack(xs), *batches, none_is_leaf=False)
+    v_state, v_metrics = make_update_fn(config, num_seeds=4)(states, batch)
+    single = make_update_fn(config)
+    for i in range(4):
+        state_i = optree.tree_map(lambda x, i=i: x[i], states)
+        s_state, s_metrics = single(state_i, batches[i])
+        assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state), s_state) < 1e-5
+        for name, value in s_metrics.items():
+            assert torch.allclose(v_metrics[name][i], value, atol=1e-5, equal_nan=True), name
+
+
+def test_learning_rate_sweep_in_one_vmapped_call():
+    config = small_config()
+    lrs = torch.tensor([1e-3, 3e-2])
+    keys = torch.stack([jr.key(7), jr.key(7)])
+    states = init_train_state(keys, config, learning_rate=lrs)
+    state0 = optree.tree_map(lambda x: x[0], states)
+    batch = synthetic_batch(config, state0.params, jr.key(8), T, B)
+    batches = optree.tree_map(lambda x: torch.stack([x, x]), batch, none_is_leaf=False)
+    v_state, _ = make_update_fn(config, num_seeds=2)(states, batches)
+    for i, lr in enumerate(lrs.tolist()):
+        alone = init_train_state(jr.key(7), config.replace(learning_rate=lr))
+        s_state, _ = make_update_fn(config.replace(learning_rate=lr))(alone, batch)
+        assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state.params), s_state.params) < 1e-6
+    assert (
+        max_diff(
+            optree.tree_map(lambda x: x[0], v_state.params),
+            optree.tree_map(lambda x: x[1], v_state.params),
+        )
+        > 1e-4
+    )
+
+
+def test_kl_early_stopping_is_per_seed_and_before_the_step():
+    config = small_config(target_kl=1.0, learning_rate=0.05)
+    keys = torch.stack([jr.key(1), jr.key(1)])
+    states = init_train_state(keys, config, target_kl=torch.tensor([1e-9, 1e9]))
+    state0 = optree.tree_map(lambda x: x[0], states)
+    batch = synthetic_batch(config, state0.params, jr.key(2), T, B)
+    batches = optree.tree_map(lambda x: torch.stack([x, x]), batch, none_is_leaf=False)
+    v_state, metrics = make_update_fn(config, num_seeds=2)(states, batches)
+    # Seed 0: the first step is on-policy (KL 0), so it applies; the second sees KL > 0 and
+    # stops before its optimizer step, in epoch 0.
+    assert metrics["updates_applied"].tolist() == [1.0, 4.0]
+    assert metrics["stop_epoch"].tolist() == [0.0, 2.0]
+    assert metrics["early_stopped"].tolist() == [1.0, 0.0]
+    assert v_state.opt_state[1].count.tolist() == [1, 4]
+
+
+def test_finiteness_gate_leaves_params_untouched():
+    config = small_config()
+    state, batch = make_case(config)
+    bad = batch._replace(obs=torch.full_like(batch.obs, math.nan))
+    new_state, metrics = make_update_fn(config)(state, bad)
+    assert max_diff(new_state.params, state.params) == 0.0
+    assert max_diff(new_state.opt_state, state.opt_state) == 0.0
+    assert float(metrics["nonfinite_skips"]) == 4.0
+    assert float(metrics["updates_applied"]) == 0.0
+
+
+def test_finiteness_gate_skips_only_affected_minibatches():
+    config = small_config(update_epochs=1, num_minibatches=4)
+    state, batch = make_case(config)
+    rewards, terminated = batch.rewards.clone(), batch.terminated.clone()
+    # A terminal first step: the infinite reward reaches no other step's advantage, so exactly
+    # one sample, and so one minibatch, is affected.
+    rewards[0, 1], terminated[0, 1] = math.inf, True
+    bad = batch._replace(rewards=rewards, terminated=terminated)
+    _, metrics = make_update_fn(config)(state, bad)
+    assert float(metrics["nonfinite_skips"]) == 1.0
+    assert float(metrics["updates_applied"]) == 3.0
+    assert math.isfinite(float(metrics["loss"]))
+
+
+def test_head_grad_norm_is_nan_when_head_never_relevant():
+    config = small_config()
+    state, batch = make_case(config)
+    op_mask = batch.masks["op"].clone()
+    op_mask[..., 2] = False
+    op_mask[..., 0] = True
+    actions = dict(batch.actions, op=torch.zeros_like(batch.actions["op"]))
+    masks = dict(batch.masks, op=op_mask)
+    _, metrics = make_update_fn(config)(state, batch._replace(actions=actions, masks=masks))
+    assert math.isnan(float(metrics["grad_norm/c"]))
+    assert math.isnan(float(metrics["grad_norm/b"]))
+    assert math.isfinite(float(metrics["grad_norm/op"]))
+    assert float(metrics["relevant_fraction/c"]) == 0.0
+
+
+def test_recurrent_update_runs_compiled_and_matches_eager():
+    config = small_config(recurrent=True, bptt_len=4, update_epochs=1, num_minibatches=2)
+    state, batch = make_case(config)
+    e_state, e_metrics = make_update_fn(config)(state, batch)
+    c_state, _ = make_update_fn(config.replace(compile=True), compile_scope="minibatch")(
+        state, batch
+    )
+    assert max_diff(c_state.params, e_state.params) < 1e-5
+    # On-policy first step with rollout hidden states: the ratio starts at exactly 1.
+    assert float(e_metrics["updates_applied"]) == 2.0
+    assert max_diff(e_state.params, state.params) > 0.0
+
+
+def test_recurrent_first_step_is_on_policy():
+    config = small_config(
+        recurrent=True, bptt_len=T, update_epochs=1, num_minibatches=1, target_kl=1e-9
+    )
+    state, batch = make_case(config)
+    _, metrics = make_update_fn(config)(state, batch)
+    assert float(metrics["approx_kl"]) < 1e-10
+    assert float(metrics["updates_applied"]) == 1.0
+
+
+def test_bad_batch_errors_name_the_argument():
+    config = small_config()
+    state, batch = make_case(config)
+    update = make_update_fn(config)
+    with pytest.raises(ValueError, match=r"batch\.obs"):
+        update(state, batch._replace(obs=batch.obs[..., :3]))
+    with pytest.raises(ValueError, match=r"batch\.actions\['b'\]"):
+        update(state, batch._replace(actions=dict(batch.actions, b=batch.actions["b"].float())))
+    with pytest.raises(ValueError, match=r"batch\.terminated"):
+        update(state, batch._replace(terminated=batch.terminated.float()))
+    with pytest.raises(ValueError, match="num_minibatches=5"):
+        make_update_fn(config.replace(num_minibatches=5))(state, batch)
+    with pytest.raises(ValueError, match="device"):
+        update(state, batch._replace(rewards=batch.rewards.to("meta")))
+    with pytest.raises(ValueError, match="compile_scope"):
+        make_update_fn(config, compile_scope="epoch")
