@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
 
+from funcppo.accumulation import combine_infos, loss_totals
 from funcppo.constants import (
     HEAD_LOG_RATIO_CLAMP,
     JOINT_LOG_RATIO_CLAMP,
@@ -393,6 +394,103 @@ def test_bad_arguments_raise():
         ppo_loss(**b, coefs=LossCoefs(head_ent_coef={"nope": 1.0}))
 
 
+# micro-batch shares (gradient accumulation) --------------------------------------------------
+
+
+def split_parts(batch, sizes):
+    """Consecutive slices of ``sizes`` steps along the first axis of every tensor."""
+    return [optree.tree_map(lambda x, j=j: x.split(sizes)[j], batch) for j in range(len(sizes))]
+
+
+def share_totals(batch, parts, floors):
+    """Whole-batch totals, with the floored heads' mean entropy from a no-grad pass over parts."""
+    totals = loss_totals(batch["causal"], batch["availability"])
+    count = totals.availability_count
+    with torch.no_grad():
+        means = {
+            h: sum(masked_mean(p["entropies"][h], p["availability"][h], count[h]) for p in parts)
+            for h in floors
+        }
+    return totals._replace(floor_entropy=means)
+
+
+def test_shares_hand_values():
+    # The inputs of test_ppo_loss_hand_values, cut into step 0 and steps 1-2.
+    coefs = LossCoefs(entropy_floor={"arg": 0.6})
+    avail = {"op": torch.ones(3, dtype=torch.bool), "arg": torch.tensor([True, True, False])}
+    batch = dict(**hand_ppo_inputs(), availability=avail)
+    parts = split_parts(batch, [1, 2])
+    totals = share_totals(batch, parts, ["arg"])
+    assert totals.num_samples == 3 and totals.causal_count["arg"].item() == 2
+    assert totals.floor_entropy["arg"].item() == pytest.approx(0.55)  # (0.7 + 0.4) / 2
+    (first, first_info), (second, _) = (ppo_loss(**p, coefs=coefs, totals=totals) for p in parts)
+    # Step 0: op surrogate -1 over 3 steps; arg irrelevant; value 0.5 * max(1, 0.49) / 3.
+    assert first_info.head_policy_loss["op"].item() == pytest.approx(-1 / 3)
+    assert first_info.head_policy_loss["arg"].item() == 0.0
+    assert first_info.value_loss.item() == pytest.approx(1 / 6)
+    # Floor linearised at M = 0.55 < 0.6: 0.1 * (0.6 * 1/3 - 0.7 / 2) = -0.015, a negative share;
+    # step 1-2's 0.1 * (0.6 * 2/3 - 0.4 / 2) = 0.02 completes the whole penalty 0.005.
+    assert first_info.entropy_floor_penalty.item() == pytest.approx(-0.015)
+    assert (first + second).item() == pytest.approx(-1.392)  # test_ppo_loss_hand_values
+    assert first_info.ratio.max.item() == 1.0  # ratio stats stay the part's own
+
+
+@SETTINGS
+@given(
+    st.integers(0, 2**31 - 1),
+    st.lists(st.integers(1, 5), min_size=2, max_size=4),
+    st.floats(0.0, 1.0),
+    st.booleans(),
+)
+def test_shares_sum_to_whole_loss_gradient_and_info(seed, sizes, floor, clip_vloss):
+    b = make_batch(seed, shape=(sum(sizes),), scale=2.0)
+    grad_keys = ("new_logprobs", "entropies", "values")
+    b.update({k: optree.tree_map(lambda x: x.clone().requires_grad_(), b[k]) for k in grad_keys})
+    inputs = optree.tree_leaves({k: b[k] for k in grad_keys})
+    # slot's floor of 1 is always active; blueprint's random floor may or may not be.
+    floors = {"slot": 1.0, "blueprint": floor}
+    coefs = LossCoefs(
+        clip_coef=0.15,
+        vf_coef=0.7,
+        ent_coef=0.02,
+        head_ent_coef={"slot": 2.0},
+        clip_vloss=clip_vloss,
+        value_clip=0.3,
+        entropy_floor=floors,
+        entropy_floor_coef=0.3,
+    )
+    whole, whole_info = ppo_loss(**b, coefs=coefs)
+    whole_grads = torch.autograd.grad(whole, inputs)
+    parts = split_parts(b, sizes)
+    totals = share_totals(b, parts, floors)
+    losses, infos, grads = [], [], [torch.zeros_like(x) for x in inputs]
+    for part in parts:  # one part's graph at a time, as the update does
+        loss, info = ppo_loss(**part, coefs=coefs, totals=totals)
+        grads = [g + d for g, d in zip(grads, torch.autograd.grad(loss, inputs), strict=True)]
+        losses.append(loss.detach())
+        infos.append(info)
+    assert sum(losses).item() == pytest.approx(whole.item(), rel=1e-10, abs=1e-12)
+    for g, expected in zip(grads, whole_grads, strict=True):
+        torch.testing.assert_close(g, expected, rtol=1e-10, atol=1e-12)
+    assert_trees_close(combine_infos(infos, sizes), whole_info, rtol=1e-10, atol=1e-12)
+
+
+def test_bad_totals_raise():
+    b = make_batch(0, shape=(6,))
+    coefs = LossCoefs(entropy_floor={"slot": 0.5})
+    part = optree.tree_map(lambda x: x[:3], b)
+    totals = loss_totals(b["causal"], b["availability"])
+    with pytest.raises(ValueError, match=r"totals\.floor_entropy.*3 of 6 steps"):
+        ppo_loss(**part, coefs=coefs, totals=totals)
+    with pytest.raises(ValueError, match=r"totals\.availability_count"):
+        ppo_loss(**part, coefs=coefs, totals=totals._replace(availability_count=None))
+    with pytest.raises(ValueError, match=r"totals: expected causal counts.*at least 6 steps"):
+        ppo_loss(**b, coefs=LossCoefs(), totals=loss_totals(part["causal"]))
+    # The whole batch needs no floor_entropy: its exact, nonlinear floor is used.
+    loss, _ = ppo_loss(**b, coefs=coefs, totals=totals)
+    assert loss.item() == pytest.approx(ppo_loss(**b, coefs=coefs)[0].item(), rel=1e-12)
+
+
 # vmap and compile ----------------------------------------------------------------------------
 
 
@@ -419,6 +517,20 @@ def test_vmap_over_seeds_with_per_seed_coefs_matches_loop():
     for s in range(n_seeds):
         expected = loss_fn(batches[s], clip[s], ent[s], floor[s])
         assert_trees_close(optree.tree_map(lambda x, s=s: x[s], got), expected)
+
+
+def test_vmap_of_shares_matches_loop():
+    batches = [make_batch(s, shape=(6,), dtype=torch.float32) for s in range(3)]
+    stacked = optree.tree_map(lambda *xs: torch.stack(xs), *batches)
+    coefs = LossCoefs(entropy_floor={"slot": 1.0})
+
+    def first_share(batch):
+        parts = split_parts(batch, [2, 4])
+        return ppo_loss(**parts[0], coefs=coefs, totals=share_totals(batch, parts, ["slot"]))
+
+    got = vmap(first_share)(stacked)
+    for s in range(3):
+        assert_trees_close(optree.tree_map(lambda x, s=s: x[s], got), first_share(batches[s]))
 
 
 def test_compile_fullgraph_matches_eager():

@@ -142,14 +142,17 @@ def test_update_is_pure_and_changes_params():
     assert max_diff(new_state.params, state.params) > 0.0
 
 
-@pytest.mark.parametrize("scope", ["update", "minibatch"])
-def test_compiled_matches_eager_without_graph_breaks(scope):
-    config = small_config(target_kl=0.05)
+# Inductor's C++ code generation dominates compile time on CPU, so one test runs the default
+# path through inductor and the others trace with aot_eager: the same dynamo graph capture
+# (fullgraph, no graph break) and AOTAutograd, without code generation.
+@pytest.mark.parametrize(("scope", "backend"), [("minibatch", "inductor"), ("update", "aot_eager")])
+def test_compiled_matches_eager_without_graph_breaks(scope, backend):
+    config = small_config(target_kl=0.05, update_epochs=1)
     state, batch = make_case(config)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
-    compiled = make_update_fn(config.replace(compile=True), compile_scope=scope)
+    compiled = make_update_fn(config.replace(compile=True), compile_scope=scope, backend=backend)
     c_state, c_metrics = compiled(state, batch)
     e_state, e_metrics = make_update_fn(config)(state, batch)
     assert sum(counters["graph_break"].values()) == 0
@@ -265,9 +268,8 @@ def test_recurrent_update_runs_compiled_and_matches_eager():
     config = small_config(recurrent=True, bptt_len=4, update_epochs=1, num_minibatches=2)
     state, batch = make_case(config)
     e_state, e_metrics = make_update_fn(config)(state, batch)
-    c_state, _ = make_update_fn(config.replace(compile=True), compile_scope="minibatch")(
-        state, batch
-    )
+    compiled = make_update_fn(config.replace(compile=True), backend="aot_eager")
+    c_state, _ = compiled(state, batch)
     assert max_diff(c_state.params, e_state.params) < 1e-5
     # On-policy first step with rollout hidden states: the ratio starts at exactly 1.
     assert float(e_metrics["updates_applied"]) == 2.0
@@ -300,3 +302,133 @@ def test_bad_batch_errors_name_the_argument():
         update(state, batch._replace(rewards=batch.rewards.to("meta")))
     with pytest.raises(ValueError, match="compile_scope"):
         make_update_fn(config, compile_scope="epoch")
+
+
+def test_vmapped_compiled_matches_vmapped_eager():
+    config = small_config(update_epochs=1)
+    states = init_train_state(jr.split(jr.key(5), 2), config)
+    batch = synthetic_batch(config, optree.tree_map(lambda x: x[0], states.params), jr.key(6), T, B)
+    batches = optree.tree_map(lambda x: torch.stack([x, x]), batch, none_is_leaf=False)
+    e_state, e_metrics = make_update_fn(config, num_seeds=2)(states, batches)
+    compiled = make_update_fn(config.replace(compile=True), num_seeds=2, backend="aot_eager")
+    c_state, c_metrics = compiled(states, batches)
+    assert max_diff(c_state.params, e_state.params) < 1e-5
+    assert torch.allclose(c_metrics["loss"], e_metrics["loss"], atol=1e-5)
+
+
+# Gradient accumulation (seed 003, 4.1) ---------------------------------------------------------
+
+# Floors of 1.0 are active at every step (normalised entropy < 1); the op head's 0.0 never is.
+FLOORS = (("a", 1.0), ("c", 1.0), ("op", 0.0))
+
+
+def assert_metrics_equal(got, expected, atol=1e-5):
+    assert sorted(got) == sorted(expected)
+    for name, value in expected.items():
+        assert torch.allclose(got[name], value, atol=atol, rtol=0, equal_nan=True), name
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+@pytest.mark.parametrize("floor", [(), FLOORS])
+def test_grad_accumulation_equals_whole_minibatch(recurrent, floor):
+    # target_kl stops the MLP in its second epoch, before its third step: the early-stop check
+    # must see the whole-minibatch KL for the stop to land on the same step.
+    config = small_config(
+        recurrent=recurrent,
+        bptt_len=4,
+        entropy_floor=floor,
+        entropy_floor_coef=5.0,
+        target_kl=None if recurrent else 5e-4,
+    )
+    state, batch = make_case(config)
+    whole_state, whole = make_update_fn(config)(state, batch)
+    if floor:
+        assert float(whole["entropy_floor_penalty"]) > 1e-3
+    for k in (2, 4):
+        acc_state, acc = make_update_fn(config.replace(grad_accum_steps=k))(state, batch)
+        assert max_diff(acc_state.params, whole_state.params) < 1e-5, k
+        assert max_diff(acc_state.opt_state, whole_state.opt_state) < 1e-5, k
+        assert_metrics_equal(acc, whole)
+    assert float(whole["updates_applied"]) == (4.0 if recurrent else 2.0)
+    assert float(whole["stop_epoch"]) == (2.0 if recurrent else 1.0)
+
+
+def test_grad_accumulation_keeps_the_finiteness_gate_per_minibatch():
+    config = small_config(update_epochs=1, num_minibatches=4, entropy_floor=FLOORS)
+    state, batch = make_case(config)
+    rewards, terminated = batch.rewards.clone(), batch.terminated.clone()
+    rewards[0, 1], terminated[0, 1] = math.inf, True  # one sample, so one minibatch, affected
+    bad = batch._replace(rewards=rewards, terminated=terminated)
+    whole_state, whole = make_update_fn(config)(state, bad)
+    acc_state, acc = make_update_fn(config.replace(grad_accum_steps=4))(state, bad)
+    assert float(acc["nonfinite_skips"]) == 1.0
+    assert max_diff(acc_state.params, whole_state.params) < 1e-5
+    assert_metrics_equal(acc, whole)
+
+
+def test_grad_accumulation_runs_each_forward_on_one_micro_batch(monkeypatch):
+    import funcppo.update as update_module
+
+    seen = []
+
+    def spy(config, params, obs, hidden, episode_start):
+        seen.append((obs.shape[1], torch.is_grad_enabled()))
+        return policy_apply(config, params, obs, hidden, episode_start)
+
+    monkeypatch.setattr(update_module, "policy_apply", spy)
+    config = small_config(
+        recurrent=True, bptt_len=4, update_epochs=1, num_minibatches=2, grad_accum_steps=4
+    )
+    state, batch = make_case(config)
+    make_update_fn(config)(state, batch)
+    # 16 sequences, 8 per minibatch, 2 per micro-batch: 4 forward-backward passes each.
+    assert seen == [(2, True)] * 8
+    seen.clear()
+    make_update_fn(config.replace(entropy_floor=FLOORS))(state, batch)
+    # With a floor, a no-grad pre-pass over the micro-batches first.
+    assert seen == ([(2, False)] * 4 + [(2, True)] * 4) * 2
+
+
+def test_grad_accumulation_vmapped_seeds_match_each_seed_alone():
+    config = small_config(update_epochs=1, entropy_floor=FLOORS, target_kl=0.02)
+    states = init_train_state(jr.split(jr.key(9), 2), config)
+    batches = [
+        synthetic_batch(
+            config, optree.tree_map(lambda x, i=i: x[i], states.params), jr.key(i), T, B
+        )
+        for i in range(2)
+    ]
+    batch = optree.tree_map(lambda *xs: torch.stack(xs), *batches, none_is_leaf=False)
+    accumulating = config.replace(grad_accum_steps=2)
+    v_state, v_metrics = make_update_fn(accumulating, num_seeds=2)(states, batch)
+    for i in range(2):
+        s_state, s_metrics = make_update_fn(config)(
+            optree.tree_map(lambda x, i=i: x[i], states), batches[i]
+        )
+        assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state), s_state) < 1e-5
+        assert_metrics_equal({k: v[i] for k, v in v_metrics.items()}, s_metrics)
+
+
+def test_grad_accumulation_compiled_matches_eager_whole_minibatch():
+    config = small_config(update_epochs=1, entropy_floor=FLOORS, target_kl=0.05)
+    state, batch = make_case(config)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    accumulating = config.replace(grad_accum_steps=2, compile=True)
+    c_state, c_metrics = make_update_fn(accumulating, backend="aot_eager")(state, batch)
+    e_state, e_metrics = make_update_fn(config)(state, batch)
+    assert sum(counters["graph_break"].values()) == 0
+    assert max_diff(c_state.params, e_state.params) < 1e-5
+    assert_metrics_equal(c_metrics, e_metrics)
+
+
+def test_bad_grad_accum_steps_names_the_field():
+    config = small_config(grad_accum_steps=3)  # 64 sequences, 32 per minibatch
+    state, batch = make_case(config)
+    with pytest.raises(ValueError, match=r"grad_accum_steps.*32 sequences.*got 3"):
+        make_update_fn(config)(state, batch)
+    recurrent = small_config(recurrent=True, bptt_len=4, grad_accum_steps=16)  # 8 per minibatch
+    state, batch = make_case(recurrent)
+    with pytest.raises(ValueError, match=r"grad_accum_steps.*8 sequences.*got 16"):
+        make_update_fn(recurrent)(state, batch)

@@ -234,7 +234,7 @@ def validate_masks(
             raise ValueError(f"masks[{name!r}]: expected dtype torch.bool, got {m.dtype}")
         if tuple(m.shape) != expected:
             raise ValueError(f"masks[{name!r}]: expected shape {expected}, got {tuple(m.shape)}")
-    op_valid = masks[spec.op_head]
+    needed = masks[spec.op_head]  # [*batch, n_ops]: the op rows that must offer an action
     if op_actions is not None:
         if op_actions.dtype != torch.int64 or tuple(op_actions.shape) != batch:
             raise ValueError(
@@ -247,11 +247,12 @@ def validate_masks(
                 f"op_actions: out of range [0, {spec.n_ops}) at batch index "
                 f"{_first_index(~in_range)}"
             )
-        op_valid = op_actions.unsqueeze(-1) == torch.arange(spec.n_ops, device=op_actions.device)
+        needed = op_actions.unsqueeze(-1) == torch.arange(spec.n_ops, device=op_actions.device)
+        taken_ok = (needed & masks[spec.op_head]).any(-1)
     for name in spec.names:
         empty = ~masks[name].any(-1)
         if name in spec.op_conditioned:
-            empty = empty & op_valid
+            empty = empty & needed
         if bool(empty.any()):
             where = _first_index(empty)
             detail = ""
@@ -260,7 +261,6 @@ def validate_masks(
                 label = f" {spec.op_names[op]}" if spec.op_names else ""
                 where, detail = where[:-1], f" for op {op}{label}"
             raise ValueError(f"masks[{name!r}]: no valid action at batch index {where}{detail}")
-    taken_ok = (op_valid & masks[spec.op_head]).any(-1)
     if op_actions is not None and not bool(taken_ok.all()):
         raise ValueError(
             f"op_actions: taken op is masked in masks[{spec.op_head!r}] at "

@@ -4,6 +4,8 @@ Per-head quantities are dicts ``head name -> Tensor`` sharing one batch shape ``
 or ``[T, B]``). ``causal[h]`` is bool ``[...]``: True where the taken op used head ``h``. The op
 head's causal mask is all True, so the total KL weight is >= 1 (seed 000). Coefficients may be
 Python floats or 0-d tensors, so a per-seed sweep can vmap them. Nothing here syncs with the host.
+With ``totals`` (``funcppo.accumulation``), ``ppo_loss`` returns a micro-batch's share of the
+loss of a whole minibatch (gradient accumulation, seed 003, 4.1).
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from funcppo.accumulation import LossTotals, check_totals, loss_totals
 from funcppo.constants import (
     HEAD_LOG_RATIO_CLAMP,
     JOINT_LOG_RATIO_CLAMP,
@@ -86,17 +89,21 @@ class LossInfo(NamedTuple):
     ratio: RatioStats
 
 
-def masked_mean(x: Tensor, weight: Tensor) -> Tensor:
-    """Weighted mean ``sum(x * w) / max(1, sum(w))`` over all elements, 0-d.
+def masked_mean(x: Tensor, weight: Tensor, total: Tensor | float | None = None) -> Tensor:
+    """Weighted mean ``sum(x * w) / max(1, W)`` over all elements, 0-d; ``W = sum(w)``.
 
     The floor of 1 on the denominator is the original agent's ``mask.sum().clamp(min=1)``: an
     empty mask gives 0, not NaN. Entries with ``w == 0`` are dropped with ``torch.where``, so a
     non-finite value where the mask is off leaks neither into the mean nor into its gradient.
-    ``x``: ``[...]``; ``weight``: bool or float ``[...]``.
+    ``x``: ``[...]``; ``weight``: bool or float ``[...]``. ``total``, when given, replaces ``W``
+    (the weight of a whole batch of which ``x`` is a part: the parts' means sum to the whole's).
     """
     w = weight.to(x.dtype)
-    total = torch.where(w != 0, x * w, torch.zeros_like(x)).sum()
-    return total / w.sum().clamp_min(1.0)
+    numerator = torch.where(w != 0, x * w, torch.zeros_like(x)).sum()
+    denominator = (
+        w.sum() if total is None else torch.as_tensor(total, dtype=x.dtype, device=x.device)
+    )
+    return numerator / denominator.clamp_min(1.0)
 
 
 def head_log_ratios(
@@ -130,12 +137,14 @@ def _kl3(log_ratio: Tensor) -> Tensor:
     return (torch.expm1(log_ratio) - log_ratio).clamp_min(0.0)
 
 
-def _head_kl(log_ratios: Heads, causal: Heads) -> dict[str, Tensor]:
-    return {h: masked_mean(_kl3(lr), causal[h]) for h, lr in log_ratios.items()}
+def _head_kl(log_ratios: Heads, causal: Heads, totals: LossTotals) -> dict[str, Tensor]:
+    n = totals.causal_count
+    return {h: masked_mean(_kl3(lr), causal[h], n[h]) for h, lr in log_ratios.items()}
 
 
-def _weighted_kl(head_kls: Heads, causal: Heads) -> Tensor:
-    weights = {h: causal[h].to(kl.dtype).mean() for h, kl in head_kls.items()}
+def _weighted_kl(head_kls: Heads, totals: LossTotals) -> Tensor:
+    n, count = totals.num_samples, totals.causal_count
+    weights = {h: count[h].to(kl.dtype) / n for h, kl in head_kls.items()}
     # The op head is relevant at every step, so the total weight is >= 1 (seed 000): no clamp.
     total = torch.stack(list(weights.values())).sum()
     return torch.stack([head_kls[h] * w for h, w in weights.items()]).sum() / total
@@ -147,7 +156,9 @@ def head_kl(new_logprobs: Heads, old_logprobs: Heads, causal: Heads) -> dict[str
     Schulman, "Approximating KL divergence" (2020), estimator k3, on the CLAMPED head log-ratio
     (seed 001, 1.3: an unclamped exp overflows). Finite for any finite inputs, >= 0.
     """
-    return _head_kl(head_log_ratios(new_logprobs, old_logprobs, causal), causal)
+    return _head_kl(
+        head_log_ratios(new_logprobs, old_logprobs, causal), causal, loss_totals(causal)
+    )
 
 
 def weighted_kl(new_logprobs: Heads, old_logprobs: Heads, causal: Heads) -> Tensor:
@@ -156,7 +167,7 @@ def weighted_kl(new_logprobs: Heads, old_logprobs: Heads, causal: Heads) -> Tens
     Each head's KL3 (see ``head_kl``) is weighted by the fraction of steps where it was
     relevant, as the original agent's early-stopping KL. Exactly 0 when new == old.
     """
-    return _weighted_kl(head_kl(new_logprobs, old_logprobs, causal), causal)
+    return _weighted_kl(head_kl(new_logprobs, old_logprobs, causal), loss_totals(causal))
 
 
 def clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_coef: Coef) -> Tensor:
@@ -169,26 +180,35 @@ def clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_coef: Coef) -> Ten
     return -torch.minimum(ratio * advantages, clipped * advantages)
 
 
-def clip_fraction(ratio: Tensor, clip_coef: Coef, weight: Tensor | None = None) -> Tensor:
-    """Fraction of steps with ``|r - 1| > c``, 0-d; a ``masked_mean`` when ``weight`` is given."""
+def clip_fraction(
+    ratio: Tensor, clip_coef: Coef, weight: Tensor | None = None, total: Coef | None = None
+) -> Tensor:
+    """Fraction of steps with ``|r - 1| > c``, 0-d: ``masked_mean`` over ``weight`` (None: all
+    steps) with denominator ``max(1, total)`` when ``total`` is given."""
     clipped = ((ratio - 1.0).abs() > clip_coef).to(ratio.dtype)
-    return clipped.mean() if weight is None else masked_mean(clipped, weight)
+    return masked_mean(clipped, torch.ones_like(clipped) if weight is None else weight, total)
 
 
 def value_loss(
-    values: Tensor, old_values: Tensor, returns: Tensor, clip_vloss: bool, value_clip: Coef
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    clip_vloss: bool,
+    value_clip: Coef,
+    total: int | None = None,
 ) -> Tensor:
     """Value loss, 0-d, for ``values``, ``old_values``, ``returns`` of ``[...]``.
 
     ``0.5 mean((v - R)^2)``, or with ``clip_vloss`` (static) CleanRL's clipped form
     ``0.5 mean(max((v - R)^2, (v_old + clamp(v - v_old, -vc, vc) - R)^2))``. ``value_clip`` is
     its own range, not the policy's ``clip_coef``: values have another scale (seed 004, M2).
+    With ``total`` (static), the mean is this part's share of a mean over ``total`` steps.
     """
-    unclipped = (values - returns).square()
-    if not clip_vloss:
-        return 0.5 * unclipped.mean()
-    v_clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
-    return 0.5 * torch.maximum(unclipped, (v_clipped - returns).square()).mean()
+    sq = (values - returns).square()
+    if clip_vloss:
+        v_clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
+        sq = torch.maximum(sq, (v_clipped - returns).square())
+    return 0.5 * (sq.mean() if total is None else sq.sum() / total)
 
 
 def ratio_stats(ratio: Tensor) -> RatioStats:
@@ -230,7 +250,7 @@ def _check_inputs(new_logprobs, old_logprobs, entropies, advantages, causal, val
 
 
 def _entropy_floor_penalty(
-    head_floor: Mapping[str, Coef], entropies: Heads, availability: Heads | None
+    head_floor: Mapping[str, Coef], entropies: Heads, availability: Heads | None, totals: LossTotals
 ) -> Tensor:
     # relu(floor_h - mean entropy where head h could have mattered), summed over floored heads
     # (seed 004, H2: the floor is fed by masks, not by a mask-free global coefficient).
@@ -241,10 +261,17 @@ def _entropy_floor_penalty(
     missing = sorted(set(head_floor) - set(availability))
     if missing:
         raise ValueError(f"availability: expected entries for floored heads {missing}, got none")
-    gaps = [
-        torch.relu(floor - masked_mean(entropies[h], availability[h]))
-        for h, floor in head_floor.items()
-    ]
+    share = next(iter(entropies.values())).numel() / totals.num_samples
+    gaps = []
+    for h, floor in head_floor.items():
+        part = masked_mean(entropies[h], availability[h], totals.availability_count[h])
+        if totals.floor_entropy is None:
+            gaps.append(torch.relu(floor - part))
+        else:
+            # Linearised at the whole-minibatch mean M_h: the shares sum to relu(floor_h - M_h)
+            # and their gradients to its gradient, -1[floor_h > M_h] dM_h.
+            active = floor > totals.floor_entropy[h]
+            gaps.append(torch.where(active, floor * share - part, torch.zeros_like(part)))
     return torch.stack(gaps).sum()
 
 
@@ -259,6 +286,8 @@ def ppo_loss(
     causal: Heads,
     coefs: LossCoefs,
     availability: Heads | None = None,
+    *,
+    totals: LossTotals | None = None,
 ) -> tuple[Tensor, LossInfo]:
     """Factored PPO loss, 0-d: ``policy + vf_coef * value - entropy_bonus + floor_penalty``.
 
@@ -276,6 +305,10 @@ def ppo_loss(
     ``entropies`` are normalised to [0, 1] and unmasked; ``causal`` is bool.
     Info metrics are detached; the clip fraction and ratio stats use the TRUE joint ratio
     ``exp(joint clamped log r)`` (seed 001, 1.2), never a single head's.
+
+    ``totals``: the whole minibatch's ``LossTotals`` when the inputs are one of its micro-batches;
+    the loss, its gradient and every info field but ``ratio`` are then this micro-batch's share
+    (see ``funcppo.accumulation``).
     """
     _check_inputs(new_logprobs, old_logprobs, entropies, advantages, causal, values)
     heads = list(new_logprobs)
@@ -284,16 +317,19 @@ def ppo_loss(
         unknown = sorted(set(extra or {}) - set(heads))
         if unknown:
             raise ValueError(f"coefs.{name}: expected heads among {heads}, got unknown {unknown}")
+    if totals is None:
+        totals = loss_totals(causal, availability)
+    else:
+        check_totals(totals, heads, coefs.entropy_floor or {}, values.numel())
+    n_causal, n = totals.causal_count, totals.num_samples
 
     log_ratios = head_log_ratios(new_logprobs, old_logprobs, causal)
     ratios = {h: torch.exp(lr) for h, lr in log_ratios.items()}
-    head_pl = {
-        h: masked_mean(clipped_surrogate(ratios[h], advantages[h], coefs.clip_coef), causal[h])
-        for h in heads
-    }
+    surrogates = {h: clipped_surrogate(ratios[h], advantages[h], coefs.clip_coef) for h in heads}
+    head_pl = {h: masked_mean(surrogates[h], causal[h], n_causal[h]) for h in heads}
     policy = torch.stack(list(head_pl.values())).sum()
-    v_loss = value_loss(values, old_values, returns, coefs.clip_vloss, coefs.value_clip)
-    head_ent = {h: masked_mean(entropies[h], causal[h]) for h in heads}
+    v_loss = value_loss(values, old_values, returns, coefs.clip_vloss, coefs.value_clip, n)
+    head_ent = {h: masked_mean(entropies[h], causal[h], n_causal[h]) for h in heads}
     scaled_ent = [head_ent_coef.get(h, 1.0) * head_ent[h] for h in heads]
     entropy_bonus = coefs.ent_coef * torch.stack(scaled_ent).mean()
     if coefs.entropy_floor is None:
@@ -301,13 +337,13 @@ def ppo_loss(
     else:
         if availability is not None:
             _check_heads("availability", availability, availability, values.shape)
-        gap = _entropy_floor_penalty(coefs.entropy_floor, entropies, availability)
+        gap = _entropy_floor_penalty(coefs.entropy_floor, entropies, availability, totals)
         floor_penalty = coefs.entropy_floor_coef * gap
     loss = policy + coefs.vf_coef * v_loss - entropy_bonus + floor_penalty
 
     detached = {h: lr.detach() for h, lr in log_ratios.items()}
     joint_ratio = torch.exp(joint_log_ratio(detached))
-    head_kls = _head_kl(detached, causal)
+    head_kls = _head_kl(detached, causal, totals)
     info = LossInfo(
         policy_loss=policy.detach(),
         head_policy_loss={h: x.detach() for h, x in head_pl.items()},
@@ -315,11 +351,12 @@ def ppo_loss(
         entropy=torch.stack(list(head_ent.values())).mean().detach(),
         head_entropy={h: x.detach() for h, x in head_ent.items()},
         entropy_floor_penalty=floor_penalty.detach(),
-        approx_kl=_weighted_kl(head_kls, causal),
+        approx_kl=_weighted_kl(head_kls, totals),
         head_kl=head_kls,
-        clip_fraction=clip_fraction(joint_ratio, coefs.clip_coef),
+        clip_fraction=clip_fraction(joint_ratio, coefs.clip_coef, None, n),
         head_clip_fraction={
-            h: clip_fraction(ratios[h].detach(), coefs.clip_coef, causal[h]) for h in heads
+            h: clip_fraction(ratios[h].detach(), coefs.clip_coef, causal[h], n_causal[h])
+            for h in heads
         },
         ratio=ratio_stats(joint_ratio),
     )

@@ -2,7 +2,9 @@
 
 The update is three pure pieces: ``prepare`` (GAE, advantage normalisation, causal and
 availability masks, the rollout cut into sequences and shuffled), ``minibatch_step`` (one
-gradient step, gated by KL early stopping and by finiteness) and ``finish`` (metrics). With
+gradient step, gated by KL early stopping and by finiteness; with ``grad_accum_steps = k > 1``
+its gradient and metrics are accumulated exactly over k micro-batches of the minibatch's
+sequences, one autograd graph at a time) and ``finish`` (metrics). With
 ``compile_scope="update"`` they are composed into one function and compiled as one graph
 (torch.compile unrolls the epoch and minibatch loops); with ``"minibatch"`` each piece is
 compiled once and a Python loop drives ``minibatch_step``, which bounds compile time when
@@ -20,11 +22,13 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 
 from funcppo import random as jr
+from funcppo.accumulation import accumulate_grads, combine_infos, loss_totals, split_tree
 from funcppo.advantages import gae, normalize_advantages, per_head_advantages
+from funcppo.compiling import compile_fn
 from funcppo.config import PPOConfig
 from funcppo.constants import KL_EARLY_STOP_FACTOR
 from funcppo.distributions import factored_entropy, factored_logprob, mask_stats
-from funcppo.losses import LossCoefs, ppo_loss
+from funcppo.losses import LossCoefs, masked_mean, ppo_loss
 from funcppo.networks import policy_apply
 from funcppo.optim import apply_updates, global_norm
 from funcppo.spec import availability_masks, causal_masks, resolve_masks
@@ -135,11 +139,17 @@ def _make_prepare(config: PPOConfig) -> Callable[[TrainState, Batch], Prepared]:
 def _make_minibatch_step(config: PPOConfig):
     spec = config.spec
     target_kl_on = config.target_kl is not None
+    accum = config.grad_accum_steps
+    floors = config.entropy_floors()
 
-    def loss_fn(params, mb, hidden, hp):
+    def forward(params, mb, hidden):
         out = policy_apply(config, params, mb["obs"], hidden, mb["episode_start"])
         new_logprobs, _ = factored_logprob(spec, out.logits, mb["masks"], mb["actions"])
         entropies = factored_entropy(spec, out.logits, mb["masks"], mb["actions"])
+        return out.value, new_logprobs, entropies
+
+    def loss_fn(params, mb, hidden, hp, totals):
+        value, new_logprobs, entropies = forward(params, mb, hidden)
         coefs = LossCoefs(
             clip_coef=hp.clip_coef,
             vf_coef=hp.vf_coef,
@@ -147,35 +157,64 @@ def _make_minibatch_step(config: PPOConfig):
             head_ent_coef=config.head_ent_coefs(),
             clip_vloss=config.clip_vloss,
             value_clip=config.value_clip,
-            entropy_floor=config.entropy_floors() or None,
+            entropy_floor=floors or None,
             entropy_floor_coef=config.entropy_floor_coef,
         )
         loss, info = ppo_loss(
             new_logprobs,
             mb["old_logprobs"],
             entropies,
-            out.value,
+            value,
             mb["old_values"],
             mb["returns"],
             mb["advantages"],
             mb["causal"],
             coefs,
             mb["availability"],
+            totals=totals,
         )
         finite = torch.stack(
             [torch.isfinite(lp).all() for lp in new_logprobs.values()]
-            + [torch.isfinite(out.value).all(), torch.isfinite(loss)]
+            + [torch.isfinite(value).all(), torch.isfinite(loss)]
         ).all()
         return loss, (info, finite)
 
     grad_fn = grad_and_value(loss_fn, has_aux=True)
 
+    def floor_entropy(params, parts, totals):
+        # No-grad pre-pass: the whole minibatch's mean entropy where each floored head was
+        # available, at which every micro-batch linearises the (nonlinear) floor penalty.
+        means = dict.fromkeys(floors, 0.0)
+        with torch.no_grad():
+            for mb, hidden in parts:
+                _, _, entropies = forward(params, mb, hidden)
+                for h in floors:
+                    count = totals.availability_count[h]
+                    means[h] = means[h] + masked_mean(entropies[h], mb["availability"][h], count)
+        return means
+
+    def accumulate(params, mb, hidden, hp):
+        """Gradient, loss, info and finiteness of the whole minibatch ``mb``, computed over
+        ``accum`` micro-batches of its sequences one at a time (seed 003, 4.1)."""
+        if accum == 1:
+            grads, (loss, (info, finite)) = grad_fn(params, mb, hidden, hp, None)
+            return grads, loss, info, finite
+        parts = list(zip(split_tree(mb, accum, 1), split_tree(hidden, accum, 0), strict=True))
+        totals = loss_totals(mb["causal"], mb["availability"])
+        if floors:
+            totals = totals._replace(floor_entropy=floor_entropy(params, parts, totals))
+        grads, outs = accumulate_grads(grad_fn, params, parts, hp, totals)
+        losses, infos, finites = zip(*[(loss, info, ok) for loss, (info, ok) in outs], strict=True)
+        info = combine_infos(infos, [part["returns"].numel() for part, _ in parts])
+        return grads, torch.stack(losses).sum(), info, torch.stack(finites).all()
+
     def minibatch_step(carry: Carry, prep: Prepared, hp, k: Tensor):
-        idx = prep.order[k]
+        # index_select, not order[k]: a tensor index would be read on the host under compile.
+        idx = prep.order.index_select(0, k.reshape(1)).squeeze(0)
         epoch = k // config.num_minibatches
         mb = optree.tree_map(lambda x: x[:, idx], prep.data)
         hidden = optree.tree_map(lambda h: h[idx], prep.hidden) if config.recurrent else None
-        grads, (loss, (info, finite)) = grad_fn(carry.params, mb, hidden, hp)
+        grads, loss, info, finite = accumulate(carry.params, mb, hidden, hp)
         grad_norm = global_norm(grads)
         finite = finite & torch.isfinite(grad_norm) & mb["finite"].all()
         # KL is checked before the optimizer step (seed 004), per seed: a stopped seed's
@@ -268,19 +307,25 @@ def _finish(config: PPOConfig, state: TrainState, carry: Carry, prep: Prepared, 
 
 
 def _initial_carry(config: PPOConfig, state: TrainState) -> Carry:
-    zero = torch.zeros((), dtype=torch.int64, device=state.step.device)
+    # Derived from state.step, not created afresh: under vmap a fresh tensor comes out expanded
+    # (stride 0), and the compiled minibatch step would then recompile for the real layout.
+    zero = state.step * 0
     return Carry(
         params=state.params,
         opt_state=state.opt_state,
-        stopped=torch.zeros((), dtype=torch.bool, device=zero.device),
+        stopped=zero != 0,
         stop_epoch=zero + config.update_epochs,
-        applied=zero,
-        skipped=zero,
+        applied=zero.clone(),
+        skipped=zero.clone(),
     )
 
 
 def make_update_fn(
-    config: PPOConfig, *, num_seeds: int | None = None, compile_scope: str = "update"
+    config: PPOConfig,
+    *,
+    num_seeds: int | None = None,
+    compile_scope: str = "minibatch",
+    backend: str = "inductor",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
     """A pure ``update(state, batch) -> (state, metrics)`` for ``config``.
 
@@ -288,8 +333,11 @@ def make_update_fn(
       config: the PPO configuration; ``config.compile`` compiles with ``fullgraph=True``.
       num_seeds: when given, ``state`` and ``batch`` carry a leading seed axis of this size and
         the update is vmapped over it: S independent agents in one program.
-      compile_scope: ``"update"`` compiles the whole update as one graph; ``"minibatch"``
-        compiles ``prepare``, one minibatch step and ``finish`` separately and loops in Python.
+      compile_scope: ``"minibatch"`` (default) compiles ``prepare``, one minibatch step and
+        ``finish`` once each and loops in Python; ``"update"`` compiles the whole update as one
+        graph, with the epoch and minibatch loops unrolled (compile time grows with
+        ``update_epochs * num_minibatches``: see benchmarks/RESULTS.md).
+      backend: the ``torch.compile`` backend (``"aot_eager"`` traces without code generation).
 
     The returned function validates shapes, dtypes and devices on the host before running.
     """
@@ -313,19 +361,20 @@ def make_update_fn(
 
     def wrap(fn, in_dims=0):
         fn = fn if num_seeds is None else vmap(fn, in_dims=in_dims, randomness="error")
-        return torch.compile(fn, fullgraph=True) if config.compile else fn
+        return compile_fn(fn, "update", backend) if config.compile else fn
 
     if compile_scope == "update":
         run = wrap(whole)
     else:
         prepare_c = wrap(prepare)
-        init_c = wrap(lambda state: _initial_carry(config, state))
         step_c = wrap(step, in_dims=(0, 0, 0, None))
         finish_c = wrap(finish)
 
         def run(state: TrainState, batch: Batch):
             prep = prepare_c(state, batch)
-            carry = init_c(state)
+            # Elementwise on state.step, so it needs neither vmap nor compile (and compiled, two
+            # equal outputs could come back as one aliased buffer).
+            carry = _initial_carry(config, state)
             infos = []
             for k in range(num_steps):
                 carry, info = step_c(carry, prep, state.hparams, torch.tensor(k))

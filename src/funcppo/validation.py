@@ -77,6 +77,12 @@ def check_batch(config: PPOConfig, state, batch, num_seeds: int | None = None) -
             f"batch.obs: {num_seq} sequences (T/bptt_len * B) must divide evenly into "
             f"config.num_minibatches={config.num_minibatches}"
         )
+    per_minibatch = num_seq // config.num_minibatches
+    if per_minibatch % config.grad_accum_steps:
+        raise ValueError(
+            f"config.grad_accum_steps: expected a divisor of the {per_minibatch} sequences per "
+            f"minibatch (T/bptt_len * B / num_minibatches), got {config.grad_accum_steps}"
+        )
     for field in ("actions", "masks", "logprobs"):
         heads = getattr(batch, field)
         if not isinstance(heads, dict) or set(heads) != set(spec.names):

@@ -13,6 +13,7 @@ from funcppo.envs.base import (
     where_done,
 )
 from funcppo.envs.cartpole import CARTPOLE_SPEC, CartPole, CartPoleState
+from funcppo.envs.lifecycle import Lifecycle, LifecycleState
 
 __all__ = [
     "CARTPOLE_SPEC",
@@ -20,6 +21,8 @@ __all__ = [
     "CartPole",
     "CartPoleState",
     "Env",
+    "Lifecycle",
+    "LifecycleState",
     "ResetResult",
     "StepResult",
     "check_actions",
@@ -32,6 +35,7 @@ __all__ = [
 ENVS: dict[str, Callable[[int], Env]] = {
     "cartpole": lambda num_envs: CartPole(num_envs),
     "cartpole-pomdp": lambda num_envs: CartPole(num_envs, partial=True),
+    "lifecycle": lambda num_envs: Lifecycle(num_envs),
 }
 
 

@@ -1,0 +1,289 @@
+"""``make_train(config)``: rollouts and updates composed into one training run per key.
+
+One environment step (policy, masked factored sampling, ``env.step``, the value of the reached
+observation for truncation bootstrap) is a pure function, compiled once and vmapped over seeds;
+a Python loop drives it for ``num_steps`` steps, then the compiled update runs on the rollout.
+The Python loop stands in for ``jax.lax.scan``: torch.compile would unroll a loop over time, so
+driving the compiled step keeps compile time bounded whatever the rollout length.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+from torch.func import vmap
+
+from funcppo import random as jr
+from funcppo.compiling import compile_fn
+from funcppo.config import PPOConfig
+from funcppo.distributions import factored_logprob, factored_sample
+from funcppo.envs import Env, make_env
+from funcppo.networks import init_hidden, policy_apply
+from funcppo.state import Batch, TrainState, init_train_state
+from funcppo.update import make_update_fn
+
+__all__ = ["RunnerState", "TrainConfig", "make_train"]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """A training run: the environment, its batch shape, the budget and the PPO config.
+
+    ``total_steps`` counts environment steps per seed; a run makes
+    ``total_steps // (num_envs * num_steps)`` updates. ``anneal_lr`` decays the learning rate
+    linearly to 0 over the run, as CleanRL's PPO does.
+    """
+
+    env: str
+    ppo: PPOConfig
+    num_envs: int = 4
+    num_steps: int = 128
+    total_steps: int = 500_000
+    anneal_lr: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("num_envs", "num_steps", "total_steps"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.num_updates < 1:
+            raise ValueError(
+                f"total_steps: expected at least num_envs * num_steps = "
+                f"{self.num_envs * self.num_steps}, got {self.total_steps}"
+            )
+
+    @property
+    def num_updates(self) -> int:
+        return self.total_steps // (self.num_envs * self.num_steps)
+
+    def make_env(self) -> Env:
+        return make_env(self.env, self.num_envs)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        return dataclasses.replace(self, **changes)
+
+
+class RunnerState(NamedTuple):
+    """What the rollout carries from step to step (and from update to update)."""
+
+    train: TrainState
+    env_state: Any
+    obs: Tensor
+    masks: dict[str, Tensor]
+    hidden: Any
+    episode_start: Tensor
+    key: Tensor
+    episode_return: Tensor
+    episode_length: Tensor
+    finished_return: Tensor
+    finished_length: Tensor
+    finished_count: Tensor
+
+
+class Transition(NamedTuple):
+    obs: Tensor
+    actions: dict[str, Tensor]
+    masks: dict[str, Tensor]
+    logprobs: dict[str, Tensor]
+    value: Tensor
+    next_value: Tensor
+    reward: Tensor
+    terminated: Tensor
+    truncated: Tensor
+    episode_start: Tensor
+    hidden: Any
+
+
+def _zeros_like_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    return x.new_zeros(()), x.new_zeros(()), x.new_zeros(())
+
+
+def _init_runner(config: TrainConfig, env: Env, key: Tensor) -> RunnerState:
+    k_train, k_env, k_run = jr.split(key, 3)
+    train = init_train_state(k_train, config.ppo)
+    env_state, obs, masks = env.reset(k_env)
+    hidden = init_hidden(config.ppo, env.num_envs, key.device)
+    zeros = torch.zeros(env.num_envs, device=key.device)
+    return RunnerState(
+        train,
+        env_state,
+        obs,
+        masks,
+        () if hidden is None else hidden,
+        torch.ones(env.num_envs, dtype=torch.bool, device=key.device),
+        k_run,
+        zeros,
+        zeros.clone(),
+        *_zeros_like_stats(zeros),
+    )
+
+
+def _make_env_step(config: TrainConfig, env: Env):
+    ppo, spec = config.ppo, config.ppo.spec
+
+    def env_step(rs: RunnerState) -> tuple[RunnerState, Transition]:
+        k_act, k_env = jr.split(rs.key, 2)
+        # fold_in gives a fresh key tensor; a slice of split's output would carry its strides.
+        k_next = jr.fold_in(rs.key, 2)
+        hidden = rs.hidden if ppo.recurrent else None
+        params = rs.train.params
+        out = policy_apply(ppo, params, rs.obs, hidden, rs.episode_start)
+        actions = factored_sample(spec, out.logits, rs.masks, k_act)
+        logprobs, _ = factored_logprob(spec, out.logits, rs.masks, actions)
+        res = env.step(rs.env_state, actions, k_env)
+        # V of the observation the step reached (before any reset), under the post-step hidden
+        # state: the bootstrap value of a truncated step, and V(s_{t+1}) otherwise.
+        no_start = torch.zeros_like(rs.episode_start)
+        next_value = policy_apply(ppo, params, res.final_obs, out.hidden, no_start).value
+        done = res.terminated | res.truncated
+        ep_return = rs.episode_return + res.reward
+        ep_length = rs.episode_length + 1
+        new_hidden = () if hidden is None else out.hidden
+        transition = Transition(
+            rs.obs,
+            actions,
+            rs.masks,
+            logprobs,
+            out.value,
+            next_value,
+            res.reward,
+            res.terminated,
+            res.truncated,
+            rs.episode_start,
+            rs.hidden,
+        )
+        new_rs = RunnerState(
+            train=rs.train,
+            env_state=res.env_state,
+            obs=res.obs,
+            masks=res.masks,
+            hidden=new_hidden,
+            episode_start=done,
+            key=k_next,
+            episode_return=torch.where(done, 0.0, ep_return),
+            episode_length=torch.where(done, 0.0, ep_length),
+            finished_return=rs.finished_return + torch.where(done, ep_return, 0.0).sum(),
+            finished_length=rs.finished_length + torch.where(done, ep_length, 0.0).sum(),
+            finished_count=rs.finished_count + done.float().sum(),
+        )
+        return new_rs, optree.tree_map(lambda x: x.detach(), transition)
+
+    return env_step
+
+
+def _stack(items: list, axis: int) -> Any:
+    return optree.tree_map(lambda *xs: torch.stack(xs, dim=axis), *items, none_is_leaf=False)
+
+
+def make_train(
+    config: TrainConfig, *, num_seeds: int | None = None
+) -> Callable[..., tuple[TrainState, dict[str, Tensor]]]:
+    """``train(key, callback=None) -> (final TrainState, metrics history)``.
+
+    With ``num_seeds``, ``key`` is ``[S, 2]`` and S independent runs share one program (vmap);
+    the history's tensors are ``[num_updates, S]`` (``[num_updates]`` without seeds). The same
+    key gives the same run. ``callback(update_index, metrics)`` is called after each update
+    with host floats (one device-to-host transfer per update); returning True stops the run.
+    """
+    env = config.make_env()
+    ppo = config.ppo
+    if env.spec != ppo.spec or env.obs_dim != ppo.obs_dim:
+        raise ValueError(
+            f"ppo: expected obs_dim={env.obs_dim} and the action spec of env {config.env!r}, "
+            f"got obs_dim={ppo.obs_dim} and heads {ppo.spec.names}"
+        )
+    env_step = _make_env_step(config, env)
+    init = lambda key: _init_runner(config, env, key)  # noqa: E731
+    if num_seeds is not None:
+        env_step, init = vmap(env_step, randomness="error"), vmap(init, randomness="error")
+        # vmap returns outputs that do not depend on the inputs expanded (stride 0); make them
+        # real tensors so the compiled step sees one memory layout from the first call on.
+        env_step, init = _contiguous(env_step), _contiguous(init)
+    if ppo.compile:
+        env_step = compile_fn(env_step, "env_step")
+    update = make_update_fn(ppo, num_seeds=num_seeds)
+    time_axis = 0 if num_seeds is None else 1
+
+    def train(key: Tensor, callback: Callable | None = None):
+        rs = init(key)
+        base_lr = rs.train.hparams.learning_rate
+        history = []
+        for u in range(config.num_updates):
+            start = time.perf_counter()
+            transitions = []
+            for _ in range(config.num_steps):
+                rs, transition = env_step(rs)
+                transitions.append(transition)
+            batch = _to_batch(_stack(transitions, time_axis), ppo.recurrent)
+            train_state = rs.train
+            if config.anneal_lr:
+                frac = 1.0 - u / config.num_updates
+                train_state = train_state._replace(
+                    hparams=train_state.hparams._replace(learning_rate=base_lr * frac)
+                )
+            train_state, metrics = update(train_state, batch)
+            train_state = train_state._replace(
+                hparams=train_state.hparams._replace(learning_rate=base_lr)
+            )
+            count = rs.finished_count
+            metrics["episode_return"] = torch.where(
+                count > 0, rs.finished_return / count.clamp(min=1), torch.nan
+            )
+            metrics["episode_length"] = torch.where(
+                count > 0, rs.finished_length / count.clamp(min=1), torch.nan
+            )
+            metrics["episodes"] = count
+            zero = torch.zeros_like(count)
+            rs = rs._replace(
+                train=train_state,
+                finished_return=zero,
+                finished_length=zero.clone(),
+                finished_count=zero.clone(),
+            )
+            history.append(metrics)
+            if callback is not None:
+                host = {k: v.tolist() for k, v in _host(metrics).items()}
+                host["update_seconds"] = time.perf_counter() - start
+                if callback(u, host):
+                    break
+        stacked = _stack(history, 0) if history else {}
+        return rs.train, stacked
+
+    return train
+
+
+def _contiguous(fn: Callable) -> Callable:
+    def call(*args):
+        return optree.tree_map(lambda x: x.contiguous(), fn(*args), none_is_leaf=False)
+
+    return call
+
+
+def _host(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
+    """One device-to-host transfer for the whole metrics dict."""
+    names = list(metrics)
+    flat = torch.stack([metrics[n].float() for n in names]).cpu()
+    return dict(zip(names, flat, strict=True))
+
+
+def _to_batch(tr: Transition, recurrent: bool) -> Batch:
+    return Batch(
+        obs=tr.obs,
+        actions=tr.actions,
+        masks=tr.masks,
+        logprobs=tr.logprobs,
+        values=tr.value,
+        next_values=tr.next_value,
+        rewards=tr.reward,
+        terminated=tr.terminated,
+        truncated=tr.truncated,
+        episode_start=tr.episode_start,
+        hidden=tr.hidden if recurrent else None,
+    )
