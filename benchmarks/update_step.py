@@ -124,7 +124,14 @@ def main() -> None:
         help="also compile the whole update as one graph (slow to compile)",
     )
     parser.add_argument("--skip-lstm", action="store_true")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1 is fastest for these sizes on CPU)",
+    )
     args = parser.parse_args()
+    torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     repeats = 3 if args.quick else args.repeats
     seed_counts = (1, 8) if args.quick else (1, 8, 32)

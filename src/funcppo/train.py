@@ -183,7 +183,7 @@ def _stack(items: list, axis: int) -> Any:
 
 
 def make_train(
-    config: TrainConfig, *, num_seeds: int | None = None
+    config: TrainConfig, *, num_seeds: int | None = None, backend: str = "inductor"
 ) -> Callable[..., tuple[TrainState, dict[str, Tensor]]]:
     """``train(key, callback=None) -> (final TrainState, metrics history)``.
 
@@ -207,52 +207,55 @@ def make_train(
         # real tensors so the compiled step sees one memory layout from the first call on.
         env_step, init = _contiguous(env_step), _contiguous(init)
     if ppo.compile:
-        env_step = compile_fn(env_step, "env_step")
-    update = make_update_fn(ppo, num_seeds=num_seeds)
+        env_step = compile_fn(env_step, "env_step", backend)
+    update = make_update_fn(ppo, num_seeds=num_seeds, backend=backend)
     time_axis = 0 if num_seeds is None else 1
+
+    def one_update(rs: RunnerState, u: int, base_lr: Tensor):
+        transitions = []
+        for _ in range(config.num_steps):
+            rs, transition = env_step(rs)
+            transitions.append(transition)
+        batch = _to_batch(_stack(transitions, time_axis), ppo.recurrent)
+        hparams = rs.train.hparams
+        if config.anneal_lr:
+            hparams = hparams._replace(learning_rate=base_lr * (1.0 - u / config.num_updates))
+        train_state, metrics = update(rs.train._replace(hparams=hparams), batch)
+        train_state = train_state._replace(hparams=rs.train.hparams)
+        count = rs.finished_count
+        metrics["episode_return"] = torch.where(
+            count > 0, rs.finished_return / count.clamp(min=1), torch.nan
+        )
+        metrics["episode_length"] = torch.where(
+            count > 0, rs.finished_length / count.clamp(min=1), torch.nan
+        )
+        metrics["episodes"] = count
+        zero = torch.zeros_like(count)
+        rs = rs._replace(
+            train=train_state,
+            finished_return=zero,
+            finished_length=zero.clone(),
+            finished_count=zero.clone(),
+        )
+        return rs, metrics
 
     def train(key: Tensor, callback: Callable | None = None):
         rs = init(key)
         base_lr = rs.train.hparams.learning_rate
         history = []
-        for u in range(config.num_updates):
-            start = time.perf_counter()
-            transitions = []
-            for _ in range(config.num_steps):
-                rs, transition = env_step(rs)
-                transitions.append(transition)
-            batch = _to_batch(_stack(transitions, time_axis), ppo.recurrent)
-            train_state = rs.train
-            if config.anneal_lr:
-                frac = 1.0 - u / config.num_updates
-                train_state = train_state._replace(
-                    hparams=train_state.hparams._replace(learning_rate=base_lr * frac)
-                )
-            train_state, metrics = update(train_state, batch)
-            train_state = train_state._replace(
-                hparams=train_state.hparams._replace(learning_rate=base_lr)
-            )
-            count = rs.finished_count
-            metrics["episode_return"] = torch.where(
-                count > 0, rs.finished_return / count.clamp(min=1), torch.nan
-            )
-            metrics["episode_length"] = torch.where(
-                count > 0, rs.finished_length / count.clamp(min=1), torch.nan
-            )
-            metrics["episodes"] = count
-            zero = torch.zeros_like(count)
-            rs = rs._replace(
-                train=train_state,
-                finished_return=zero,
-                finished_length=zero.clone(),
-                finished_count=zero.clone(),
-            )
-            history.append(metrics)
-            if callback is not None:
-                host = {k: v.tolist() for k, v in _host(metrics).items()}
-                host["update_seconds"] = time.perf_counter() - start
-                if callback(u, host):
-                    break
+        try:
+            for u in range(config.num_updates):
+                start = time.perf_counter()
+                rs, metrics = one_update(rs, u, base_lr)
+                history.append(metrics)
+                if callback is not None:
+                    host = {k: v.tolist() for k, v in _host(metrics).items()}
+                    host["update_seconds"] = time.perf_counter() - start
+                    if callback(u, host):
+                        break
+        except KeyboardInterrupt:
+            # Ctrl-C ends the run; every finished update is kept, a half-done one is dropped.
+            pass
         stacked = _stack(history, 0) if history else {}
         return rs.train, stacked
 

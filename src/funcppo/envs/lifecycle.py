@@ -36,6 +36,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
+import optree
 import torch
 from torch import Tensor
 
@@ -81,6 +82,7 @@ FOSSIL_BONUS = 0.5
 PRUNE_SHOCK = 0.5
 COLLAPSE_RATE = 0.01
 COLLAPSE_PENALTY = 2.0
+NOISE_SCALE = 3.0**0.5  # sqrt(3) (2u - 1) has mean 0 and variance 1
 AGE_NORM = 10.0
 MAX_EMBARGO = len(ALPHA_STEPS) + len(CURVE_POWER) - 1
 COUNT_NORM = 10.0
@@ -132,10 +134,8 @@ def _one_hot(idx: Tensor, n: int) -> Tensor:
 
 
 def _table(values: Sequence[float], idx: Tensor) -> Tensor:
-    """``values[idx]`` by a one-hot sum (no gather, no host check): ``[...] -> [...]``."""
-    dtype = torch.int64 if isinstance(values[0], int) else torch.float32
-    table = torch.tensor(values, dtype=dtype, device=idx.device)
-    return (_one_hot(idx, len(values)) * table).sum(-1)
+    """``values[idx]`` for an int64 index tensor: ``[...] -> [...]``."""
+    return torch.tensor(values, device=idx.device)[idx]
 
 
 def _slot_quality(state: LifecycleState) -> Tensor:
@@ -290,8 +290,12 @@ class Lifecycle:
 
     def initial_state(self, key: Tensor) -> LifecycleState:
         """Empty slots; blueprint qualities are ``BLUEPRINT_QUALITY`` shuffled per env."""
-        n, s, nb, dev = self.num_envs, self.num_slots, len(BLUEPRINT_QUALITY), key.device
-        order = torch.argsort(random.bits(key, (n, nb)), dim=-1, stable=True)
+        return self._fresh(random.uniform(key, (self.num_envs, len(BLUEPRINT_QUALITY))))
+
+    def _fresh(self, u: Tensor) -> LifecycleState:
+        """``initial_state`` from uniform numbers ``[N, 13]``: their argsort shuffles."""
+        n, s, nb, dev = self.num_envs, self.num_slots, len(BLUEPRINT_QUALITY), u.device
+        order = torch.argsort(u, dim=-1, stable=True)
         quality = torch.tensor(BLUEPRINT_QUALITY, device=dev)[order]
         ints, floats = torch.zeros(n, s, dtype=torch.int64, device=dev), quality.new_zeros(n, s)
         bp = quality.new_zeros(n, nb)
@@ -337,17 +341,20 @@ class Lifecycle:
     ) -> StepResult:
         """Op, automatic transitions, tick, payoff; envs that end restart from ``key``."""
         check_actions(self.spec, self.num_envs, actions)
-        k_noise, k_collapse, k_reset = random.split(key, 3)
+        # One draw per step (one hash loop when compiled): noise, collapse, reset.
+        s, u = self.num_slots, random.uniform(key, (self.num_envs, self.num_slots + 14))
         state, reward = _apply_op(env_state, actions)
-        state = _tick(_auto_transitions(state), random.normal(k_noise, state.stage.shape))
-        contribution, terminated = _payoff(state, random.uniform(k_collapse, (self.num_envs,)))
+        state = _tick(_auto_transitions(state), NOISE_SCALE * (2.0 * u[:, :s] - 1.0))
+        contribution, terminated = _payoff(state, u[:, s])
         state = state._replace(steps=state.steps + 1)
         truncated = state.steps >= self.max_steps
-        final_obs = self.observe(state)
-        state = where_done(terminated | truncated, self.initial_state(k_reset), state)
+        new = where_done(terminated | truncated, self._fresh(u[:, s + 1 :]), state)
+        both = self.observe(optree.tree_map(lambda x, y: torch.cat([x, y]), state, new))
+        final_obs, obs = both.split(self.num_envs)
+        state = new
         return StepResult(
             env_state=state,
-            obs=self.observe(state),
+            obs=obs,
             reward=(reward + contribution).float(),
             terminated=terminated,
             truncated=truncated,

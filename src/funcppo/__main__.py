@@ -1,0 +1,7 @@
+"""``python -m funcppo``: see :mod:`funcppo.cli`."""
+
+import sys
+
+from funcppo.cli import main
+
+sys.exit(main())

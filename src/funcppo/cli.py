@@ -1,0 +1,194 @@
+"""``python -m funcppo train``: several seeds at once on a built-in environment.
+
+It shows progress (and how long compiling took), writes every metric of every update per seed
+to ``metrics.jsonl`` (and to TensorBoard when installed), and at the end a learning-curve PNG
+(when matplotlib is installed), a summary table and a checkpoint. Ctrl-C stops after the
+current update and keeps what was done.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from funcppo import random as jr
+from funcppo.config import PPOConfig
+from funcppo.envs import ENVS, make_env
+from funcppo.train import TrainConfig, make_train
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m funcppo")
+    sub = parser.add_subparsers(dest="command", required=True)
+    train = sub.add_parser("train", help="train several seeds at once on a built-in environment")
+    train.add_argument("--env", default="cartpole", choices=sorted(ENVS))
+    train.add_argument("--seeds", type=int, default=8)
+    train.add_argument("--total-steps", type=int, default=500_000, help="env steps per seed")
+    train.add_argument("--num-envs", type=int, default=4, help="envs per seed")
+    train.add_argument("--num-steps", type=int, default=128, help="rollout length")
+    train.add_argument("--no-compile", action="store_true", help="run eagerly")
+    train.add_argument("--out", default="runs/latest", help="output directory")
+    train.add_argument("--seed", type=int, default=0, help="seed of the first run")
+    train.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch intra-op threads (1 is fastest for small networks on CPU)",
+    )
+    return parser
+
+
+def _ppo_config(env_name: str, env, compile_: bool) -> PPOConfig:
+    recurrent = env_name == "cartpole-pomdp"
+    return PPOConfig(
+        obs_dim=env.obs_dim,
+        spec=env.spec,
+        compile=compile_,
+        recurrent=recurrent,
+        lstm_size=64,
+        bptt_len=16,
+    )
+
+
+class Progress:
+    """One line on stderr: updates, steps/s, mean return over seeds, ETA."""
+
+    def __init__(self, total_updates: int, steps_per_update: int) -> None:
+        self.total, self.steps = total_updates, steps_per_update
+        self.start = time.perf_counter()
+        self.first_done: float | None = None
+
+    def __call__(self, u: int, mean_return: float) -> None:
+        now = time.perf_counter()
+        if self.first_done is None:
+            self.first_done = now
+            print(
+                f"\ncompiled and ran the first update in {now - self.start:.1f} s", file=sys.stderr
+            )
+        done = u + 1
+        rate = (done - 1) * self.steps / max(now - self.first_done, 1e-9) if done > 1 else 0.0
+        eta = (self.total - done) * self.steps / rate if rate > 0 else float("nan")
+        print(
+            f"\rupdate {done}/{self.total}  {rate:8.0f} steps/s  return {mean_return:8.2f}  "
+            f"ETA {eta:6.0f} s",
+            end="",
+            file=sys.stderr,
+            flush=True,
+        )
+
+
+def _write_plot(path: Path, returns: list[list[float]], steps_per_update: int, env: str) -> bool:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    data = torch.tensor(returns, dtype=torch.float64)
+    x = (torch.arange(data.shape[0]) + 1) * steps_per_update
+    mean = torch.nanmean(data, 1)
+    lo = torch.nanquantile(data, 0.1, dim=1) if data.shape[1] > 1 else mean
+    hi = torch.nanquantile(data, 0.9, dim=1) if data.shape[1] > 1 else mean
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot(x, mean, label=f"mean over {data.shape[1]} seeds")
+    ax.fill_between(x, lo, hi, alpha=0.3, label="10th-90th percentile")
+    reference = getattr(make_env(env, 1), "reference_return", None)
+    if isinstance(reference, float):
+        ax.axhline(reference, color="k", linestyle="--", label="reference return")
+    ax.set_xlabel("environment steps per seed")
+    ax.set_ylabel("episode return")
+    ax.set_title(f"funcppo PPO on {env}")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return True
+
+
+def run_train(args: argparse.Namespace) -> int:
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault(
+        "TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "funcppo" / "inductor")
+    )
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = make_env(args.env, args.num_envs)
+    ppo = _ppo_config(args.env, env, not args.no_compile)
+    config = TrainConfig(args.env, ppo, args.num_envs, args.num_steps, args.total_steps)
+    steps_per_update = args.num_envs * args.num_steps
+    print(
+        f"training {args.seeds} seeds on {args.env} for {config.num_updates} updates "
+        f"({config.num_updates * steps_per_update} steps per seed), "
+        f"{'compiling first (cached on disk after the first run)' if ppo.compile else 'eager'}",
+        file=sys.stderr,
+    )
+    train = make_train(config, num_seeds=args.seeds)
+    progress = Progress(config.num_updates, steps_per_update)
+    returns: list[list[float]] = []
+    writer = _tensorboard(out)
+    with open(out / "metrics.jsonl", "w") as log:
+
+        def callback(u: int, metrics: dict) -> None:
+            log.write(
+                json.dumps({"update": u, "env_steps": (u + 1) * steps_per_update, **metrics}) + "\n"
+            )
+            returns.append(metrics["episode_return"])
+            finite = [r for r in metrics["episode_return"] if not math.isnan(r)]
+            mean_return = sum(finite) / len(finite) if finite else float("nan")
+            if writer is not None:
+                writer.add_scalar("episode_return", mean_return, (u + 1) * steps_per_update)
+            progress(u, mean_return)
+
+        keys = jr.split(jr.key(args.seed), args.seeds)
+        state, _ = train(keys, callback)
+    print(file=sys.stderr)
+    torch.save(
+        {"params": state.params, "step": state.step, "config": repr(config)}, out / "checkpoint.pt"
+    )
+    plotted = _write_plot(out / "learning_curve.png", returns, steps_per_update, args.env)
+    _summary(returns, steps_per_update)
+    print(
+        f"wrote {out / 'metrics.jsonl'}, {out / 'checkpoint.pt'}"
+        + (
+            f", {out / 'learning_curve.png'}"
+            if plotted
+            else " (pip install matplotlib for the learning-curve plot)"
+        )
+    )
+    return 0
+
+
+def _tensorboard(out: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(out / "tb"))
+
+
+def _summary(returns: list[list[float]], steps_per_update: int) -> None:
+    if not returns:
+        print("no update finished")
+        return
+    last = torch.tensor(returns[-10:], dtype=torch.float64)
+    per_seed = torch.nanmean(last, 0)
+    print("\n| seed | mean return, last 10 updates |\n| ---: | ---: |")
+    for i, r in enumerate(per_seed.tolist()):
+        print(f"| {i} | {r:.1f} |")
+    print(f"| all | {per_seed.mean():.1f} +- {per_seed.std(correction=0):.1f} |")
+    print(f"after {len(returns) * steps_per_update} steps per seed")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    return run_train(args)

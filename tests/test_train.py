@@ -1,0 +1,142 @@
+"""make_train and the CLI: reproducible runs, seeds vmapped against seeds alone, compiled
+against eager, truncation bootstrap values, Ctrl-C, learning on a small budget."""
+
+import json
+import math
+
+import optree
+import pytest
+import torch
+
+from funcppo import random as jr
+from funcppo.cli import main
+from funcppo.config import PPOConfig
+from funcppo.envs import make_env
+from funcppo.networks import policy_apply
+from funcppo.train import TrainConfig, _init_runner, _make_env_step, make_train
+
+
+def cartpole_config(**changes) -> TrainConfig:
+    env = make_env("cartpole", 2)
+    ppo = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=False, torso_sizes=(16, 16))
+    base = dict(env="cartpole", ppo=ppo, num_envs=2, num_steps=16, total_steps=2 * 16 * 3)
+    base.update(changes)
+    return TrainConfig(**base)
+
+
+def max_diff(a, b):
+    return max(
+        float((x.float() - y.float()).abs().max())
+        for x, y in zip(optree.tree_leaves(a), optree.tree_leaves(b), strict=True)
+    )
+
+
+def test_same_key_same_run_and_different_keys_differ():
+    train = make_train(cartpole_config())
+    s1, h1 = train(jr.key(0))
+    s2, h2 = train(jr.key(0))
+    s3, _ = train(jr.key(1))
+    assert max_diff(s1.params, s2.params) == 0.0
+    assert torch.equal(h1["loss"], h2["loss"])
+    assert max_diff(s1.params, s3.params) > 0.0
+    assert h1["loss"].shape == (3,)
+
+
+def test_seed_alone_matches_seed_in_vmapped_run():
+    config = cartpole_config()
+    keys = jr.split(jr.key(5), 3)
+    v_state, v_hist = make_train(config, num_seeds=3)(keys)
+    alone = make_train(config)
+    for i in range(3):
+        s_state, s_hist = alone(keys[i])
+        assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state.params), s_state.params) < 1e-5
+        assert torch.allclose(v_hist["loss"][:, i], s_hist["loss"], atol=1e-5)
+        assert torch.equal(v_hist["episodes"][:, i], s_hist["episodes"])
+
+
+def test_compiled_matches_eager():
+    config = cartpole_config(total_steps=2 * 16 * 2)
+    e_state, e_hist = make_train(config, num_seeds=2)(jr.split(jr.key(3), 2))
+    compiled = make_train(
+        config.replace(ppo=config.ppo.replace(compile=True)), num_seeds=2, backend="aot_eager"
+    )
+    c_state, c_hist = compiled(jr.split(jr.key(3), 2))
+    assert max_diff(c_state.params, e_state.params) < 1e-5
+    assert torch.equal(c_hist["episodes"], e_hist["episodes"])
+
+
+def test_next_value_is_value_of_reached_observation():
+    config = cartpole_config()
+    env = config.make_env()
+    rs = _init_runner(config, env, jr.key(0))
+    step = _make_env_step(config, env)
+    for _ in range(40):
+        new_rs, tr = step(rs)
+        # The reached observation is the next obs where not done, the final obs where done.
+        res = env.step(rs.env_state, tr.actions, jr.split(rs.key, 2)[1])
+        expected = policy_apply(config.ppo, rs.train.params, res.final_obs, None, None).value
+        assert torch.allclose(tr.next_value, expected, atol=1e-6)
+        assert torch.equal(new_rs.episode_start, res.terminated | res.truncated)
+        rs = new_rs
+
+
+def test_ctrl_c_keeps_finished_updates():
+    config = cartpole_config(total_steps=2 * 16 * 5)
+
+    def callback(u, metrics):
+        if u == 1:
+            raise KeyboardInterrupt
+
+    state, hist = make_train(config)(jr.key(0), callback)
+    assert hist["loss"].shape == (2,)
+    assert int(state.step) == 2
+
+
+def test_cartpole_learns_on_a_small_budget():
+    env = make_env("cartpole", 4)
+    ppo = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=False, learning_rate=2.5e-3)
+    config = TrainConfig("cartpole", ppo, num_envs=4, num_steps=128, total_steps=4 * 128 * 30)
+    _, hist = make_train(config, num_seeds=2)(jr.split(jr.key(0), 2))
+    first = torch.nanmean(hist["episode_return"][:3])
+    last = torch.nanmean(hist["episode_return"][-3:])
+    assert last > 2 * first, (float(first), float(last))
+
+
+def test_cli_writes_metrics_curve_and_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    code = main(
+        [
+            "train",
+            "--env",
+            "cartpole",
+            "--seeds",
+            "2",
+            "--total-steps",
+            "512",
+            "--num-envs",
+            "2",
+            "--num-steps",
+            "64",
+            "--no-compile",
+            "--out",
+            str(out),
+        ]
+    )
+    assert code == 0
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    record = json.loads(lines[-1])
+    assert len(record["loss"]) == 2 and record["env_steps"] == 512
+    assert all(math.isfinite(v) for v in record["loss"])
+    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
+    assert int(checkpoint["step"][0]) == 4
+    assert "| all |" in capsys.readouterr().out
+
+
+def test_bad_train_config_names_the_field():
+    with pytest.raises(ValueError, match="num_envs"):
+        cartpole_config(num_envs=0)
+    with pytest.raises(ValueError, match="total_steps"):
+        cartpole_config(total_steps=10)
+    with pytest.raises(ValueError, match="obs_dim"):
+        make_train(cartpole_config(ppo=cartpole_config().ppo.replace(obs_dim=3)))
