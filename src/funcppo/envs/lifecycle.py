@@ -9,12 +9,13 @@ slots where ``o`` is legal (WAIT: all of them). An illegal action is a WAIT.
 Dynamics (one step = op, then automatic transitions, then one tick of every slot):
 
 * Each of the 13 blueprints has a hidden quality, a shuffled copy of ``BLUEPRINT_QUALITY``
-  drawn per env at reset: three good, two neutral, eight bad.
+  drawn per env at reset: three good, seven mediocre, three bad.
 * GERMINATE(slot, blueprint, style, tempo, alpha_target) plants a seed. Tempo sets how long
   TRAINING lasts before ADVANCE is legal (``TEMPO_STEPS``) and a gain (``TEMPO_GAIN``); style
   trades observation noise (``STYLE_NOISE``) for gain (``STYLE_GAIN``).
-* While TRAINING or BLENDING, each tick reveals ``quality + STYLE_NOISE[style] * N(0, 1)``;
-  the obs shows the running mean per slot and per blueprint (the controller's telemetry).
+* While TRAINING or BLENDING, each tick reveals ``quality + STYLE_NOISE[style] * e`` with
+  ``e = sqrt(3) (2u - 1)``, ``u ~ U(0, 1)`` (mean 0, variance 1); the obs shows the running
+  mean per slot and per blueprint (the controller's telemetry).
 * BLENDING moves alpha from its start to the target along ``phase ** CURVE_POWER[curve]``,
   ``phase`` rising by ``1 / ALPHA_STEPS[speed]`` per tick; ADVANCE to HOLDING once phase is 1.
   SET_ALPHA_TARGET(slot, style, alpha_target, alpha_speed, alpha_curve) restarts the blend.
@@ -23,7 +24,8 @@ Dynamics (one step = op, then automatic transitions, then one tick of every slot
   op but WAIT costs ``ACTION_COST``; PRUNE(slot, alpha_speed, alpha_curve) embargoes the slot
   for ``1 + speed + curve`` ticks and costs ``PRUNE_SHOCK * alpha / embargo``.
 * Collapse: terminated with ``-COLLAPSE_PENALTY`` with probability
-  ``COLLAPSE_RATE * sum(relu(-quality) * alpha)`` over the same seeds; truncated at max_steps.
+  ``COLLAPSE_RATE * sum(relu(-quality) * alpha)`` over BLENDING and HOLDING seeds (a bad seed
+  at high alpha); truncated at ``max_steps``.
 
 Returns over 256 envs x one episode, ``num_slots=3``, ``max_steps=150``, seed 0, measured by
 :func:`funcppo.envs.lifecycle_policy.reference_return`: ``REFERENCE_RETURN`` for the
@@ -36,12 +38,11 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple
 
-import optree
 import torch
 from torch import Tensor
 
 from funcppo import random
-from funcppo.envs.base import ResetResult, StepResult, check_actions, where_done
+from funcppo.envs.base import ResetResult, StepResult, check_actions, full_masks, where_done
 from funcppo.spec import LIFECYCLE_OPS, ActionSpec, lifecycle_spec
 
 __all__ = [
@@ -53,8 +54,9 @@ __all__ = [
     "lifecycle_masks",
 ]
 
-REFERENCE_RETURN = float("nan")
-RANDOM_RETURN = float("nan")
+# Mean first-episode returns, Lifecycle(256), seed 0: lifecycle_policy.reference_return(...).
+REFERENCE_RETURN = 6.08  # "heuristic": fossilizes 3.0 seeds of quality > 0 per episode, no other
+RANDOM_RETURN = -0.09  # "random": uniform over valid actions
 
 STAGES = (
     "DORMANT", "GERMINATED", "TRAINING", "BLENDING", "HOLDING", "FOSSILIZED", "PRUNED", "EMBARGOED"
@@ -65,7 +67,7 @@ WAIT, GERMINATE, SET_ALPHA_TARGET, PRUNE, FOSSILIZE, ADVANCE = (
     for name in ("WAIT", "GERMINATE", "SET_ALPHA_TARGET", "PRUNE", "FOSSILIZE", "ADVANCE")
 )
 
-BLUEPRINT_QUALITY = (1.0, 0.8, 0.6, 0.2, 0.0, -0.2, -0.3, -0.4, -0.5, -0.6, -0.7, -0.8, -1.0)
+BLUEPRINT_QUALITY = (1.0, 0.8, 0.6, 0.3, 0.25, 0.2, 0.15, 0.1, 0.05, 0.0, -0.3, -0.6, -1.0)
 STYLE_NOISE = (0.3, 0.5, 0.7, 0.9)
 STYLE_GAIN = (0.7, 0.9, 1.1, 1.3)
 TEMPO_STEPS = (2, 4, 7)
@@ -76,10 +78,10 @@ CURVE_POWER = (0.5, 0.75, 1.0, 1.5, 2.0)
 # GERMINATE does not read the speed and curve heads (causal table): its blend uses these.
 GERMINATE_SPEED, GERMINATE_CURVE = 2, 2
 MIN_PRUNE_AGE = 2
-ACTION_COST = 0.01
+ACTION_COST = 0.001
 CONTRIB_SCALE = 0.01
 FOSSIL_BONUS = 0.5
-PRUNE_SHOCK = 0.5
+PRUNE_SHOCK = 0.1
 COLLAPSE_RATE = 0.01
 COLLAPSE_PENALTY = 2.0
 NOISE_SCALE = 3.0**0.5  # sqrt(3) (2u - 1) has mean 0 and variance 1
@@ -170,12 +172,7 @@ def _legal_slots(state: LifecycleState) -> Tensor:
 def lifecycle_masks(spec: ActionSpec, state: LifecycleState) -> dict[str, Tensor]:
     """Validity masks: op ``[N, 6]`` (legal on some slot), slot ``[N, 6, S]``, others all True."""
     slots = _legal_slots(state)
-    n = slots.shape[0]
-    masks = {
-        name: torch.ones(n, size, dtype=torch.bool, device=slots.device)
-        for name, size in spec.heads
-    }
-    return {**masks, "op": slots.any(-1), "slot": slots}
+    return {**full_masks(spec, slots.shape[0], slots.device), "op": slots.any(-1), "slot": slots}
 
 
 def _apply_op(
@@ -259,10 +256,10 @@ def _tick(state: LifecycleState, noise: Tensor) -> LifecycleState:
 
 def _payoff(state: LifecycleState, u: Tensor) -> tuple[Tensor, Tensor]:
     """Contribution reward ``[N]`` and collapse (bool ``[N]``, from uniform ``u`` ``[N]``)."""
-    active = (state.stage == BLENDING) | (state.stage == HOLDING) | (state.stage == FOSSILIZED)
-    q, weight = _slot_quality(state), active * state.alpha
+    blended = (state.stage == BLENDING) | (state.stage == HOLDING)
+    q, weight = _slot_quality(state), (blended | (state.stage == FOSSILIZED)) * state.alpha
     contribution = CONTRIB_SCALE * (weight * q * _gain(state.style, state.tempo)).sum(-1)
-    collapse = u < COLLAPSE_RATE * (weight * torch.relu(-q)).sum(-1)
+    collapse = u < COLLAPSE_RATE * (blended * state.alpha * torch.relu(-q)).sum(-1)
     return contribution - COLLAPSE_PENALTY * collapse, collapse
 
 
@@ -290,9 +287,9 @@ class Lifecycle:
 
     def initial_state(self, key: Tensor) -> LifecycleState:
         """Empty slots; blueprint qualities are ``BLUEPRINT_QUALITY`` shuffled per env."""
-        return self._fresh(random.uniform(key, (self.num_envs, len(BLUEPRINT_QUALITY))))
+        return self.fresh_state(random.uniform(key, (self.num_envs, len(BLUEPRINT_QUALITY))))
 
-    def _fresh(self, u: Tensor) -> LifecycleState:
+    def fresh_state(self, u: Tensor) -> LifecycleState:
         """``initial_state`` from uniform numbers ``[N, 13]``: their argsort shuffles."""
         n, s, nb, dev = self.num_envs, self.num_slots, len(BLUEPRINT_QUALITY), u.device
         order = torch.argsort(u, dim=-1, stable=True)
@@ -303,7 +300,14 @@ class Lifecycle:
         return LifecycleState(*(ints,) * 8, *(floats,) * 6, quality, bp, bp, counts, ints[:, 0])
 
     def observe(self, state: LifecycleState) -> Tensor:
-        """float32 ``[N, obs_dim]``: ``SLOT_FEATURES`` per slot, then ``GLOBAL_FEATURES``."""
+        """float32 ``[N, obs_dim]``: ``SLOT_FEATURES`` per slot, then ``GLOBAL_FEATURES``.
+
+        Per slot: stage one-hot; age / 10 (at most 1); alpha, its target, blend phase; mean
+        and count / 10 (at most 1) of the seed's samples; embargo ticks left / 8; then style,
+        tempo and blueprint one-hots (zero unless a seed is live or fossilized). Global: the
+        fraction of time left, fossils of quality > 0 and <= 0 over ``num_slots``, then the mean
+        and count / 10 (at most 1) of the samples of each blueprint.
+        """
         st = state.stage
         live = ((st >= GERMINATED) & (st <= FOSSILIZED)).unsqueeze(-1)
         embargo_left = torch.where(st == EMBARGOED, state.embargo - state.age, 0) / MAX_EMBARGO
@@ -339,22 +343,27 @@ class Lifecycle:
     def step(
         self, env_state: LifecycleState, actions: Mapping[str, Tensor], key: Tensor
     ) -> StepResult:
-        """Op, automatic transitions, tick, payoff; envs that end restart from ``key``."""
+        """Op, automatic transitions, tick, payoff; envs that end restart.
+
+        Every random number comes from one draw ``u = uniform(key, [N, S + 14])`` (one hash loop
+        when compiled): ``u[:, :S]`` the sample noise, ``u[:, S]`` the collapse test,
+        ``u[:, S + 1:]`` the fresh episodes (:meth:`fresh_state`).
+        """
         check_actions(self.spec, self.num_envs, actions)
-        # One draw per step (one hash loop when compiled): noise, collapse, reset.
-        s, u = self.num_slots, random.uniform(key, (self.num_envs, self.num_slots + 14))
+        s, u = (
+            self.num_slots,
+            random.uniform(key, (self.num_envs, self.num_slots + 1 + len(BLUEPRINT_QUALITY))),
+        )
         state, reward = _apply_op(env_state, actions)
         state = _tick(_auto_transitions(state), NOISE_SCALE * (2.0 * u[:, :s] - 1.0))
         contribution, terminated = _payoff(state, u[:, s])
         state = state._replace(steps=state.steps + 1)
         truncated = state.steps >= self.max_steps
-        new = where_done(terminated | truncated, self._fresh(u[:, s + 1 :]), state)
-        both = self.observe(optree.tree_map(lambda x, y: torch.cat([x, y]), state, new))
-        final_obs, obs = both.split(self.num_envs)
-        state = new
+        final_obs = self.observe(state)
+        state = where_done(terminated | truncated, self.fresh_state(u[:, s + 1 :]), state)
         return StepResult(
             env_state=state,
-            obs=obs,
+            obs=self.observe(state),
             reward=(reward + contribution).float(),
             terminated=terminated,
             truncated=truncated,

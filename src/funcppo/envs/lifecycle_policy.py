@@ -10,9 +10,9 @@ first match wins, each on the first slot where it applies:
    that is not yet at the high-gain style and full alpha.
 4. ADVANCE a GERMINATED seed, a TRAINING seed whose blueprint looks good, or a finished blend.
 5. GERMINATE into an empty slot, while enough time is left, the blueprint with the best score:
-   its mean sample once judged, ``OPTIMISM`` while untried; blueprints still on trial are
-   skipped. A known-good blueprint is planted at the high-gain style and slow tempo, an
-   unknown one at the low-noise style and medium tempo.
+   its mean sample once judged, ``OPTIMISM`` while untried, -1 while on trial (so skipped).
+   A known-good blueprint is planted at the high-gain style and slow tempo, an unknown one at
+   the low-noise style and medium tempo; blends target alpha 1.0.
 6. WAIT.
 
 A blueprint is judged after ``JUDGE_SAMPLES`` samples; it looks good above ``GOOD_THRESHOLD``.
@@ -72,7 +72,11 @@ def heuristic_policy(
     masks: Mapping[str, Tensor],
     key: Tensor | None = None,
 ) -> dict[str, Tensor]:
-    """The rules of the module docstring: int64 ``[N]`` per head; ``key`` is unused."""
+    """The rules of the module docstring: int64 ``[N]`` per head, for ``obs`` ``[N, D]``.
+
+    Reads the visible parts of ``env_state`` (stages, ages, styles, blend targets, the sample
+    sums and counts) and the time left from ``obs``; ``key`` is unused.
+    """
     s = env_state
     time_left = obs[:, s.stage.shape[1] * SLOT_FEATURES]
     legal = masks["slot"]
@@ -82,11 +86,9 @@ def heuristic_policy(
     good_bp, bad_bp = judged & (mean > GOOD_THRESHOLD), judged & (mean <= GOOD_THRESHOLD)
     good = torch.gather(good_bp, 1, s.blueprint)
     bad = torch.gather(bad_bp, 1, s.blueprint)
-    on_trial = ((s.stage == GERMINATED) | (s.stage == TRAINING)).unsqueeze(-1)
-    on_trial = (on_trial & (s.blueprint.unsqueeze(-1) == torch.arange(nb, device=obs.device))).any(
-        1
-    )
-    score = torch.where(judged, mean, OPTIMISM) - 10.0 * (on_trial & ~judged)
+    trial = ((s.stage == GERMINATED) | (s.stage == TRAINING)).unsqueeze(-1)
+    trial = (trial & (s.blueprint.unsqueeze(-1) == torch.arange(nb, device=obs.device))).any(1)
+    score = torch.where(judged, mean, torch.where(trial, -1.0, OPTIMISM))  # [N, 13]
     best = score.argmax(-1)
     best_good = torch.gather(good_bp, 1, best.unsqueeze(-1)).squeeze(-1)
     plant = (score.amax(-1) > GOOD_THRESHOLD) & (time_left > MIN_TIME_LEFT)
@@ -131,7 +133,8 @@ def random_policy(
 def episode_returns(env: Lifecycle, policy: Policy, key: Tensor) -> Tensor:
     """Undiscounted return of each env's first episode: float32 ``[num_envs]``.
 
-    Runs ``env.max_steps`` steps eagerly; rewards after an env's first done are ignored.
+    ``policy(env_state, obs, masks, key) -> actions``. Runs ``env.max_steps`` steps eagerly;
+    rewards after an env's first done are ignored.
     """
     reset_key, loop_key = random.split(key)
     res = env.reset(reset_key)
