@@ -350,36 +350,31 @@ def make_update_fn(
     def finish(state, carry, prep, infos):
         return _finish(config, state, carry, prep, infos)
 
-    def whole(state: TrainState, batch: Batch):
-        prep = prepare(state, batch)
-        carry = _initial_carry(config, state)
-        infos = []
-        for k in range(num_steps):
-            carry, info = step(carry, prep, state.hparams, torch.tensor(k))
-            infos.append(info)
-        return finish(state, carry, prep, infos)
+    def drive(prepare, step, finish):
+        """The update from its three pieces; the minibatch loop runs in Python."""
+
+        def run(state: TrainState, batch: Batch):
+            prep = prepare(state, batch)
+            # Elementwise on state.step, so it needs neither vmap nor compile (and compiled, two
+            # equal outputs could come back as one aliased buffer).
+            carry = _initial_carry(config, state)
+            infos = []
+            for k in range(num_steps):
+                carry, info = step(carry, prep, state.hparams, torch.tensor(k))
+                infos.append(info)
+            return finish(state, carry, prep, infos)
+
+        return run
 
     def wrap(fn, in_dims=0):
         fn = fn if num_seeds is None else vmap(fn, in_dims=in_dims, randomness="error")
         return compile_fn(fn, "update", backend) if config.compile else fn
 
     if compile_scope == "update":
-        run = wrap(whole)
+        # One graph: compiling ``drive`` unrolls the minibatch loop.
+        run = wrap(drive(prepare, step, finish))
     else:
-        prepare_c = wrap(prepare)
-        step_c = wrap(step, in_dims=(0, 0, 0, None))
-        finish_c = wrap(finish)
-
-        def run(state: TrainState, batch: Batch):
-            prep = prepare_c(state, batch)
-            # Elementwise on state.step, so it needs neither vmap nor compile (and compiled, two
-            # equal outputs could come back as one aliased buffer).
-            carry = _initial_carry(config, state)
-            infos = []
-            for k in range(num_steps):
-                carry, info = step_c(carry, prep, state.hparams, torch.tensor(k))
-                infos.append(info)
-            return finish_c(state, carry, prep, infos)
+        run = drive(wrap(prepare), wrap(step, in_dims=(0, 0, 0, None)), wrap(finish))
 
     def update(state: TrainState, batch: Batch):
         check_batch(config, state, batch, num_seeds)
