@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from funcppo import random as jr
+from funcppo.checkpoint import load_checkpoint
 from funcppo.cli import main
 from funcppo.config import PPOConfig
 from funcppo.envs import make_env
@@ -128,8 +129,9 @@ def test_cli_writes_metrics_curve_and_checkpoint(tmp_path, capsys):
     record = json.loads(lines[-1])
     assert len(record["loss"]) == 2 and record["env_steps"] == 512
     assert all(math.isfinite(v) for v in record["loss"])
-    checkpoint = torch.load(out / "checkpoint.pt", weights_only=True)
-    assert int(checkpoint["step"][0]) == 4
+    state, config, _ = load_checkpoint(out / "checkpoint.pt")
+    assert state.step.tolist() == [4, 4]
+    assert config.obs_dim == 4 and config.spec.names == ("action",)
     assert "| all |" in capsys.readouterr().out
 
 

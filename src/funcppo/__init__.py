@@ -1,11 +1,17 @@
 """funcppo: functional PPO for factored, masked and recurrent action spaces on torch.func.
 
 The public API is the explicit list below; everything is a pure function over pytrees of
-tensors except ``PPOAgent``-style shells built on top of it.
+tensors; ``make_train`` and the CLI drive them, and checkpoints hold tensors and JSON only.
 """
 
 from funcppo import random
 from funcppo.advantages import gae, normalize_advantages, per_head_advantages
+from funcppo.checkpoint import (
+    CHECKPOINT_VERSION,
+    load_checkpoint,
+    save_checkpoint,
+    upgrade_checkpoint,
+)
 from funcppo.config import PPOConfig, esper_config
 from funcppo.distributions import (
     MaskStats,
@@ -67,12 +73,14 @@ from funcppo.spec import (
 )
 from funcppo.state import Batch, Hyperparams, TrainState, init_train_state, make_hyperparams
 from funcppo.synthetic import synthetic_batch
+from funcppo.train import TrainConfig, make_train
 from funcppo.update import make_update_fn
 from funcppo.validation import check_batch
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "CHECKPOINT_VERSION",
     "LIFECYCLE_OPS",
     "ActionSpec",
     "Batch",
@@ -86,6 +94,7 @@ __all__ = [
     "PolicyOutput",
     "RatioStats",
     "ScaleByAdamState",
+    "TrainConfig",
     "TrainState",
     "adamw",
     "add_decayed_weights",
@@ -110,8 +119,10 @@ __all__ = [
     "init_train_state",
     "joint_log_ratio",
     "lifecycle_spec",
+    "load_checkpoint",
     "make_hyperparams",
     "make_policy_apply",
+    "make_train",
     "make_update_fn",
     "mask_stats",
     "masked_entropy",
@@ -129,9 +140,11 @@ __all__ = [
     "random",
     "ratio_stats",
     "resolve_masks",
+    "save_checkpoint",
     "scale_by_adam",
     "scale_by_learning_rate",
     "synthetic_batch",
+    "upgrade_checkpoint",
     "validate_masks",
     "value_loss",
     "weighted_kl",

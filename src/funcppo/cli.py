@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from funcppo import random as jr
+from funcppo.checkpoint import save_checkpoint
 from funcppo.config import PPOConfig
 from funcppo.envs import ENVS, make_env
 from funcppo.train import TrainConfig, make_train
@@ -152,9 +153,7 @@ def run_train(args: argparse.Namespace) -> int:
         keys = jr.split(jr.key(args.seed), args.seeds)
         state, _ = train(keys, callback)
     print(file=sys.stderr)
-    torch.save(
-        {"params": state.params, "step": state.step, "config": repr(config)}, out / "checkpoint.pt"
-    )
+    save_checkpoint(out / "checkpoint.pt", state, ppo)
     plotted = _write_plot(out / "learning_curve.png", returns, steps_per_update, args.env)
     _summary(returns, steps_per_update)
     print(
