@@ -22,9 +22,13 @@ from funcppo import random as jr
 from funcppo.checkpoint import save_checkpoint
 from funcppo.config import PPOConfig
 from funcppo.envs import ENVS, make_env
+from funcppo.envs.lifecycle import REFERENCE_RETURN
 from funcppo.train import TrainConfig, make_train
 
 __all__ = ["main"]
+
+# Returns drawn on the learning curve: Lifecycle's hand-written heuristic.
+REFERENCE_RETURNS = {"lifecycle": REFERENCE_RETURN}
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -103,8 +107,8 @@ def _write_plot(path: Path, returns: list[list[float]], steps_per_update: int, e
     fig, ax = plt.subplots(figsize=(7, 4))
     ax.plot(x, mean, label=f"mean over {data.shape[1]} seeds")
     ax.fill_between(x, lo, hi, alpha=0.3, label="10th-90th percentile")
-    reference = getattr(make_env(env, 1), "reference_return", None)
-    if isinstance(reference, float):
+    reference = REFERENCE_RETURNS.get(env)
+    if reference is not None:
         ax.axhline(reference, color="k", linestyle="--", label="reference return")
     ax.set_xlabel("environment steps per seed")
     ax.set_ylabel("episode return")
