@@ -76,7 +76,7 @@ def test_next_value_is_value_of_reached_observation():
         # The reached observation is the next obs where not done, the final obs where done.
         res = env.step(rs.env_state, tr.actions, jr.split(rs.key, 2)[1])
         expected = policy_apply(config.ppo, rs.train.params, res.final_obs, None, None).value
-        assert torch.allclose(tr.next_value, expected, atol=1e-6)
+        assert torch.allclose(tr.next_values, expected, atol=1e-6)
         assert torch.equal(new_rs.episode_start, res.terminated | res.truncated)
         rs = new_rs
 

@@ -87,20 +87,6 @@ class RunnerState(NamedTuple):
     finished_count: Tensor
 
 
-class Transition(NamedTuple):
-    obs: Tensor
-    actions: dict[str, Tensor]
-    masks: dict[str, Tensor]
-    logprobs: dict[str, Tensor]
-    value: Tensor
-    next_value: Tensor
-    reward: Tensor
-    terminated: Tensor
-    truncated: Tensor
-    episode_start: Tensor
-    hidden: Any
-
-
 def _zeros_like_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x.new_zeros(()), x.new_zeros(()), x.new_zeros(())
 
@@ -128,7 +114,7 @@ def _init_runner(config: TrainConfig, env: Env, key: Tensor) -> RunnerState:
 def _make_env_step(config: TrainConfig, env: Env):
     ppo, spec = config.ppo, config.ppo.spec
 
-    def env_step(rs: RunnerState) -> tuple[RunnerState, Transition]:
+    def env_step(rs: RunnerState) -> tuple[RunnerState, Batch]:
         k_act, k_env = jr.split(rs.key, 2)
         # fold_in gives a fresh key tensor; a slice of split's output would carry its strides.
         k_next = jr.fold_in(rs.key, 2)
@@ -146,18 +132,19 @@ def _make_env_step(config: TrainConfig, env: Env):
         ep_return = rs.episode_return + res.reward
         ep_length = rs.episode_length + 1
         new_hidden = () if hidden is None else out.hidden
-        transition = Transition(
-            rs.obs,
-            actions,
-            rs.masks,
-            logprobs,
-            out.value,
-            next_value,
-            res.reward,
-            res.terminated,
-            res.truncated,
-            rs.episode_start,
-            rs.hidden,
+        # One step of the rollout, as a Batch without its time axis.
+        transition = Batch(
+            obs=rs.obs,
+            actions=actions,
+            masks=rs.masks,
+            logprobs=logprobs,
+            values=out.value,
+            next_values=next_value,
+            rewards=res.reward,
+            terminated=res.terminated,
+            truncated=res.truncated,
+            episode_start=rs.episode_start,
+            hidden=rs.hidden,
         )
         new_rs = RunnerState(
             train=rs.train,
@@ -216,7 +203,8 @@ def make_train(
         for _ in range(config.num_steps):
             rs, transition = env_step(rs)
             transitions.append(transition)
-        batch = _to_batch(_stack(transitions, time_axis), ppo.recurrent)
+        batch = _stack(transitions, time_axis)
+        batch = batch if ppo.recurrent else batch._replace(hidden=None)
         hparams = rs.train.hparams
         if config.anneal_lr:
             hparams = hparams._replace(learning_rate=base_lr * (1.0 - u / config.num_updates))
@@ -274,19 +262,3 @@ def _host(metrics: dict[str, Tensor]) -> dict[str, Tensor]:
     names = list(metrics)
     flat = torch.stack([metrics[n].float() for n in names]).cpu()
     return dict(zip(names, flat, strict=True))
-
-
-def _to_batch(tr: Transition, recurrent: bool) -> Batch:
-    return Batch(
-        obs=tr.obs,
-        actions=tr.actions,
-        masks=tr.masks,
-        logprobs=tr.logprobs,
-        values=tr.value,
-        next_values=tr.next_value,
-        rewards=tr.reward,
-        terminated=tr.terminated,
-        truncated=tr.truncated,
-        episode_start=tr.episode_start,
-        hidden=tr.hidden if recurrent else None,
-    )
