@@ -11,7 +11,7 @@ from torch import Tensor
 from funcppo import random as jr
 from funcppo.config import PPOConfig
 from funcppo.networks import policy_init
-from funcppo.optim import ScaleByAdamState, adamw, is_critic_path
+from funcppo.optim import adamw, is_critic_path
 
 __all__ = [
     "Batch",
@@ -134,13 +134,3 @@ def init_train_state(keys: Tensor, config: PPOConfig, **hparam_overrides) -> Tra
         }
         states.append(init_train_state(keys[i], config, **per_seed))
     return optree.tree_map(lambda *xs: torch.stack(xs), *states, none_is_leaf=False)
-
-
-def count_state(state: Any) -> Tensor:
-    """The optimizer step count inside an AdamW chain state (for metrics and tests)."""
-    for leaf in optree.tree_leaves(
-        state, is_leaf=lambda x: isinstance(x, ScaleByAdamState), none_is_leaf=False
-    ):
-        if isinstance(leaf, ScaleByAdamState):
-            return leaf.count
-    raise ValueError("opt_state: expected an AdamW chain state, found no ScaleByAdamState")

@@ -382,6 +382,4 @@ def make_update_fn(
             batch = batch._replace(hidden=())
         return run(state, batch)
 
-    update.prepare = prepare
-    update.minibatch_step = step
     return update
