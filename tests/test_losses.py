@@ -27,6 +27,7 @@ from funcppo.losses import (
     joint_log_ratio,
     masked_mean,
     ppo_loss,
+    ratio_diagnostic,
     ratio_stats,
     value_loss,
     weighted_kl,
@@ -314,6 +315,27 @@ def test_ppo_loss_hand_values():
     assert info.head_clip_fraction["arg"].item() == pytest.approx(0.5)
     assert info.ratio.max.item() == pytest.approx(1.65)
     assert info.approx_kl.item() == pytest.approx(0.0971038, abs=1e-7)
+
+
+def test_head_ratio_extremes_and_worst_head_hand_values():
+    _, info = ppo_loss(**hand_ppo_inputs(), coefs=LossCoefs())
+    # op ratios [1, 1.5, 0.5]; arg relevant at steps 1 and 2 only, ratios [1.1, 0.5].
+    assert info.head_ratio_max["op"].item() == pytest.approx(1.5)
+    assert info.head_ratio_max["arg"].item() == pytest.approx(1.1)
+    assert info.head_ratio_min["arg"].item() == pytest.approx(0.5)
+    # Deviations in log space: a: max(log 3, -log 0.9) = log 3; b: -log 0.05 = log 20; c: none.
+    diag = ratio_diagnostic(
+        {"a": t(3.0), "b": t(1.1), "c": t(-math.inf)},
+        {"a": t(0.9), "b": t(0.05), "c": t(math.inf)},
+        t(RATIO_EXPLOSION_THRESHOLD + 1),
+        t(RATIO_COLLAPSE_THRESHOLD),
+    )
+    assert diag.worst_head.item() == 1
+    assert diag.worst_log_deviation.item() == pytest.approx(math.log(20))
+    assert diag.explosion.item() and not diag.collapse.item()
+    none = ratio_diagnostic({"a": t(math.nan)}, {"a": t(math.nan)}, t(1.0), t(0.0))
+    assert none.worst_head.item() == -1 and math.isnan(none.worst_log_deviation.item())
+    assert none.collapse.item() and not none.explosion.item()
 
 
 def test_entropy_is_averaged_over_heads_with_multipliers():

@@ -138,9 +138,19 @@ def combine_ratio_stats(stats: Sequence[RatioStats], counts: Sequence[int]) -> R
 def combine_infos(infos: Sequence[LossInfo], counts: Sequence[int]) -> LossInfo:
     """The whole minibatch's ``LossInfo`` from its micro-batches' (``ppo_loss`` with totals).
 
-    Every field but ``ratio`` is a share, so the shares sum; ``ratio`` summarises its own
-    micro-batch of ``counts[j]`` steps and merges with ``combine_ratio_stats``.
+    Every field but the ratio summaries is a share, so the shares sum; ``ratio`` summarises its
+    own micro-batch of ``counts[j]`` steps and merges with ``combine_ratio_stats``; the per-head
+    ratio extremes merge by max and min.
     """
-    shares = [info._replace(ratio=None) for info in infos]
+    extremes = {"ratio": None, "head_ratio_max": None, "head_ratio_min": None}
+    shares = [info._replace(**extremes) for info in infos]
     summed = optree.tree_map(lambda *xs: functools.reduce(torch.add, xs), *shares)
-    return summed._replace(ratio=combine_ratio_stats([i.ratio for i in infos], counts))
+    return summed._replace(
+        ratio=combine_ratio_stats([i.ratio for i in infos], counts),
+        head_ratio_max=optree.tree_map(
+            lambda *xs: functools.reduce(torch.maximum, xs), *[i.head_ratio_max for i in infos]
+        ),
+        head_ratio_min=optree.tree_map(
+            lambda *xs: functools.reduce(torch.minimum, xs), *[i.head_ratio_min for i in infos]
+        ),
+    )

@@ -27,6 +27,7 @@ from funcppo.constants import (
 __all__ = [
     "LossCoefs",
     "LossInfo",
+    "RatioDiagnostic",
     "RatioStats",
     "clip_fraction",
     "clipped_surrogate",
@@ -35,6 +36,7 @@ __all__ = [
     "joint_log_ratio",
     "masked_mean",
     "ppo_loss",
+    "ratio_diagnostic",
     "ratio_stats",
     "value_loss",
     "weighted_kl",
@@ -73,8 +75,29 @@ class RatioStats(NamedTuple):
     collapse_fraction: Tensor
 
 
+class RatioDiagnostic(NamedTuple):
+    """Which head's ratio strays furthest, and whether the joint ratio crossed a threshold.
+
+    worst_head: int64 0-d, the index (in head order) of the head with the largest
+      ``max(log max_h, -log min_h)``; -1 when no head has a finite ratio.
+    worst_log_deviation: that head's ``max(log max_h, -log min_h)`` (NaN when none).
+    explosion: bool 0-d, joint ratio max above ``RATIO_EXPLOSION_THRESHOLD``.
+    collapse: bool 0-d, joint ratio min below ``RATIO_COLLAPSE_THRESHOLD``.
+    """
+
+    worst_head: Tensor
+    worst_log_deviation: Tensor
+    explosion: Tensor
+    collapse: Tensor
+
+
 class LossInfo(NamedTuple):
-    """Detached metrics of one ``ppo_loss`` call: 0-d tensors or dicts of them."""
+    """Detached metrics of one ``ppo_loss`` call: 0-d tensors or dicts of them.
+
+    ``head_ratio_max``/``head_ratio_min``: per head, the extremes of ``r_h`` over the steps
+    where the head was relevant (-inf/+inf where it never was), for the worst-head diagnostic
+    (seed 004, L4).
+    """
 
     policy_loss: Tensor
     head_policy_loss: dict[str, Tensor]
@@ -87,6 +110,8 @@ class LossInfo(NamedTuple):
     clip_fraction: Tensor
     head_clip_fraction: dict[str, Tensor]
     ratio: RatioStats
+    head_ratio_max: dict[str, Tensor]
+    head_ratio_min: dict[str, Tensor]
 
 
 def masked_mean(x: Tensor, weight: Tensor, total: Tensor | float | None = None) -> Tensor:
@@ -225,6 +250,32 @@ def ratio_stats(ratio: Tensor) -> RatioStats:
     )
 
 
+def ratio_diagnostic(
+    head_ratio_max: Heads, head_ratio_min: Heads, ratio_max: Tensor, ratio_min: Tensor
+) -> RatioDiagnostic:
+    """The worst head and the joint-ratio flags (seed 004, L4: diagnose the head whose ratio is
+    worst, not the op head alone; seed 001, 1.2: thresholds on the TRUE joint ratio).
+
+    ``head_ratio_max``/``head_ratio_min``: 0-d per head (non-finite: no data for the head);
+    ``ratio_max``/``ratio_min``: 0-d extremes of the joint ratio. No host sync.
+    """
+    deviation = torch.stack(
+        [
+            torch.maximum(torch.log(head_ratio_max[h]), -torch.log(head_ratio_min[h]))
+            for h in head_ratio_max
+        ]
+    )
+    deviation = torch.where(torch.isfinite(deviation), deviation, -torch.inf)
+    worst = deviation.argmax()
+    found = torch.isfinite(deviation.max())
+    return RatioDiagnostic(
+        worst_head=torch.where(found, worst, -1),
+        worst_log_deviation=torch.where(found, deviation.max(), torch.nan),
+        explosion=ratio_max > RATIO_EXPLOSION_THRESHOLD,
+        collapse=ratio_min < RATIO_COLLAPSE_THRESHOLD,
+    )
+
+
 def _check_heads(name: str, heads: Heads, names: Iterable[str], shape: torch.Size) -> None:
     names = list(names)
     if sorted(heads) != sorted(names):
@@ -359,5 +410,11 @@ def ppo_loss(
             for h in heads
         },
         ratio=ratio_stats(joint_ratio),
+        head_ratio_max={
+            h: torch.where(causal[h], ratios[h].detach(), -torch.inf).amax() for h in heads
+        },
+        head_ratio_min={
+            h: torch.where(causal[h], ratios[h].detach(), torch.inf).amin() for h in heads
+        },
     )
     return loss, info

@@ -28,7 +28,7 @@ from funcppo.compiling import compile_fn
 from funcppo.config import PPOConfig
 from funcppo.constants import KL_EARLY_STOP_FACTOR
 from funcppo.distributions import factored_entropy, factored_logprob, mask_stats
-from funcppo.losses import LossCoefs, masked_mean, ppo_loss
+from funcppo.losses import LossCoefs, masked_mean, ppo_loss, ratio_diagnostic
 from funcppo.networks import policy_apply
 from funcppo.optim import apply_updates, global_norm
 from funcppo.spec import availability_masks, causal_masks, resolve_masks
@@ -289,6 +289,16 @@ def _finish(config: PPOConfig, state: TrainState, carry: Carry, prep: Prepared, 
     metrics = {k: _masked_average(v, finite) for k, v in flat.items()}
     metrics["ratio_max"] = torch.where(finite, flat["ratio_max"], -torch.inf).max()
     metrics["ratio_min"] = torch.where(finite, flat["ratio_min"], torch.inf).min()
+    head_max = {h: torch.where(finite, v, -torch.inf).max() for h, v in info.head_ratio_max.items()}
+    head_min = {h: torch.where(finite, v, torch.inf).min() for h, v in info.head_ratio_min.items()}
+    for h in config.spec.names:
+        # NaN, never a silent 1, where the head had no relevant step (seed 001).
+        metrics[f"ratio_max/{h}"] = torch.where(head_max[h].isfinite(), head_max[h], torch.nan)
+        metrics[f"ratio_min/{h}"] = torch.where(head_min[h].isfinite(), head_min[h], torch.nan)
+    diag = ratio_diagnostic(head_max, head_min, metrics["ratio_max"], metrics["ratio_min"])
+    metrics["ratio_worst_head"] = diag.worst_head.float()
+    metrics["ratio_explosion"] = diag.explosion.float()
+    metrics["ratio_collapse"] = diag.collapse.float()
     metrics.update(prep.stats)
     num_steps = config.update_epochs * config.num_minibatches
     metrics["stop_epoch"] = carry.stop_epoch.float()
