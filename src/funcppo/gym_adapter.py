@@ -1,0 +1,251 @@
+"""Gymnasium environments, single or vector, as batches of tensors for ``PPOAgent.collect``.
+
+Action spaces: ``Discrete(n)`` becomes one head ``"action"``; ``MultiDiscrete(nvec)`` becomes
+heads ``"a0", "a1", ...``, with ``a0`` the op head and every head causally relevant to every
+op (nothing in the space says otherwise). Observations: any ``Box``, flattened to float32.
+
+Masks follow sb3-contrib's MaskablePPO, so environments written for it work unchanged: from
+``info["action_mask"]`` when the env reports one, else from an ``action_masks()`` method, else
+all actions are valid. A mask is one flat bool vector of length ``sum(nvec)`` (``n`` for
+``Discrete``); a tuple of per-component vectors (gymnasium's ``MultiDiscrete.sample`` form)
+is accepted too.
+
+Episode ends: a single env is reset here, and a vector env resets itself in one of gymnasium
+1.x's autoreset modes. SAME_STEP reports the last observation in ``info["final_obs"]``.
+NEXT_STEP (the default) returns the last observation as ``obs`` and resets on the next
+``step``, ignoring its action: that step is no transition and comes back with ``valid=False``,
+so the agent never trains on it. Either way a truncated step bootstraps from the last
+observation (``EnvStep.final_obs``). DISABLED is refused.
+
+gymnasium is an optional dependency (``pip install funcppo[gym]``), imported when an adapter
+is made.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from funcppo.agent import EnvStep
+from funcppo.envs.base import check_actions
+from funcppo.spec import ActionSpec
+
+__all__ = ["GymAdapter", "gym_action_spec"]
+
+
+def _gym():
+    try:
+        import gymnasium
+    except ImportError as err:
+        raise ImportError(
+            "funcppo.gym_adapter needs gymnasium>=1.0: pip install 'funcppo[gym]'"
+        ) from err
+    return gymnasium
+
+
+def _action_layout(space: Any) -> tuple[ActionSpec, np.ndarray, np.ndarray]:
+    gym = _gym()
+    if isinstance(space, gym.spaces.Discrete):
+        n = int(space.n)
+        return ActionSpec({"action": n}, "action", [()] * n), np.array([n]), np.array([space.start])
+    if isinstance(space, gym.spaces.MultiDiscrete) and space.nvec.ndim == 1:
+        nvec = space.nvec.astype(np.int64)
+        names = [f"a{i}" for i in range(len(nvec))]
+        heads = dict(zip(names, nvec.tolist(), strict=True))
+        spec = ActionSpec(heads, "a0", [names] * int(nvec[0]))
+        return spec, nvec, np.broadcast_to(np.asarray(space.start), nvec.shape).astype(np.int64)
+    raise ValueError(
+        f"action_space: expected Discrete or a 1-d MultiDiscrete, got {space!r}; "
+        "flatten it with a gymnasium wrapper first"
+    )
+
+
+def gym_action_spec(space: Any) -> ActionSpec:
+    """The ``ActionSpec`` of a ``Discrete`` or 1-d ``MultiDiscrete`` action space."""
+    return _action_layout(space)[0]
+
+
+class GymAdapter:
+    """A gymnasium env as ``num_envs`` rows of tensors: ``obs``, ``masks``, ``step``.
+
+    Args:
+      env: a ``gymnasium.Env`` (one row) or ``gymnasium.vector.VectorEnv``.
+      seed: passed to the first ``reset``.
+      device: where the returned tensors live (None: CPU).
+    """
+
+    def __init__(self, env: Any, seed: int | None = None, device=None) -> None:
+        gym = _gym()
+        self.env, self.seed = env, seed
+        self.device = torch.device("cpu") if device is None else torch.device(device)
+        self.is_vector = isinstance(env, gym.vector.VectorEnv)
+        if self.is_vector:
+            self.num_envs = int(env.num_envs)
+            obs_space, act_space = env.single_observation_space, env.single_action_space
+            mode = env.metadata.get("autoreset_mode", gym.vector.AutoresetMode.NEXT_STEP)
+            self.autoreset_mode = gym.vector.AutoresetMode(mode)
+            if self.autoreset_mode == gym.vector.AutoresetMode.DISABLED:
+                raise ValueError(
+                    "env: autoreset_mode DISABLED is not supported; make the vector env with "
+                    "autoreset_mode=AutoresetMode.SAME_STEP or NEXT_STEP"
+                )
+        else:
+            self.num_envs = 1
+            obs_space, act_space = env.observation_space, env.action_space
+            self.autoreset_mode = None
+        if not isinstance(obs_space, gym.spaces.Box):
+            raise ValueError(
+                f"observation_space: expected a Box, got {obs_space!r}; wrap the env in "
+                "gymnasium.wrappers.FlattenObservation"
+            )
+        self.obs_dim = int(np.prod(obs_space.shape))
+        self.spec, self._nvec, self._start = _action_layout(act_space)
+        self._mask_source: str | None = None
+        self._pending_reset = np.zeros(self.num_envs, dtype=bool)
+        self._obs: Tensor | None = None
+        self._masks: dict[str, Tensor] | None = None
+
+    def _next_step_mode(self) -> bool:
+        return self.is_vector and self.autoreset_mode.name == "NEXT_STEP"
+
+    def _obs_tensor(self, obs: Any) -> Tensor:
+        array = np.asarray(obs, dtype=np.float32).reshape(self.num_envs, self.obs_dim)
+        return torch.from_numpy(array.copy()).to(self.device)
+
+    def _raw_masks(self, info: dict) -> Any:
+        """Per-row masks as the env gives them, or None when it gives none."""
+        if self._mask_source is None:
+            if "action_mask" in info:
+                self._mask_source = "info"
+            else:
+                try:
+                    self._call_action_masks()
+                    self._mask_source = "method"
+                except AttributeError:
+                    self._mask_source = "none"
+        if self._mask_source == "none":
+            return None
+        if self._mask_source == "method":
+            return self._call_action_masks()
+        if "action_mask" not in info:
+            raise ValueError("info['action_mask']: missing after the env reported it before")
+        rows = info["action_mask"]
+        if self.is_vector:
+            have = info.get("_action_mask", np.ones(self.num_envs, dtype=bool))
+            if not np.all(have):
+                missing = int(np.flatnonzero(~np.asarray(have))[0])
+                raise ValueError(f"info['action_mask']: missing for env {missing}")
+            return list(rows)
+        return [rows]
+
+    def _call_action_masks(self) -> list:
+        if self.is_vector:
+            return list(self.env.call("action_masks"))
+        return [self.env.get_wrapper_attr("action_masks")()]
+
+    def _mask_tensors(self, info: dict, ignored: np.ndarray) -> dict[str, Tensor]:
+        """Head -> bool ``[num_envs, size]``; rows whose next action is ignored are all True."""
+        total = int(self._nvec.sum())
+        raw = self._raw_masks(info)
+        flat = np.ones((self.num_envs, total), dtype=bool)
+        if raw is not None:
+            for i, row in enumerate(raw):
+                if isinstance(row, (tuple, list)):
+                    row = np.concatenate([np.asarray(r).reshape(-1) for r in row])
+                row = np.asarray(row).reshape(-1)
+                if row.shape != (total,):
+                    raise ValueError(
+                        f"action mask of env {i}: expected {total} entries (sum of the action "
+                        f"space's sizes {self._nvec.tolist()}), got shape {row.shape}"
+                    )
+                flat[i] = row != 0
+        flat[ignored] = True
+        parts = np.split(flat, np.cumsum(self._nvec)[:-1], axis=1)
+        return {
+            name: torch.from_numpy(part.copy()).to(self.device)
+            for name, part in zip(self.spec.names, parts, strict=True)
+        }
+
+    def reset(self, seed: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+        """Start every env afresh; returns ``obs`` ``[num_envs, obs_dim]`` and ``masks``."""
+        obs, info = self.env.reset(seed=self.seed if seed is None else seed)
+        self._pending_reset[:] = False
+        self._obs = self._obs_tensor(obs)
+        self._masks = self._mask_tensors(info, self._pending_reset)
+        return self._obs, self._masks
+
+    @property
+    def obs(self) -> Tensor:
+        """The observation to act on next (resets the env on first use)."""
+        if self._obs is None:
+            self.reset()
+        return self._obs
+
+    @property
+    def masks(self) -> dict[str, Tensor]:
+        """The masks of ``obs``."""
+        if self._masks is None:
+            self.reset()
+        return self._masks
+
+    def _env_actions(self, actions: Mapping[str, Tensor]) -> Any:
+        check_actions(self.spec, self.num_envs, actions)
+        for name, size in self.spec.heads:
+            values = actions[name]
+            bad = (values < 0) | (values >= size)
+            if bool(bad.any()):
+                i = int(torch.nonzero(bad)[0, 0])
+                raise ValueError(
+                    f"actions[{name!r}]: expected values in [0, {size}), got {int(values[i])} "
+                    f"at env {i}"
+                )
+        cols = np.stack([actions[n].cpu().numpy() for n in self.spec.names], axis=1)
+        cols = cols + self._start
+        if len(self.spec.names) == 1:
+            cols = cols[:, 0]
+        return cols if self.is_vector else cols[0]
+
+    def step(self, actions: Mapping[str, Tensor]) -> EnvStep:
+        """Apply ``actions`` (head -> int64 ``[num_envs]``) and report an ``EnvStep``."""
+        if self._obs is None:
+            raise RuntimeError("step: reset the env first (or read .obs)")
+        obs, reward, terminated, truncated, info = self.env.step(self._env_actions(actions))
+        terminated = np.asarray(terminated, dtype=bool).reshape(self.num_envs)
+        truncated = np.asarray(truncated, dtype=bool).reshape(self.num_envs)
+        reward = np.asarray(reward, dtype=np.float32).reshape(self.num_envs)
+        done = terminated | truncated
+        final = np.asarray(obs, dtype=np.float32).reshape(self.num_envs, self.obs_dim).copy()
+        valid = np.ones(self.num_envs, dtype=bool)
+        if not self.is_vector:
+            start = done.copy()
+            if done[0]:
+                obs, info = self.env.reset()
+        elif self._next_step_mode():
+            # Rows that were done last step just reset: no transition, a new episode's obs.
+            valid = ~self._pending_reset
+            start = self._pending_reset.copy()
+            self._pending_reset = done & valid
+        else:
+            start = done.copy()
+            has_final = info.get("_final_obs", np.zeros(self.num_envs, dtype=bool))
+            for i in np.flatnonzero(done):
+                if not has_final[i]:
+                    raise ValueError(f"info['final_obs']: missing for env {i}, which is done")
+                final[i] = np.asarray(info["final_obs"][i], dtype=np.float32).reshape(-1)
+        self._obs = self._obs_tensor(obs)
+        self._masks = self._mask_tensors(info, self._pending_reset)
+        d = self.device
+        return EnvStep(
+            obs=self._obs,
+            reward=torch.from_numpy(reward).to(d),
+            terminated=torch.from_numpy(terminated & valid).to(d),
+            truncated=torch.from_numpy(truncated & valid).to(d),
+            masks=self._masks,
+            final_obs=torch.from_numpy(final).to(d),
+            valid=torch.from_numpy(valid).to(d),
+            episode_start=torch.from_numpy(start).to(d),
+        )

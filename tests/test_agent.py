@@ -1,0 +1,235 @@
+"""PPOAgent: its update is make_update_fn on its rollout, resume is bit-exact, faults are
+skipped and counted with parameters unchanged, bad input names the argument, and the ratio
+diagnostic names the worst head."""
+
+import math
+
+import gymnasium as gym
+import numpy as np
+import optree
+import pytest
+import torch
+
+from funcppo.agent import EnvStep, PPOAgent
+from funcppo.config import PPOConfig
+from funcppo.gym_adapter import GymAdapter
+from funcppo.spec import ActionSpec
+from funcppo.update import make_update_fn
+
+SMALL = {"torso_sizes": (8,), "compile": False, "update_epochs": 2, "num_minibatches": 2}
+SPEC = ActionSpec({"op": 3, "a1": 4}, "op", [(), ("a1",), ("a1",)])
+
+
+def cartpole(num_envs=2, seed=1):
+    vec = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="sync")
+    return GymAdapter(vec, seed=seed)
+
+
+def config_for(env, **kw):
+    return PPOConfig(obs_dim=env.obs_dim, spec=env.spec, **(SMALL | kw))
+
+
+def assert_trees_equal(a, b):
+    la, sa = optree.tree_flatten(a, none_is_leaf=False)
+    lb, sb = optree.tree_flatten(b, none_is_leaf=False)
+    assert sa == sb
+    for x, y in zip(la, lb, strict=True):
+        assert x.dtype == y.dtype and torch.equal(x, y)
+
+
+def same_metrics(a, b):
+    assert a.keys() == b.keys()
+    for k in a:
+        both_nan = isinstance(a[k], float) and math.isnan(a[k]) and math.isnan(b[k])
+        assert both_nan or a[k] == b[k], k
+
+
+def test_update_is_make_update_fn_on_the_rollout():
+    env = cartpole()
+    agent = PPOAgent(config_for(env), env.num_envs, 16, seed=0)
+    agent.collect(env)
+    batch, before = agent.rollout(), agent.state
+    metrics = agent.update()
+    want_state, want = make_update_fn(agent.config)(before, batch)
+    assert_trees_equal(agent.state, want_state)
+    assert metrics["loss"] == float(want["loss"]) and metrics["episodes"] >= 0
+    assert metrics["worst_ratio_head"] == "action"
+    assert metrics["ratio_max/action"] == float(want["ratio_max/action"])
+
+
+def test_act_is_reproducible_from_the_seed():
+    env = cartpole()
+    actions = []
+    for seed in (0, 0, 1):
+        agent = PPOAgent(config_for(env), env.num_envs, 64, seed=seed)
+        obs = torch.zeros(env.num_envs, env.obs_dim)
+        steps = []
+        for _ in range(64):
+            steps.append(agent.act(obs)["action"])
+            agent.observe(
+                EnvStep(obs, torch.zeros(2), torch.zeros(2, dtype=bool), torch.zeros(2, dtype=bool))
+            )
+        actions.append(torch.stack(steps))
+    assert torch.equal(actions[0], actions[1]) and not torch.equal(actions[0], actions[2])
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_resume_through_the_agent_is_bit_exact(tmp_path, recurrent):
+    kw = {"recurrent": recurrent, "lstm_size": 8, "bptt_len": 4}
+    settings = {"normalize_obs": True, "normalize_reward": True}
+
+    def make(seed, env):
+        return PPOAgent(config_for(env, **kw), env.num_envs, 8, seed=seed, **settings)
+
+    env_a = cartpole()
+    straight = make(0, env_a)
+    history = [straight.learn(env_a, 8 * 2 * 4)]
+    env_b = cartpole()
+    first = make(0, env_b)
+    first.learn(env_b, 8 * 2 * 2)
+    first.save(tmp_path / "agent.pt")
+    resumed = make(123, env_b)
+    resumed.load(tmp_path / "agent.pt")
+    history.append(resumed.learn(env_b, 8 * 2 * 2))
+    assert_trees_equal(resumed.state, straight.state)
+    assert_trees_equal(resumed.obs_stats, straight.obs_stats)
+    assert_trees_equal(resumed.reward_scale, straight.reward_scale)
+    assert_trees_equal(resumed.hidden, straight.hidden)
+    same_metrics(history[1][-1], history[0][-1])
+    assert int(resumed.state.step) == 4
+
+
+class Corrupt(gym.Wrapper):
+    """Replaces the observation or the reward of step ``at`` with ``value``."""
+
+    def __init__(self, env, field, value, at=5):
+        super().__init__(env)
+        self.field, self.value, self.at, self.t = field, value, at, 0
+
+    def step(self, action):
+        obs, reward, term, trunc, info = self.env.step(action)
+        self.t += 1
+        if self.t == self.at:
+            if self.field == "obs":
+                obs = np.full_like(obs, self.value)
+            else:
+                reward = self.value
+        return obs, reward, term, trunc, info
+
+
+@pytest.mark.parametrize("field", ["obs", "reward"])
+@pytest.mark.parametrize("value", [math.nan, math.inf])
+def test_nonfinite_obs_and_rewards_skip_and_count_and_leave_params(field, value):
+    env = GymAdapter(Corrupt(gym.make("CartPole-v1"), field, value), seed=0)
+    config = config_for(env, num_minibatches=1)
+    agent = PPOAgent(config, 1, 16, normalize_obs=True, normalize_reward=True)
+    before = agent.state
+    agent.collect(env)
+    metrics = agent.update()
+    assert metrics["nonfinite_skips"] == 2.0 and metrics["updates_applied"] == 0.0
+    assert_trees_equal(agent.state.params, before.params)
+    assert_trees_equal(agent.state.opt_state, before.opt_state)
+    # The normalisers never saw the fault.
+    for leaf in optree.tree_leaves((agent.obs_stats, agent.reward_scale)):
+        assert bool(torch.isfinite(leaf).all())
+    # The next rollout is clean, and the update applies.
+    agent.collect(env)
+    assert agent.update()["updates_applied"] == 2.0
+
+
+def test_nonfinite_values_skip_and_count_and_leave_params():
+    env = cartpole()
+    agent = PPOAgent(config_for(env), env.num_envs, 16)
+    agent.collect(env)
+    batch = agent.rollout()
+    values = batch.values.clone()
+    values[3, 0] = math.nan
+    values[12, 1] = math.inf
+    before = agent.state
+    # Rollout steps 3 and 12 make 2 of the 32 samples non-finite; both minibatches hold one
+    # of them in at least one epoch, so some steps are skipped and the counts add up.
+    metrics = agent.update(batch=batch._replace(values=values))
+    assert metrics["nonfinite_skips"] + metrics["updates_applied"] == 4.0
+    assert metrics["nonfinite_skips"] >= 2.0
+    every = batch._replace(values=torch.full_like(values, math.nan))
+    agent.state = before
+    metrics = agent.update(batch=every)
+    assert metrics["nonfinite_skips"] == 4.0
+    assert_trees_equal(agent.state.params, before.params)
+
+
+def test_ratio_diagnostic_names_the_worst_head():
+    config = PPOConfig(obs_dim=4, spec=SPEC, **SMALL)
+    agent = PPOAgent(config, 2, 16)
+    obs = torch.randn(2, 4, generator=torch.Generator().manual_seed(0))
+    no = torch.zeros(2, dtype=bool)
+    while not agent.ready:
+        agent.act(obs)
+        agent.observe(EnvStep(obs, torch.ones(2), no, no))
+    batch = agent.rollout()
+    # Old log-probs of a1 lowered by 3: its ratio is e^3 ~ 20 where the op uses it.
+    logprobs = dict(batch.logprobs, a1=batch.logprobs["a1"] - 3.0)
+    metrics = agent.update(batch=batch._replace(logprobs=logprobs))
+    assert metrics["worst_ratio_head"] == "a1"
+    assert metrics["ratio_max/a1"] > 15 and metrics["ratio_max/op"] < 2
+    assert metrics["ratio_explosion"] == 1.0 and metrics["ratio_collapse"] == 0.0
+
+
+def test_bad_input_names_the_argument(tmp_path):
+    env = cartpole()
+    agent = PPOAgent(config_for(env), 2, 16)
+    obs, no = torch.zeros(2, 4), torch.zeros(2, dtype=bool)
+    with pytest.raises(
+        ValueError, match=r"obs: expected float \(2, 4\), got torch.float32 \(2, 3\)"
+    ):
+        agent.act(torch.zeros(2, 3))
+    with pytest.raises(ValueError, match=r"obs: expected float \(2, 4\), got torch.int64"):
+        agent.act(torch.zeros(2, 4, dtype=torch.int64))
+    with pytest.raises(
+        ValueError, match=r"masks\['action'\]: no valid action at batch index \(1,\)"
+    ):
+        agent.act(obs, {"action": torch.tensor([[True, False], [False, False]])})
+    with pytest.raises(RuntimeError, match="observe: no actions"):
+        agent.observe(EnvStep(obs, torch.zeros(2), no, no))
+    agent.act(obs)
+    with pytest.raises(RuntimeError, match="act: the previous actions were not observed"):
+        agent.act(obs)
+    with pytest.raises(
+        ValueError, match=r"step.reward: expected float \(2,\), got torch.float32 \(3,\)"
+    ):
+        agent.observe(EnvStep(obs, torch.zeros(3), no, no))
+    with pytest.raises(
+        ValueError, match=r"step.terminated: expected bool \(2,\), got torch.float32"
+    ):
+        agent.observe(EnvStep(obs, torch.zeros(2), torch.zeros(2), no))
+    agent.observe(EnvStep(obs, torch.zeros(2), no, no))
+    with pytest.raises(RuntimeError, match="save: 1 steps of an unfinished rollout"):
+        agent.save(tmp_path / "a.pt")
+    with pytest.raises(RuntimeError, match=r"expected 16 observed transitions .* got 1"):
+        agent.update()
+    with pytest.raises(ValueError, match=r"batch\.obs: .*num_minibatches=2"):
+        PPOAgent(config_for(env), 1, 3)
+    agent.collect(env)
+    batch = agent.rollout()
+    high = dict(batch.actions, action=batch.actions["action"].clone())
+    high["action"][5, 1] = 2
+    with pytest.raises(
+        ValueError,
+        match=r"batch.actions\['action'\]: expected values in \[0, 2\), got 2 at index \(5, 1\)",
+    ):
+        agent.update(batch=batch._replace(actions=high))
+    masks = dict(batch.masks, action=batch.masks["action"].clone())
+    masks["action"][4, 0, int(batch.actions["action"][4, 0])] = False
+    with pytest.raises(
+        ValueError, match=r"taken op is masked in masks\['action'\] at batch index \(4, 0\)"
+    ):
+        agent.update(batch=batch._replace(masks=masks))
+    agent.update()
+    agent.save(tmp_path / "a.pt")
+    other = PPOAgent(config_for(env), 2, 16, normalize_obs=True)
+    with pytest.raises(
+        ValueError, match="agent/normalize_obs: checkpoint has False, this agent True"
+    ):
+        other.load(tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"config\.learning_rate"):
+        PPOAgent(config_for(env, learning_rate=1.0), 2, 16).load(tmp_path / "a.pt")

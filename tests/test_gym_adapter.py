@@ -1,0 +1,227 @@
+"""gym_adapter: action spaces to specs, masks from info or action_masks(), autoreset modes
+(NEXT_STEP steps never trained on, truncation bootstraps from the final observation), errors,
+and learning: gymnasium's CartPole-v1 and a masked MultiDiscrete env only a masked policy scores.
+"""
+
+import math
+import sys
+
+import gymnasium as gym
+import numpy as np
+import pytest
+import torch
+
+from funcppo.agent import PPOAgent
+from funcppo.config import PPOConfig
+from funcppo.gym_adapter import GymAdapter, gym_action_spec
+from funcppo.networks import policy_apply
+
+NEXT, SAME = gym.vector.AutoresetMode.NEXT_STEP, gym.vector.AutoresetMode.SAME_STEP
+SMALL = {"torso_sizes": (8,), "compile": False, "update_epochs": 1, "num_minibatches": 2}
+
+
+class Clock(gym.Env):
+    """Actions do nothing: obs = [t, episode], reward = t + 1; an episode of env ``i`` ends
+    after ``3 + i`` steps, terminated on odd episodes and truncated on even ones."""
+
+    def __init__(self, length=3):
+        self.length = length
+        self.observation_space = gym.spaces.Box(-np.inf, np.inf, (2,), np.float32)
+        self.action_space = gym.spaces.Discrete(2)
+        self.episode = -1
+
+    def _obs(self):
+        return np.array([self.t, self.episode], dtype=np.float32)
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t, self.episode = 0, self.episode + 1
+        return self._obs(), {}
+
+    def step(self, action):
+        self.t += 1
+        end = self.t >= self.length
+        odd = self.episode % 2 == 1
+        return self._obs(), float(self.t), end and odd, end and not odd, {}
+
+
+def clock_vec(mode, n=2):
+    return gym.vector.SyncVectorEnv(
+        [lambda i=i: Clock(3 + i) for i in range(n)], autoreset_mode=mode
+    )
+
+
+def agent_for(env, num_steps=8, **kw):
+    config = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, **(SMALL | kw))
+    return PPOAgent(config, env.num_envs, num_steps, seed=0)
+
+
+def test_missing_gymnasium_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "gymnasium", None)
+    with pytest.raises(ImportError, match=r"pip install 'funcppo\[gym\]'"):
+        gym_action_spec(object())
+
+
+def test_action_spaces_map_to_specs():
+    spec = gym_action_spec(gym.spaces.Discrete(3, start=1))
+    assert spec.heads == (("action", 3),) and spec.op_head == "action"
+    spec = gym_action_spec(gym.spaces.MultiDiscrete([3, 4, 2]))
+    assert spec.heads == (("a0", 3), ("a1", 4), ("a2", 2)) and spec.op_head == "a0"
+    assert all(row == {"a0", "a1", "a2"} for row in spec.causal) and len(spec.causal) == 3
+    with pytest.raises(ValueError, match="action_space: expected Discrete"):
+        gym_action_spec(gym.spaces.Box(0, 1, (2,)))
+    with pytest.raises(ValueError, match="observation_space: expected a Box"):
+        GymAdapter(gym.make("FrozenLake-v1"))
+    with pytest.raises(ValueError, match="DISABLED"):
+        GymAdapter(clock_vec(gym.vector.AutoresetMode.DISABLED))
+
+
+@pytest.mark.parametrize("mode", ["single", NEXT, SAME])
+def test_rollout_holds_real_transitions_and_bootstraps_from_final_obs(mode):
+    env = GymAdapter(Clock(3) if mode == "single" else clock_vec(mode), seed=0)
+    agent = agent_for(env)
+    agent.collect(env)
+    batch = agent.rollout()
+    for b in range(env.num_envs):
+        length = 3 + b
+        # Every row is a real transition: t runs 0..length-1 and the reward is t + 1, so an
+        # ignored NEXT_STEP step (acting on the final obs t = length) never appears.
+        t = batch.obs[:, b, 0]
+        assert torch.equal(t, torch.arange(8.0) % length)
+        assert torch.equal(batch.rewards[:, b], t + 1)
+        assert torch.equal(batch.obs[:, b, 1], torch.arange(8) // length * 1.0)
+        end = t == length - 1
+        odd = batch.obs[:, b, 1] % 2 == 1
+        assert torch.equal(batch.terminated[:, b], end & odd)
+        assert torch.equal(batch.truncated[:, b], end & ~odd)
+        assert torch.equal(batch.episode_start[:, b], t == 0)
+        # next_values: V of the final obs [length, episode] at episode ends, of the next obs else.
+        nxt = torch.stack([t + 1, batch.obs[:, b, 1]], -1)
+        want = policy_apply(agent.config, agent.state.params, nxt, None, None).value
+        assert torch.equal(batch.next_values[:, b], want)
+
+
+def test_next_step_mode_matches_same_step_mode_on_what_is_trained():
+    batches = {}
+    for mode in (NEXT, SAME):
+        env = GymAdapter(clock_vec(mode, 3), seed=0)
+        agent = agent_for(env, num_steps=10)
+        agent.collect(env)
+        batches[mode] = agent.rollout()
+    for field in ("obs", "rewards", "terminated", "truncated", "episode_start", "values"):
+        assert torch.equal(getattr(batches[NEXT], field), getattr(batches[SAME], field)), field
+    torch.testing.assert_close(batches[NEXT].next_values, batches[SAME].next_values)
+
+
+class Masked(gym.Env):
+    """MultiDiscrete([4, 5]); obs one-hot of a target for a0. a1 has two valid values per step,
+    not in the obs. Reward 1 when a0 hits the target and a1 is valid; an invalid a1 ends the
+    episode with reward -1; 16 steps at most. Masks as sb3-contrib: ``action_masks()`` or
+    ``info["action_mask"]``, flat of length 9."""
+
+    def __init__(self, mask_in_info=False, empty_head=None):
+        self.observation_space = gym.spaces.Box(0, 1, (4,), np.float32)
+        self.action_space = gym.spaces.MultiDiscrete([4, 5])
+        self.mask_in_info, self.empty_head = mask_in_info, empty_head
+
+    def _draw(self):
+        self.target = int(self.np_random.integers(4))
+        self.valid = np.zeros(5, dtype=bool)
+        self.valid[self.np_random.choice(5, 2, replace=False)] = True
+        obs = np.zeros(4, dtype=np.float32)
+        obs[self.target] = 1
+        return obs, ({"action_mask": self.action_masks()} if self.mask_in_info else {})
+
+    def action_masks(self):
+        mask = np.concatenate([np.ones(4, dtype=bool), self.valid])
+        if self.empty_head is not None:
+            mask[:4] = self.empty_head != "a0"
+            mask[4:] = mask[4:] & (self.empty_head != "a1")
+        return mask
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        self.t = 0
+        return self._draw()
+
+    def step(self, action):
+        self.t += 1
+        if not self.valid[action[1]]:
+            obs, info = self._draw()
+            return obs, -1.0, True, False, info
+        reward = float(action[0] == self.target)
+        obs, info = self._draw()
+        return obs, reward, False, self.t >= 16, info
+
+
+def test_masks_from_info_and_from_action_masks_agree():
+    via_info = GymAdapter(Masked(mask_in_info=True), seed=3)
+    via_method = GymAdapter(Masked(), seed=3)
+    for _ in range(5):
+        for name in ("a0", "a1"):
+            assert torch.equal(via_info.masks[name], via_method.masks[name])
+        assert via_method.masks["a1"].sum() == 2 and via_method.masks["a0"].all()
+        actions = {"a0": torch.tensor([0]), "a1": torch.nonzero(via_method.masks["a1"][0])[0]}
+        via_info.step(actions)
+        via_method.step(actions)
+    vec = GymAdapter(gym.vector.SyncVectorEnv([lambda: Masked(True)] * 3), seed=0)
+    assert vec.masks["a1"].shape == (3, 5) and bool((vec.masks["a1"].sum(-1) == 2).all())
+
+
+def test_empty_mask_row_and_bad_actions_are_errors():
+    env = GymAdapter(gym.vector.SyncVectorEnv([Masked, lambda: Masked(empty_head="a1")]), seed=0)
+    agent = PPOAgent(PPOConfig(obs_dim=4, spec=env.spec, **SMALL), 2, 8)
+    with pytest.raises(ValueError, match=r"masks\['a1'\]: no valid action at batch index \(1,\)"):
+        agent.act(env.obs, env.masks)
+    good = {"a0": torch.tensor([0, 1]), "a1": torch.tensor([0, 0])}
+    with pytest.raises(ValueError, match=r"actions\['a1'\]: expected values in \[0, 5\), got 5"):
+        env.step(good | {"a1": torch.tensor([0, 5])})
+    with pytest.raises(ValueError, match=r"actions\['a0'\]: expected an int64 tensor of shape"):
+        env.step(good | {"a0": torch.tensor([0.0, 1.0])})
+
+
+def mean_return(history, last=4):
+    returns = [m["episode_return"] for m in history[-last:] if not math.isnan(m["episode_return"])]
+    return sum(returns) / len(returns)
+
+
+def test_learns_cartpole_v1():
+    env = GymAdapter(gym.make_vec("CartPole-v1", num_envs=4, vectorization_mode="sync"), seed=0)
+    config = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=False, learning_rate=2.5e-3)
+    agent = PPOAgent(config, env.num_envs, 128, seed=0)
+    history = agent.learn(env, total_steps=12 * 512)
+    assert history[0]["episode_return"] < 40
+    assert mean_return(history) >= 150
+
+
+def test_learns_a_masked_multidiscrete_env_that_only_a_masked_policy_scores():
+    def make():
+        return gym.vector.SyncVectorEnv([Masked] * 8)
+
+    env = GymAdapter(make(), seed=0)
+    config = PPOConfig(obs_dim=4, spec=env.spec, compile=False, learning_rate=3e-3, gamma=0.9)
+    agent = PPOAgent(config, env.num_envs, 32, seed=0)
+    history = agent.learn(env, total_steps=12 * 256)
+    learned = mean_return(history)
+    # Uniform policies over 200 episodes: unmasked, an invalid a1 (3 in 5) ends the episode;
+    # masked, a1 is always valid but a0 hits the target only 1 time in 4.
+    rng = np.random.default_rng(0)
+    scores = {"unmasked": [], "masked": []}
+    for kind in scores:
+        single = Masked()
+        for episode in range(100):
+            single.reset(seed=episode)
+            total, done = 0.0, False
+            while not done:
+                a1 = (
+                    rng.choice(np.flatnonzero(single.valid))
+                    if kind == "masked"
+                    else rng.integers(5)
+                )
+                _, r, term, trunc, _ = single.step(np.array([rng.integers(4), a1]))
+                total, done = total + r, term or trunc
+            scores[kind].append(total)
+    unmasked, masked = np.mean(scores["unmasked"]), np.mean(scores["masked"])
+    assert unmasked < 0.5 and masked < 5.0
+    assert learned > 12.0, (learned, masked, unmasked)
+    assert history[-1]["discarded_steps"] >= 0 and history[-1]["nonfinite_skips"] == 0
