@@ -3,6 +3,7 @@
 and learning: gymnasium's CartPole-v1 and a masked MultiDiscrete env only a masked policy scores.
 """
 
+import json
 import math
 import sys
 
@@ -225,3 +226,23 @@ def test_learns_a_masked_multidiscrete_env_that_only_a_masked_policy_scores():
     assert unmasked < 0.5 and masked < 5.0
     assert learned > 12.0, (learned, masked, unmasked)
     assert history[-1]["discarded_steps"] >= 0 and history[-1]["nonfinite_skips"] == 0
+
+
+def test_cli_trains_a_gym_env_and_writes_the_usual_outputs(tmp_path, capsys):
+    from funcppo.cli import main
+
+    argv = ["train", "--env", "gym:CartPole-v1", "--seeds", "1", "--num-envs", "2"]
+    argv += ["--num-steps", "64", "--total-steps", "512", "--no-compile", "--out", str(tmp_path)]
+    assert main(argv) == 0
+    lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
+    assert len(lines) == 4
+    record = json.loads(lines[-1])
+    assert record["env_steps"] == 512 and record["worst_ratio_head"] == ["action"]
+    assert "| all |" in capsys.readouterr().out
+    env = GymAdapter(gym.make_vec("CartPole-v1", num_envs=2), seed=0)
+    agent = PPOAgent(PPOConfig(obs_dim=4, spec=env.spec, compile=False), 2, 64)
+    agent.load(tmp_path / "checkpoint.pt")
+    assert int(agent.state.step) == 4
+    with pytest.raises(SystemExit):
+        main(["train", "--env", "nope", "--out", str(tmp_path)])
+    assert "expected one of" in capsys.readouterr().err

@@ -160,6 +160,11 @@ class PPOAgent:
         return Batch(z[..., None].expand(t, b, self.config.obs_dim), heads, masks,
                      dict.fromkeys(spec.names, z), z, z, z, no, no, no, hidden)  # fmt: skip
 
+    def discard_rollout(self) -> None:
+        """Drop the steps collected since the last update (say, before saving after an
+        interrupted collection); the carried LSTM state and normalisers stay as they are."""
+        self._clear_rollout()
+
     def _clear_rollout(self) -> None:
         self._pending: dict[str, Any] | None = None
         self._rows: list[Batch] = []

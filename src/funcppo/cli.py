@@ -35,7 +35,11 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m funcppo")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train several seeds at once on a built-in environment")
-    train.add_argument("--env", default="cartpole", choices=sorted(ENVS))
+    train.add_argument(
+        "--env",
+        default="cartpole",
+        help=f"one of {sorted(ENVS)}, or gym:ID for a gymnasium environment (e.g. gym:CartPole-v1)",
+    )
     train.add_argument("--seeds", type=int, default=8)
     train.add_argument("--total-steps", type=int, default=500_000, help="env steps per seed")
     train.add_argument("--num-envs", type=int, default=4, help="envs per seed")
@@ -193,5 +197,12 @@ def _summary(returns: list[list[float]], steps_per_update: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if args.env.startswith("gym:"):
+        from funcppo.gym_train import run_gym_train
+
+        return run_gym_train(args)
+    if args.env not in ENVS:
+        parser.error(f"--env: expected one of {sorted(ENVS)} or gym:ID, got {args.env!r}")
     return run_train(args)
