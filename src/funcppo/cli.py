@@ -4,6 +4,10 @@ It shows progress (and how long compiling took), writes every metric of every up
 to ``metrics.jsonl`` (and to TensorBoard when installed), and at the end a learning-curve PNG
 (when matplotlib is installed), a summary table and a checkpoint. Ctrl-C stops after the
 current update and keeps what was done.
+
+Under torchrun (``torchrun --nproc-per-node=K -m funcppo train ...``) the seeds are split over
+the K processes, or with ``--data-parallel`` every process trains all seeds on its own
+environments and the updates average over processes; rank 0 alone prints and writes files.
 """
 
 from __future__ import annotations
@@ -16,11 +20,18 @@ import sys
 import time
 from pathlib import Path
 
+import optree
 import torch
 
 from funcppo import random as jr
 from funcppo.checkpoint import save_checkpoint
 from funcppo.config import PPOConfig
+from funcppo.distributed import (
+    data_parallel,
+    gather_to_root,
+    init_distributed,
+    shard_seeds,
+)
 from funcppo.envs import ENVS, make_env
 from funcppo.envs.lifecycle import REFERENCE_RETURN
 from funcppo.train import TrainConfig, make_train
@@ -47,6 +58,18 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument("--no-compile", action="store_true", help="run eagerly")
     train.add_argument("--out", default="runs/latest", help="output directory")
     train.add_argument("--seed", type=int, default=0, help="seed of the first run")
+    train.add_argument(
+        "--data-parallel",
+        action="store_true",
+        help="under torchrun: all seeds on every process, each with its own envs; updates "
+        "average over processes (default: seeds split over processes)",
+    )
+    train.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=300.0,
+        help="under torchrun: seconds before a failed or hung process stops the others",
+    )
     train.add_argument(
         "--threads",
         type=int,
@@ -124,30 +147,62 @@ def _write_plot(path: Path, returns: list[list[float]], steps_per_update: int, e
     return True
 
 
+def _merge_seeds(parts: list[tuple[int, dict]]) -> dict:
+    """Rank 0's view of one update from every process's ``(update, metrics)``: per-seed lists
+    concatenated in rank order (seed order), the slowest process's update time."""
+    updates = {u for u, _ in parts}
+    if len(updates) != 1:
+        raise RuntimeError(f"processes out of step: at updates {sorted(updates)}")
+    metrics = [m for _, m in parts]
+    merged = {k: [x for m in metrics for x in m[k]] for k in metrics[0] if k != "update_seconds"}
+    merged["update_seconds"] = max(m["update_seconds"] for m in metrics)
+    return merged
+
+
 def run_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    rank, world, dp = 0, 1, None
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        rank, world = init_distributed(args.dist_timeout)
+        dp = data_parallel() if args.data_parallel else None
+    # Split seeds: this process's shard of the keys of a single-process run.
+    split_seeds = world > 1 and dp is None
+    seeds = shard_seeds(args.seeds, rank, world) if split_seeds else range(args.seeds)
     os.environ.setdefault(
         "TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "funcppo" / "inductor")
     )
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
     env = make_env(args.env, args.num_envs)
     ppo = _ppo_config(args.env, env, not args.no_compile)
-    config = TrainConfig(args.env, ppo, args.num_envs, args.num_steps, args.total_steps)
-    steps_per_update = args.num_envs * args.num_steps
-    print(
-        f"training {args.seeds} seeds on {args.env} for {config.num_updates} updates "
-        f"({config.num_updates * steps_per_update} steps per seed), "
-        f"{'compiling first (cached on disk after the first run)' if ppo.compile else 'eager'}",
-        file=sys.stderr,
-    )
-    train = make_train(config, num_seeds=args.seeds)
+    # Data parallel, an agent learns from every process's envs: --total-steps counts them all.
+    replicas = world if dp is not None else 1
+    total = args.total_steps // replicas
+    config = TrainConfig(args.env, ppo, args.num_envs, args.num_steps, total)
+    steps_per_update = args.num_envs * args.num_steps * replicas
+    if rank == 0:
+        print(
+            f"training {args.seeds} seeds on {args.env} for {config.num_updates} updates "
+            f"({config.num_updates * steps_per_update} steps per seed"
+            f"{f' and process, {world} processes' if dp else ''}), "
+            f"{'compiling first (cached on disk after the first run)' if ppo.compile else 'eager'}",
+            file=sys.stderr,
+        )
+    train = make_train(config, num_seeds=len(seeds), data_parallel=dp)
     progress = Progress(config.num_updates, steps_per_update)
     returns: list[list[float]] = []
-    writer = _tensorboard(out)
-    with open(out / "metrics.jsonl", "w") as log:
+    writer = _tensorboard(out) if rank == 0 else None
+    with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "w") as log:
 
         def callback(u: int, metrics: dict) -> None:
+            if split_seeds:
+                parts = gather_to_root((u, metrics))
+                if rank != 0:
+                    return
+                metrics = _merge_seeds(parts)
+            elif rank != 0:
+                return
             log.write(
                 json.dumps({"update": u, "env_steps": (u + 1) * steps_per_update, **metrics}) + "\n"
             )
@@ -158,8 +213,14 @@ def run_train(args: argparse.Namespace) -> int:
                 writer.add_scalar("episode_return", mean_return, (u + 1) * steps_per_update)
             progress(u, mean_return)
 
-        keys = jr.split(jr.key(args.seed), args.seeds)
+        keys = jr.split(jr.key(args.seed), args.seeds)[seeds.start : seeds.stop]
         state, _ = train(keys, callback)
+    if split_seeds:
+        states = gather_to_root(optree.tree_map(lambda x: x.cpu(), state))
+        if rank == 0:
+            state = optree.tree_map(lambda *xs: torch.cat(xs), *states)
+    if rank != 0:
+        return 0
     print(file=sys.stderr)
     save_checkpoint(out / "checkpoint.pt", state, ppo)
     plotted = _write_plot(out / "learning_curve.png", returns, steps_per_update, args.env)

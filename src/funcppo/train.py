@@ -23,6 +23,7 @@ from torch.func import vmap
 from funcppo import random as jr
 from funcppo.compiling import compile_fn
 from funcppo.config import PPOConfig
+from funcppo.distributed import DataParallel
 from funcppo.distributions import factored_logprob, factored_sample
 from funcppo.envs import Env, make_env
 from funcppo.networks import init_hidden, policy_apply
@@ -91,8 +92,12 @@ def _zeros_like_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x.new_zeros(()), x.new_zeros(()), x.new_zeros(())
 
 
-def _init_runner(config: TrainConfig, env: Env, key: Tensor) -> RunnerState:
+def _init_runner(config: TrainConfig, env: Env, key: Tensor, rank: int = 0) -> RunnerState:
+    # Data parallel, every process starts from the same agent (k_train) but steps its own
+    # environments; rank 0's are those of a single-process run.
     k_train, k_env, k_run = jr.split(key, 3)
+    if rank:
+        k_env, k_run = jr.fold_in(k_env, rank), jr.fold_in(k_run, rank)
     train = init_train_state(k_train, config.ppo)
     env_state, obs, masks = env.reset(k_env)
     hidden = init_hidden(config.ppo, env.num_envs, key.device)
@@ -170,7 +175,11 @@ def _stack(items: list, axis: int) -> Any:
 
 
 def make_train(
-    config: TrainConfig, *, num_seeds: int | None = None, backend: str = "inductor"
+    config: TrainConfig,
+    *,
+    num_seeds: int | None = None,
+    backend: str = "inductor",
+    data_parallel: DataParallel | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Tensor]]]:
     """``train(key, callback=None) -> (final TrainState, metrics history)``.
 
@@ -178,6 +187,12 @@ def make_train(
     the history's tensors are ``[num_updates, S]`` (``[num_updates]`` without seeds). The same
     key gives the same run. ``callback(update_index, metrics)`` is called after each update
     with host floats (one device-to-host transfer per update); returning True stops the run.
+
+    With ``data_parallel`` (``funcppo.distributed.DataParallel``), every process calls
+    ``train`` with the same key and steps its own environments (keys folded with its rank);
+    the update learns from every process's rollout and episode metrics count every process's
+    episodes, so the processes return the same state and metrics. ``config.num_envs`` is per
+    process.
     """
     env = config.make_env()
     ppo = config.ppo
@@ -187,7 +202,8 @@ def make_train(
             f"got obs_dim={ppo.obs_dim} and heads {ppo.spec.names}"
         )
     env_step = _make_env_step(config, env)
-    init = lambda key: _init_runner(config, env, key)  # noqa: E731
+    rank = 0 if data_parallel is None else data_parallel.rank
+    init = lambda key: _init_runner(config, env, key, rank)  # noqa: E731
     if num_seeds is not None:
         env_step, init = vmap(env_step, randomness="error"), vmap(init, randomness="error")
         # vmap returns outputs that do not depend on the inputs expanded (stride 0); make them
@@ -195,7 +211,7 @@ def make_train(
         env_step, init = _contiguous(env_step), _contiguous(init)
     if ppo.compile:
         env_step = compile_fn(env_step, "env_step", backend)
-    update = make_update_fn(ppo, num_seeds=num_seeds, backend=backend)
+    update = make_update_fn(ppo, num_seeds=num_seeds, backend=backend, data_parallel=data_parallel)
     time_axis = 0 if num_seeds is None else 1
 
     def one_update(rs: RunnerState, u: int, base_lr: Tensor):
@@ -210,12 +226,15 @@ def make_train(
             hparams = hparams._replace(learning_rate=base_lr * (1.0 - u / config.num_updates))
         train_state, metrics = update(rs.train._replace(hparams=hparams), batch)
         train_state = train_state._replace(hparams=rs.train.hparams)
-        count = rs.finished_count
+        finished = (rs.finished_return, rs.finished_length, rs.finished_count)
+        if data_parallel is not None:
+            finished = data_parallel.tree_sum(finished)
+        total_return, total_length, count = finished
         metrics["episode_return"] = torch.where(
-            count > 0, rs.finished_return / count.clamp(min=1), torch.nan
+            count > 0, total_return / count.clamp(min=1), torch.nan
         )
         metrics["episode_length"] = torch.where(
-            count > 0, rs.finished_length / count.clamp(min=1), torch.nan
+            count > 0, total_length / count.clamp(min=1), torch.nan
         )
         metrics["episodes"] = count
         zero = torch.zeros_like(count)

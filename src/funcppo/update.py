@@ -22,11 +22,25 @@ from torch import Tensor
 from torch.func import grad_and_value, vmap
 
 from funcppo import random as jr
-from funcppo.accumulation import accumulate_grads, combine_infos, loss_totals, split_tree
+from funcppo.accumulation import (
+    LossTotals,
+    accumulate_grads,
+    combine_infos,
+    loss_totals,
+    split_tree,
+)
 from funcppo.advantages import gae, normalize_advantages, per_head_advantages
 from funcppo.compiling import compile_fn
 from funcppo.config import PPOConfig
-from funcppo.constants import KL_EARLY_STOP_FACTOR
+from funcppo.constants import ADV_STD_FLOOR, KL_EARLY_STOP_FACTOR
+from funcppo.distributed import (
+    DataParallel,
+    check_same_shapes,
+    replicated_mask_stats,
+    replicated_moments,
+    replicated_ratio_extremes,
+    replicated_step,
+)
 from funcppo.distributions import factored_entropy, factored_logprob, mask_stats
 from funcppo.losses import LossCoefs, masked_mean, ppo_loss, ratio_diagnostic
 from funcppo.networks import policy_apply
@@ -39,12 +53,17 @@ __all__ = ["Prepared", "make_update_fn"]
 
 
 class Prepared(NamedTuple):
-    """The rollout as ``[L, N]`` sequences (L = bptt_len for the LSTM, 1 for the MLP)."""
+    """The rollout as ``[L, N]`` sequences (L = bptt_len for the LSTM, 1 for the MLP).
+
+    ``counts``: data parallel only, every minibatch's causal and availability counts summed
+    over the processes, ``[update_epochs * num_minibatches]`` per head (else ``()``).
+    """
 
     data: dict[str, Any]
     hidden: Any
     order: Tensor
     stats: dict[str, Tensor]
+    counts: Any = ()
 
 
 class Carry(NamedTuple):
@@ -77,7 +96,30 @@ def _explained_variance(values: Tensor, returns: Tensor, weight: Tensor) -> Tens
     return torch.where(var_r > 0, 1.0 - var(returns - values) / var_r, torch.nan)
 
 
-def _make_prepare(config: PPOConfig) -> Callable[[TrainState, Batch], Prepared]:
+def _replicated_advantages(adv, returns, values, finite, dp: DataParallel):
+    """Advantages normalised, and the explained variance, over every process's steps: the
+    formulas of ``normalize_advantages`` and ``_explained_variance`` on global moments."""
+    (mean, _, _), (var, var_r, var_e), total = replicated_moments(
+        [adv, returns, returns - values], finite, dp
+    )
+    normed = (adv - mean) / var.clamp(min=ADV_STD_FLOOR**2).sqrt()
+    explained = torch.where(var_r > 0, 1.0 - var_e / var_r, torch.nan)
+    return torch.where(total > 0, normed, 0.0), explained
+
+
+def _minibatch_counts(data: dict, order: Tensor, dp: DataParallel) -> dict:
+    """Per minibatch (rows of ``order``) and head, causal and availability counts summed over
+    the processes: the denominators of the global minibatch's loss."""
+    counts = {
+        name: {h: mask[:, order].sum((0, 2)) for h, mask in data[name].items()}
+        for name in ("causal", "availability")
+    }
+    return dp.tree_sum(counts)
+
+
+def _make_prepare(
+    config: PPOConfig, dp: DataParallel | None = None
+) -> Callable[[TrainState, Batch], Prepared]:
     spec = config.spec
     seq_len = config.bptt_len if config.recurrent else 1
 
@@ -94,7 +136,10 @@ def _make_prepare(config: PPOConfig) -> Callable[[TrainState, Batch], Prepared]:
         )
         finite = torch.isfinite(adv) & torch.isfinite(returns) & torch.isfinite(batch.obs).all(-1)
         adv = torch.where(finite, adv, 0.0)
-        if config.norm_adv:
+        if dp is not None:
+            normed, explained = _replicated_advantages(adv, returns, batch.values, finite, dp)
+            adv = normed if config.norm_adv else adv
+        elif config.norm_adv:
             adv = normalize_advantages(adv, finite)
         op = batch.actions[spec.op_head]
         causal = causal_masks(spec, op)
@@ -123,20 +168,23 @@ def _make_prepare(config: PPOConfig) -> Callable[[TrainState, Batch], Prepared]:
         keys = jr.split(jr.fold_in(state.key, 0), config.update_epochs)
         order = torch.stack([jr.permutation(k, num_seq) for k in keys])
         order = order.reshape(config.update_epochs * config.num_minibatches, -1)
+        heads = mask_stats(spec, batch.masks, op)
+        counts = ()
+        if dp is None:
+            explained = _explained_variance(batch.values, returns, finite)
+        else:
+            heads = replicated_mask_stats(heads, op.numel(), dp)
+            counts = _minibatch_counts(data, order, dp)
         stats = {
-            "explained_variance": _explained_variance(batch.values, returns, finite),
-            **{
-                f"{k}/{h}": v
-                for h, head_stats in mask_stats(spec, batch.masks, op).items()
-                for k, v in head_stats._asdict().items()
-            },
+            "explained_variance": explained,
+            **{f"{k}/{h}": v for h, hs in heads.items() for k, v in hs._asdict().items()},
         }
-        return Prepared(data, hidden, order, stats)
+        return Prepared(data, hidden, order, stats, counts)
 
     return prepare
 
 
-def _make_minibatch_step(config: PPOConfig):
+def _make_minibatch_step(config: PPOConfig, dp: DataParallel | None = None):
     spec = config.spec
     target_kl_on = config.target_kl is not None
     accum = config.grad_accum_steps
@@ -193,16 +241,20 @@ def _make_minibatch_step(config: PPOConfig):
                     means[h] = means[h] + masked_mean(entropies[h], mb["availability"][h], count)
         return means
 
-    def accumulate(params, mb, hidden, hp):
+    def accumulate(params, mb, hidden, hp, totals):
         """Gradient, loss, info and finiteness of the whole minibatch ``mb``, computed over
-        ``accum`` micro-batches of its sequences one at a time (seed 003, 4.1)."""
-        if accum == 1:
+        ``accum`` micro-batches of its sequences one at a time (seed 003, 4.1). Data parallel,
+        ``totals`` are the global minibatch's and the results this process's shares of it."""
+        if accum == 1 and totals is None:
             grads, (loss, (info, finite)) = grad_fn(params, mb, hidden, hp, None)
             return grads, loss, info, finite
         parts = list(zip(split_tree(mb, accum, 1), split_tree(hidden, accum, 0), strict=True))
-        totals = loss_totals(mb["causal"], mb["availability"])
+        if totals is None:
+            totals = loss_totals(mb["causal"], mb["availability"])
         if floors:
-            totals = totals._replace(floor_entropy=floor_entropy(params, parts, totals))
+            means = floor_entropy(params, parts, totals)
+            means = means if dp is None else dp.tree_sum(means)
+            totals = totals._replace(floor_entropy=means)
         grads, outs = accumulate_grads(grad_fn, params, parts, hp, totals)
         losses, infos, finites = zip(*[(loss, info, ok) for loss, (info, ok) in outs], strict=True)
         info = combine_infos(infos, [part["returns"].numel() for part, _ in parts])
@@ -214,9 +266,21 @@ def _make_minibatch_step(config: PPOConfig):
         epoch = k // config.num_minibatches
         mb = optree.tree_map(lambda x: x[:, idx], prep.data)
         hidden = optree.tree_map(lambda h: h[idx], prep.hidden) if config.recurrent else None
-        grads, loss, info, finite = accumulate(carry.params, mb, hidden, hp)
+        totals = None
+        if dp is not None:
+            counts = optree.tree_map(lambda c: c.index_select(0, k.reshape(1))[0], prep.counts)
+            n = mb["returns"].numel()
+            totals = LossTotals(n * dp.world_size, counts["causal"], counts["availability"])
+        grads, loss, info, finite = accumulate(carry.params, mb, hidden, hp, totals)
+        finite = finite & mb["finite"].all()
+        if dp is not None:
+            # Every decision below (finiteness, KL stop) then reads global values, so the
+            # processes take the same steps and their parameters stay equal.
+            grads, loss, info, finite = replicated_step(
+                dp, grads, loss, info, finite, 1 / dp.world_size
+            )
         grad_norm = global_norm(grads)
-        finite = finite & torch.isfinite(grad_norm) & mb["finite"].all()
+        finite = finite & torch.isfinite(grad_norm)
         # KL is checked before the optimizer step (seed 004), per seed: a stopped seed's
         # remaining steps are masked, not skipped, so vmapped seeds stop independently.
         stop_now = carry.stopped
@@ -229,7 +293,7 @@ def _make_minibatch_step(config: PPOConfig):
         def keep(new, old):
             return torch.where(apply, new, old)
 
-        n_rel = {h: mb["causal"][h].sum() for h in spec.names}
+        n_rel = {h: mb["causal"][h].sum() for h in spec.names} if dp is None else counts["causal"]
         head_grad_norm = {
             # NaN, never a silent 0, where no step used the head (seed 001).
             h: torch.where(n_rel[h] > 0, global_norm(grads["heads"][h]), torch.nan)
@@ -336,6 +400,7 @@ def make_update_fn(
     num_seeds: int | None = None,
     compile_scope: str = "minibatch",
     backend: str = "inductor",
+    data_parallel: DataParallel | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
     """A pure ``update(state, batch) -> (state, metrics)`` for ``config``.
 
@@ -348,13 +413,20 @@ def make_update_fn(
         graph, with the epoch and minibatch loops unrolled (compile time grows with
         ``update_epochs * num_minibatches``: see benchmarks/RESULTS.md).
       backend: the ``torch.compile`` backend (``"aot_eager"`` traces without code generation).
+      data_parallel: a ``funcppo.distributed.DataParallel``: every process calls ``update``
+        with the same state and its own batch of the same shape, and each minibatch step is
+        taken on the union of the processes' minibatch k (one all-reduce of the flattened
+        gradients and metrics per step). Advantages are normalised, and explained variance and
+        mask statistics computed, over all processes' steps, so the update equals that of one
+        process given every batch (the result every process returns).
 
     The returned function validates shapes, dtypes and devices on the host before running.
     """
     if compile_scope not in ("update", "minibatch"):
         raise ValueError(f"compile_scope: expected 'update' or 'minibatch', got {compile_scope!r}")
-    prepare = _make_prepare(config)
-    step = _make_minibatch_step(config)
+    dp = data_parallel
+    prepare = _make_prepare(config, dp)
+    step = _make_minibatch_step(config, dp)
     num_steps = config.update_epochs * config.num_minibatches
 
     def finish(state, carry, prep, infos):
@@ -372,6 +444,8 @@ def make_update_fn(
             for k in range(num_steps):
                 carry, info = step(carry, prep, state.hparams, torch.tensor(k))
                 infos.append(info)
+            if dp is not None:
+                infos = replicated_ratio_extremes(infos, dp)
             return finish(state, carry, prep, infos)
 
         return run
@@ -386,8 +460,13 @@ def make_update_fn(
     else:
         run = drive(wrap(prepare), wrap(step, in_dims=(0, 0, 0, None)), wrap(finish))
 
+    checked = []
+
     def update(state: TrainState, batch: Batch):
         check_batch(config, state, batch, num_seeds)
+        if dp is not None and not checked:
+            check_same_shapes(batch, dp)
+            checked.append(True)
         if batch.hidden is None:
             batch = batch._replace(hidden=())
         return run(state, batch)

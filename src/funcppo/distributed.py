@@ -1,0 +1,318 @@
+"""Several processes on PyTorch's own engine (torch.distributed, launched by torchrun).
+
+Two ways to use K processes:
+
+- Seeds across processes: the S seeds of a run are split into K contiguous shards
+  (``shard_seeds``); each process runs its shard vmapped with keys taken from the same
+  ``split(key(seed), S)`` as a single-process run, so seed i is the same run wherever it lands,
+  and rank 0 gathers per-seed metrics and states (``gather_to_root``).
+- Data-parallel updates: ``DataParallel`` sums pytrees over the processes inside the update
+  step (``make_update_fn(..., data_parallel=...)``), so one agent (or one vmapped set of seeds)
+  learns from the rollouts of every process.
+
+The sum is one custom operator, ``funcppo::all_reduce``, wrapping ``dist.all_reduce`` on a
+copy. ``torch.compile`` keeps it as one opaque node (eager, aot_eager and inductor), and its
+vmap rule reduces the whole ``[S, ...]`` batch in one collective. torch's functional
+collectives (``_c10d_functional.all_reduce``) trace under compile too, but under vmap (torch
+2.13) they fall back to a per-slice loop that returns the *unreduced* input, silently: tested,
+and the reason for the custom operator.
+
+A process that fails or hangs stops the others: every collective runs under the process
+group's timeout, and a failed collective raises ``DistributedError`` naming this rank.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+from typing import Any, NamedTuple
+
+import optree
+import torch
+import torch.distributed as dist
+from torch import Tensor
+
+from funcppo.distributions import MaskStats
+from funcppo.losses import LossInfo
+
+__all__ = [
+    "DataParallel",
+    "DistributedError",
+    "check_same_shapes",
+    "data_parallel",
+    "gather_to_root",
+    "init_distributed",
+    "replicated_mask_stats",
+    "replicated_moments",
+    "replicated_ratio_extremes",
+    "replicated_step",
+    "shard_seeds",
+]
+
+_OPS = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}
+# Process groups by name: a custom operator takes strings, not ProcessGroup objects.
+_GROUPS: dict[str, dist.ProcessGroup] = {}
+
+
+class DistributedError(RuntimeError):
+    """A collective failed: another process raised, exited, or missed the timeout."""
+
+
+def _failed(what: str, err: BaseException) -> DistributedError:
+    rank = dist.get_rank() if dist.is_initialized() else "?"
+    return DistributedError(
+        f"rank {rank}: {what} failed; another process of the run raised, exited or did not "
+        f"answer within the process group's timeout ({type(err).__name__}: {err})"
+    )
+
+
+@torch.library.custom_op("funcppo::all_reduce", mutates_args=())
+def _all_reduce(x: Tensor, op: str, group_name: str) -> Tensor:
+    out = x.clone()
+    try:
+        dist.all_reduce(out, op=_OPS[op], group=_GROUPS[group_name])
+    except (RuntimeError, ValueError) as err:
+        raise _failed(f"all_reduce of a {tuple(x.shape)} tensor", err) from err
+    return out
+
+
+@_all_reduce.register_fake
+def _(x: Tensor, op: str, group_name: str) -> Tensor:
+    return torch.empty_like(x)
+
+
+@_all_reduce.register_vmap
+def _(info, in_dims, x: Tensor, op: str, group_name: str):
+    # Elementwise over processes, so one collective reduces every vmapped slice at once.
+    (dim, _, _) = in_dims
+    if dim is None:
+        return _all_reduce(x, op, group_name), None
+    return _all_reduce(x.movedim(dim, 0).contiguous(), op, group_name), 0
+
+
+def _tree_reduce(tree: Any, op: str, group_name: str) -> Any:
+    """Reduce every leaf of ``tree`` over the group with one collective per dtype."""
+    leaves, treespec = optree.tree_flatten(tree)
+    if not leaves:
+        return tree
+    by_dtype: dict[torch.dtype, list[int]] = {}
+    for i, leaf in enumerate(leaves):
+        by_dtype.setdefault(leaf.dtype, []).append(i)
+    out: list[Tensor | None] = [None] * len(leaves)
+    for idx in by_dtype.values():
+        flat = torch.cat([leaves[i].reshape(-1) for i in idx])
+        reduced = _all_reduce(flat, op, group_name)
+        sizes = [leaves[i].numel() for i in idx]
+        for i, piece in zip(idx, reduced.split(sizes), strict=True):
+            out[i] = piece.reshape(leaves[i].shape)
+    return optree.tree_unflatten(treespec, out)
+
+
+class DataParallel(NamedTuple):
+    """The processes of a data-parallel update: their number, this one's rank among them, and
+    the name of the group to reduce over.
+
+    ``tree_sum``/``tree_max`` reduce a pytree of tensors over the group, elementwise, with
+    one collective per leaf dtype: every process must pass the same structure and shapes. They
+    work eager, under ``torch.func.vmap`` and under ``torch.compile(fullgraph=True)``.
+    """
+
+    world_size: int
+    rank: int
+    group_name: str
+
+    def tree_sum(self, tree: Any) -> Any:
+        return _tree_reduce(tree, "sum", self.group_name)
+
+    def tree_max(self, tree: Any) -> Any:
+        return _tree_reduce(tree, "max", self.group_name)
+
+
+def data_parallel(group: dist.ProcessGroup | None = None) -> DataParallel:
+    """A ``DataParallel`` over ``group`` (default: every process); needs an initialised group."""
+    if not dist.is_initialized():
+        raise ValueError(
+            "group: expected an initialised torch.distributed process group (launch with "
+            "torchrun and call funcppo.distributed.init_distributed()), got none"
+        )
+    group = dist.group.WORLD if group is None else group
+    _GROUPS[group.group_name] = group
+    return DataParallel(dist.get_world_size(group), dist.get_rank(group), group.group_name)
+
+
+def init_distributed(timeout_s: float = 300.0, backend: str | None = None) -> tuple[int, int]:
+    """Join the process group described by torchrun's environment; returns ``(rank, world)``.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR`` and ``MASTER_PORT``. ``backend`` None picks
+    ``"nccl"`` when CUDA is available and ``"gloo"`` otherwise. ``timeout_s`` bounds joining
+    and every later collective: a process that hangs makes the others raise after it.
+    """
+    missing = [
+        v for v in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if v not in os.environ
+    ]
+    if missing:
+        raise ValueError(
+            f"environment: expected {missing} as set by torchrun (torchrun --nproc-per-node=K "
+            "-m funcppo ...), got them unset"
+        )
+    if not timeout_s > 0:
+        raise ValueError(f"timeout_s: expected a number > 0, got {timeout_s}")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if not dist.is_initialized():
+        if backend == "nccl":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        try:
+            dist.init_process_group(
+                backend, timeout=datetime.timedelta(seconds=timeout_s), init_method="env://"
+            )
+        except (RuntimeError, ValueError) as err:
+            raise _failed("joining the process group", err) from err
+    return dist.get_rank(), dist.get_world_size()
+
+
+def shard_seeds(num_seeds: int, rank: int, world_size: int) -> range:
+    """Seeds ``[start, stop)`` of process ``rank``: contiguous shards whose sizes differ by at
+    most one (the first ``num_seeds % world_size`` processes take one more)."""
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"rank: expected 0 <= rank < world_size={world_size}, got {rank}")
+    if num_seeds < world_size:
+        raise ValueError(
+            f"seeds: expected at least one seed per process ({world_size} processes), "
+            f"got {num_seeds}"
+        )
+    base, extra = divmod(num_seeds, world_size)
+    start = rank * base + min(rank, extra)
+    return range(start, start + base + (rank < extra))
+
+
+def gather_to_root(obj: Any) -> list[Any] | None:
+    """Every process's ``obj`` (picklable; tensors on CPU) in rank order on rank 0, else None."""
+    rank = dist.get_rank()
+    out = [None] * dist.get_world_size() if rank == 0 else None
+    try:
+        dist.gather_object(obj, out, dst=0)
+    except (RuntimeError, ValueError) as err:
+        raise _failed("gathering results on rank 0", err) from err
+    return out
+
+
+def replicated_moments(
+    xs: list[Tensor], weight: Tensor, dp: DataParallel
+) -> tuple[list[Tensor], list[Tensor], Tensor]:
+    """Weighted means and population variances of each ``x`` over every process's entries.
+
+    Two collectives: the sums, then the squared deviations around the global means (two
+    passes, so no ``E[x^2] - E[x]^2`` cancellation). Entries where ``weight`` is False are
+    ignored, even if NaN. Shapes: each ``x`` and ``weight`` ``[...]``; returns 0-d means,
+    variances and the total weight (0 total: means and variances 0).
+    """
+    w = weight.to(xs[0].dtype)
+    xs = [torch.where(weight, x, 0.0) for x in xs]
+    total, sums = dp.tree_sum((w.sum(), [(x * w).sum() for x in xs]))
+    safe = torch.where(total > 0, total, 1.0)
+    means = [s / safe for s in sums]
+    squares = dp.tree_sum(
+        [
+            (w * torch.where(weight, x - m, 0.0).square()).sum()
+            for x, m in zip(xs, means, strict=True)
+        ]
+    )
+    return means, [s / safe for s in squares], total
+
+
+def replicated_mask_stats(
+    stats: dict[str, MaskStats], num_steps: int, dp: DataParallel
+) -> dict[str, MaskStats]:
+    """``mask_stats`` over every process's steps from each process's own (``num_steps`` each).
+
+    The two step fractions average over processes; ``learnable_fraction`` is a ratio of counts,
+    so each process's learnable count (its fraction times ``max(1, relevant)``) is summed.
+    """
+    parts = {}
+    for h, s in stats.items():
+        relevant = (s.relevant_fraction * num_steps).round()
+        learnable = s.learnable_fraction * relevant.clamp(min=1)
+        parts[h] = (s.single_action_fraction, s.relevant_fraction, relevant, learnable)
+    summed = dp.tree_sum(parts)
+    k = dp.world_size
+    return {
+        h: MaskStats(single / k, rel_frac / k, learn / rel.clamp(min=1))
+        for h, (single, rel_frac, rel, learn) in summed.items()
+    }
+
+
+# LossInfo fields that merge by max or min, not by summing shares (when LossInfo has them).
+_EXTREMES = {"head_ratio_max": "max", "head_ratio_min": "min"}
+
+
+def replicated_step(
+    dp: DataParallel, grads: Any, loss: Tensor, info: LossInfo, finite: Tensor, share: float
+) -> tuple[Any, Tensor, LossInfo, Tensor]:
+    """One minibatch step's gradients, loss and metrics over every process: one collective.
+
+    Each process computed its part of the global minibatch with the global ``LossTotals``, so
+    gradients, loss and every ``LossInfo`` field but the ratio summaries are shares that sum to
+    the whole. ``share`` is this process's fraction of the global minibatch's steps: the ratio's
+    mean, fractions and spread (as a second moment around 1, where ratios sit) pool with it.
+    ``finite`` is True only if every process's is. Ratio extremes (min, max, per head) stay
+    local here: ``replicated_ratio_extremes`` reduces them once per update.
+    """
+    r = info.ratio
+    second = r.std.square() + (r.mean - 1).square()
+    pooled = (r.mean, second, r.explosion_fraction, r.collapse_fraction)
+    local = {f: None for f in ("ratio", *_EXTREMES) if f in info._fields}
+    tree = (grads, loss, info._replace(**local), (~finite).float(), [share * x for x in pooled])
+    grads, loss, summed, bad, (mean, second, explosion, collapse) = dp.tree_sum(tree)
+    std = (second - (mean - 1).square()).clamp(min=0).sqrt()
+    ratio = r._replace(mean=mean, std=std, explosion_fraction=explosion, collapse_fraction=collapse)
+    kept = {f: getattr(info, f) for f in local if f != "ratio"}
+    return grads, loss, summed._replace(ratio=ratio, **kept), bad == 0
+
+
+def replicated_ratio_extremes(infos: list[dict], dp: DataParallel) -> list[dict]:
+    """Every step's ratio extremes over all processes (max of maxima, min of minima), in one
+    collective per update; ``infos`` are the minibatch steps' outputs."""
+
+    def signed(info: LossInfo) -> dict:
+        # min(x) = -max(-x): one max-reduction serves both.
+        out = {"max": info.ratio.max, "min": -info.ratio.min}
+        for f, kind in _EXTREMES.items():
+            if f in info._fields:
+                out[f] = optree.tree_map(
+                    lambda x, k=kind: x if k == "max" else -x, getattr(info, f)
+                )
+        return out
+
+    top = dp.tree_max([signed(s["info"]) for s in infos])
+    out = []
+    for s, t in zip(infos, top, strict=True):
+        ratio = s["info"].ratio._replace(max=t["max"], min=-t["min"])
+        heads = {
+            f: t[f] if _EXTREMES[f] == "max" else optree.tree_map(torch.neg, t[f])
+            for f in _EXTREMES
+            if f in t
+        }
+        out.append(dict(s, info=s["info"]._replace(ratio=ratio, **heads)))
+    return out
+
+
+def check_same_shapes(tree: Any, dp: DataParallel) -> None:
+    """Raise ValueError unless every process's ``tree`` has the same leaf count and shapes
+    (host side, two small collectives): unequal batches would make the sums misalign."""
+    shapes = [d for leaf in optree.tree_leaves(tree) for d in (leaf.dim(), *leaf.shape)]
+    sizes = torch.tensor([len(shapes), -len(shapes)], dtype=torch.int64)
+    top = dp.tree_max(sizes)
+    if top[0] != -top[1]:
+        raise ValueError(
+            f"batch: expected the same structure on every process, got {len(shapes)} shape "
+            f"entries here and between {-int(top[1])} and {int(top[0])} across processes"
+        )
+    mine = torch.tensor(shapes, dtype=torch.int64)
+    top = dp.tree_max(torch.cat([mine, -mine]))
+    if not torch.equal(top[: len(shapes)], -top[len(shapes) :]):
+        raise ValueError(
+            "batch: expected the same shapes on every process (each process's batch is one "
+            f"part of the global batch), got {[tuple(x.shape) for x in optree.tree_leaves(tree)]}"
+            " here and other shapes elsewhere"
+        )
