@@ -166,7 +166,7 @@ class PPOAgent:
         self._clear_rollout()
 
     def _clear_rollout(self) -> None:
-        self._pending: dict[str, Any] | None = None
+        self._pending: tuple[Batch, Any] | None = None  # the act awaiting observe
         self._rows: list[Batch] = []
         self._valid: list[Tensor] = []
         self._counts = torch.zeros(self.num_envs, dtype=torch.int64)
