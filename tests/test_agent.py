@@ -13,6 +13,7 @@ import torch
 from funcppo.agent import EnvStep, PPOAgent
 from funcppo.config import PPOConfig
 from funcppo.gym_adapter import GymAdapter
+from funcppo.networks import LSTMState, policy_apply
 from funcppo.spec import ActionSpec
 from funcppo.update import make_update_fn
 
@@ -233,3 +234,23 @@ def test_bad_input_names_the_argument(tmp_path):
         other.load(tmp_path / "a.pt")
     with pytest.raises(ValueError, match=r"config\.learning_rate"):
         PPOAgent(config_for(env, learning_rate=1.0), 2, 16).load(tmp_path / "a.pt")
+
+
+def test_act_takes_an_explicit_lstm_state():
+    env = cartpole()
+    config = config_for(env, recurrent=True, lstm_size=8, bptt_len=4)
+    obs, no = (
+        torch.randn(2, 4, generator=torch.Generator().manual_seed(1)),
+        torch.zeros(2, dtype=bool),
+    )
+    given = LSTMState(torch.ones(2, 8), -torch.ones(2, 8))
+    agent = PPOAgent(config, 2, 16)
+    agent.episode_start = no  # mid-episode, so the given state is used, not zeroed
+    agent.act(obs, hidden=given)
+    want = policy_apply(config, agent.state.params, obs, given, no).hidden
+    agent.observe(EnvStep(obs, torch.zeros(2), no, no))
+    assert_trees_equal(agent.hidden, want)
+    with pytest.raises(ValueError, match=r"hidden: expected None"):
+        PPOAgent(config_for(env), 2, 16).act(obs, hidden=given)
+    with pytest.raises(ValueError, match=r"hidden: expected float \(2, 8\)"):
+        PPOAgent(config, 2, 16).act(obs, hidden=LSTMState(torch.ones(2, 3), torch.ones(2, 3)))
