@@ -8,14 +8,15 @@ gradient norm 0.5, actor and critic MLPs 64 x 64 tanh.
 
     # funcppo, 8 seeds vmapped and compiled (the main job):
     python -m funcppo train --env cartpole --seeds 8 --out runs/cartpole8
-    # Stable-Baselines3 PPO on gymnasium's CartPole-v1, one seed (pip install -e '.[bench]'):
-    python benchmarks/whole_runs.py sb3 --seed 0 --out runs/sb3_cartpole_seed0.json
+    # Stable-Baselines3 PPO on gymnasium's CartPole-v1, 8 seeds one after another
+    # (pip install -e '.[bench]'):
+    python benchmarks/whole_runs.py sb3 --seeds 8 --out runs/sb3_cartpole8.json
     # rejax PPO on gymnax CartPole-v1, 8 seeds vmapped and jitted on JAX's CPU backend
     # (run with an interpreter that has jax and rejax; not part of the bench extra):
     python benchmarks/whole_runs.py rejax --seeds 8 --out runs/rejax_cartpole8.json
     # The README figure: learning curves, and update time against the number of seeds:
     python benchmarks/whole_runs.py plot --funcppo runs/cartpole8/metrics.jsonl \
-        --sb3 runs/sb3_cartpole_seed0.json --rejax runs/rejax_cartpole8.json \
+        --sb3 runs/sb3_cartpole8.json --rejax runs/rejax_cartpole8.json \
         --seeds-json runs/vs_peers_seeds.json --out docs/benchmarks.png
 """
 
@@ -30,8 +31,12 @@ TOTAL_STEPS = 976 * 4 * 128  # 499,712, funcppo's budget per seed
 NUM_ENVS, NUM_STEPS = 4, 128
 
 
-def run_sb3(seed: int, out: str) -> None:
-    """SB3 PPO, one seed, timed; the curve is the mean return of the last 100 episodes."""
+def run_sb3(first_seed: int, num_seeds: int, out: str) -> None:
+    """SB3 PPO, ``num_seeds`` seeds one after another in this process, each timed.
+
+    The curve is, per rollout, the mean return of the last 100 training episodes, averaged
+    over seeds.
+    """
     import torch
     from stable_baselines3 import PPO
     from stable_baselines3.common.callbacks import BaseCallback
@@ -54,40 +59,49 @@ def run_sb3(seed: int, out: str) -> None:
                 self.points.append((self.num_timesteps, mean))
 
     load = os.getloadavg()[0]
-    start = time.perf_counter()
-    env = make_vec_env("CartPole-v1", n_envs=NUM_ENVS, seed=seed)
-    model = PPO(
-        "MlpPolicy",
-        env,
-        n_steps=NUM_STEPS,
-        batch_size=NUM_ENVS * NUM_STEPS // 4,
-        n_epochs=4,
-        learning_rate=lambda remaining: 2.5e-4 * remaining,
-        gamma=0.99,
-        gae_lambda=0.95,
-        clip_range=0.2,
-        clip_range_vf=0.2,
-        ent_coef=0.01,
-        vf_coef=0.5,
-        max_grad_norm=0.5,
-        device="cpu",
-        seed=seed,
-        verbose=0,
-    )
-    curve = Curve()
-    model.learn(total_timesteps=TOTAL_STEPS, callback=curve)
-    wall = time.perf_counter() - start
-    last = [e["r"] for e in model.ep_info_buffer]
+    walls, finals, curves = [], [], []
+    for seed in range(first_seed, first_seed + num_seeds):
+        start = time.perf_counter()
+        env = make_vec_env("CartPole-v1", n_envs=NUM_ENVS, seed=seed)
+        model = PPO(
+            "MlpPolicy",
+            env,
+            n_steps=NUM_STEPS,
+            batch_size=NUM_ENVS * NUM_STEPS // 4,
+            n_epochs=4,
+            learning_rate=lambda remaining: 2.5e-4 * remaining,
+            gamma=0.99,
+            gae_lambda=0.95,
+            clip_range=0.2,
+            clip_range_vf=0.2,
+            ent_coef=0.01,
+            vf_coef=0.5,
+            max_grad_norm=0.5,
+            device="cpu",
+            seed=seed,
+            verbose=0,
+        )
+        curve = Curve()
+        model.learn(total_timesteps=TOTAL_STEPS, callback=curve)
+        walls.append(time.perf_counter() - start)
+        last = [e["r"] for e in model.ep_info_buffer]
+        finals.append(sum(last) / len(last))
+        curves.append(dict(curve.points))
+        print(f"seed {seed}: {walls[-1]:.1f} s, final return {finals[-1]:.1f}", flush=True)
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
     result = {
         "contender": "Stable-Baselines3 PPO",
-        "seeds": 1,
+        "seeds": num_seeds,
+        "how": "one after another in one process",
         "steps_per_seed": model.num_timesteps,
-        "wall_s": wall,
-        "final_return": sum(last) / len(last),
-        "final_return_def": "mean return of the last 100 episodes",
+        "wall_s": sum(walls),
+        "wall_s_per_seed": walls,
+        "final_return": sum(finals) / len(finals),
+        "final_return_per_seed": finals,
+        "final_return_def": "mean return of the last 100 training episodes, mean over seeds",
         "load_before": load,
         "load_after": os.getloadavg()[0],
-        "curve": curve.points,
+        "curve": [(x, sum(c[x] for c in curves) / len(curves)) for x in steps],
     }
     _write(out, result)
 
@@ -179,11 +193,15 @@ def plot(args: argparse.Namespace) -> None:
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
     fp = funcppo_curve(args.funcppo)
     left.plot(*zip(*fp, strict=True), label="funcppo (mean of 8 seeds)")
-    for path, label in ((args.sb3, "Stable-Baselines3 PPO (1 seed)"), (args.rejax, "rejax")):
+    for path, label in ((args.sb3, "Stable-Baselines3 PPO"), (args.rejax, "rejax")):
         if path:
             with open(path) as f:
                 run = json.load(f)
-            name = label if run["seeds"] == 1 else f"{label} (mean of {run['seeds']} seeds)"
+            name = (
+                f"{label} (mean of {run['seeds']} seeds)"
+                if run["seeds"] > 1
+                else f"{label} (1 seed)"
+            )
             left.plot(
                 *zip(*run["curve"], strict=True),
                 label=name,
@@ -222,7 +240,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     sb3 = sub.add_parser("sb3")
-    sb3.add_argument("--seed", type=int, default=0)
+    sb3.add_argument("--seed", type=int, default=0, help="the first seed")
+    sb3.add_argument("--seeds", type=int, default=1, help="how many, one after another")
     sb3.add_argument("--out", default="")
     rejax = sub.add_parser("rejax")
     rejax.add_argument("--seeds", type=int, default=8)
@@ -235,7 +254,7 @@ def main() -> None:
     fig.add_argument("--out", default="docs/benchmarks.png")
     args = parser.parse_args()
     if args.command == "sb3":
-        run_sb3(args.seed, args.out)
+        run_sb3(args.seed, args.seeds, args.out)
     elif args.command == "rejax":
         run_rejax(args.seeds, args.out)
     else:
