@@ -34,3 +34,9 @@ CLIP_NORM_EPS = 1e-6
 # GAE solves its recursion in closed form over blocks of this many steps (O(T * block) memory
 # instead of O(T^2)). A fixed size, not one derived from T, so compiling with a dynamic T works.
 GAE_BLOCK_SIZE = 32
+
+# Running normalisation (gymnasium's and SB3's RunningMeanStd): the statistics start from this
+# count (not 0, so the first merge never divides by zero), and this epsilon is added to the
+# variance under the square root.
+STATS_INIT_COUNT = 1e-4
+NORMALIZE_EPS = 1e-8

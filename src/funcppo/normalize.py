@@ -22,6 +22,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from funcppo.constants import NORMALIZE_EPS, STATS_INIT_COUNT
+
 __all__ = [
     "RewardScaleState",
     "RunningStats",
@@ -32,11 +34,6 @@ __all__ = [
     "update_reward_scale",
     "update_running_stats",
 ]
-
-# gymnasium's and SB3's RunningMeanStd start from this count (not 0, so the first merge never
-# divides by zero) and add this epsilon to the variance under the square root.
-STATS_INIT_COUNT = 1e-4
-NORMALIZE_EPS = 1e-8
 
 
 class RunningStats(NamedTuple):
