@@ -1,5 +1,5 @@
 """PPOAgent: its update is make_update_fn on its rollout, resume is bit-exact, faults are
-skipped and counted with parameters unchanged, bad input names the argument, and the ratio
+skipped and counted with parameters unchanged, bad input names the argument, the ratio
 diagnostic names the worst head."""
 
 import math
@@ -9,12 +9,18 @@ import numpy as np
 import optree
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from funcppo.agent import EnvStep, PPOAgent
+from funcppo.agent_checkpoint import AgentCarry, carry_from_extra, carry_to_extra
+from funcppo.agent_rollout import compact_rollout
 from funcppo.config import PPOConfig
 from funcppo.gym_adapter import GymAdapter
 from funcppo.networks import LSTMState, policy_apply
+from funcppo.normalize import init_reward_scale, init_running_stats
 from funcppo.spec import ActionSpec
+from funcppo.state import Batch
 from funcppo.update import make_update_fn
 
 SMALL = {"torso_sizes": (8,), "compile": False, "update_epochs": 2, "num_minibatches": 2}
@@ -254,3 +260,56 @@ def test_act_takes_an_explicit_lstm_state():
         PPOAgent(config_for(env), 2, 16).act(obs, hidden=given)
     with pytest.raises(ValueError, match=r"hidden: expected float \(2, 8\)"):
         PPOAgent(config, 2, 16).act(obs, hidden=LSTMState(torch.ones(2, 3), torch.ones(2, 3)))
+
+
+@settings(max_examples=30, deadline=None)
+@given(st.integers(1, 3), st.integers(1, 4), st.integers(0, 2**31 - 1))
+def test_compact_rollout_keeps_each_columns_first_valid_steps(num_envs, num_steps, seed):
+    g = torch.Generator().manual_seed(seed)
+    extra = int(torch.randint(0, 4, (), generator=g))
+    valid = torch.rand(num_steps + extra, num_envs, generator=g) < 0.6
+    # Each column holds at least num_steps valid steps, as the agent ensures.
+    for b in range(num_envs):
+        valid[torch.randperm(num_steps + extra, generator=g)[:num_steps], b] = True
+    obs = torch.randn(num_steps + extra, num_envs, 2, generator=g)
+    rows = [
+        Batch(obs[t], {"a": obs[t, :, 0].long()}, {"a": obs[t] > 0}, None, obs[t, :, 1],
+              None, None, None, None, None, None)
+        for t in range(num_steps + extra)
+    ]  # fmt: skip
+    got = compact_rollout(rows, list(valid), num_steps)
+    for b in range(num_envs):
+        kept = [t for t in range(num_steps + extra) if valid[t, b]][:num_steps]
+        assert torch.equal(got.obs[:, b], obs[kept, b])
+        assert torch.equal(got.masks["a"][:, b], obs[kept, b] > 0)
+        assert torch.equal(got.values[:, b], obs[kept, b, 1])
+    assert got.logprobs is None and got.obs.shape == (num_steps, num_envs, 2)
+
+
+def test_agent_carry_round_trips_and_names_a_bad_entry():
+    stats = init_running_stats((3,))
+    carry = AgentCarry(
+        torch.tensor([True, False]),
+        torch.tensor([1.5, 2.0], dtype=torch.float64),
+        torch.tensor([3.0, 4.0], dtype=torch.float64),
+        LSTMState(torch.randn(2, 5), torch.randn(2, 5)),
+        stats._replace(count=torch.tensor(7.0, dtype=torch.float64)),
+        init_reward_scale(2),
+    )
+    settings = {"num_envs": 2, "normalize_obs": True}
+    extra = carry_to_extra(settings, carry)
+    assert_trees_equal(carry_from_extra("c.pt", extra, settings, carry), carry)
+    with pytest.raises(ValueError, match=r"c.pt: extra\['agent/hidden_h'\]: missing"):
+        carry_from_extra("c.pt", {k: v for k, v in extra.items() if k != "agent/hidden_h"},
+                         settings, carry)  # fmt: skip
+    with pytest.raises(ValueError, match=r"agent/num_envs: checkpoint has 2, this agent 3"):
+        carry_from_extra("c.pt", extra, settings | {"num_envs": 3}, carry)
+    bad = extra | {"obs_stats/mean": torch.zeros(4, dtype=torch.float64)}
+    with pytest.raises(
+        ValueError, match=r"extra\['obs_stats/mean'\]: expected torch.float64 \[3\]"
+    ):
+        carry_from_extra("c.pt", bad, settings, carry)
+    with pytest.raises(
+        ValueError, match=r"c.pt: extra\[.*'reward_scale/returns'.*\]: not expected"
+    ):
+        carry_from_extra("c.pt", extra, settings, carry._replace(reward_scale=None))

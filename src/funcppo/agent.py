@@ -4,7 +4,9 @@ It holds a ``TrainState``, the config, the running normalisers and the rollout b
 ``act`` samples actions (keys folded from the train state's key, so a run is reproducible),
 ``observe`` records what the environment answered, ``update`` runs ``make_update_fn`` on the
 rollout and returns host floats (one device-to-host transfer), ``save``/``load`` go through
-``funcppo.checkpoint`` with the normalisers. Every computation is a call into a pure function.
+``funcppo.checkpoint`` with the normalisers (``funcppo.agent_checkpoint``). Every computation
+is a call into a pure function; the checks of what callers pass in live in
+``funcppo.agent_checks``.
 
 Steps that are no transition (gymnasium's NEXT_STEP autoreset: the step after an episode end
 resets the env and ignores the action) carry ``valid=False`` and are left out: each env column
@@ -15,20 +17,34 @@ update only ever sees on-policy data.
 
 from __future__ import annotations
 
-import math
 import os
-from typing import Any, NamedTuple
+from typing import Any
 
-import optree
 import torch
 from torch import Tensor
 
 from funcppo import random as jr
+from funcppo.agent_checkpoint import AgentCarry, carry_from_extra, carry_to_extra
+from funcppo.agent_checks import (
+    check_agent_args,
+    check_batch_actions,
+    checked_hidden,
+    checked_masks,
+    checked_step,
+    checked_tensor,
+)
+from funcppo.agent_rollout import (
+    EnvStep,
+    compact_rollout,
+    host_metrics,
+    step_episodes,
+    zero_rollout,
+)
 from funcppo.checkpoint import load_checkpoint, save_checkpoint
 from funcppo.config import PPOConfig
-from funcppo.distributions import factored_logprob, factored_sample, validate_masks
-from funcppo.envs.base import full_masks
-from funcppo.networks import LSTMState, init_hidden, policy_apply
+from funcppo.constants import ACT_STREAM
+from funcppo.distributions import factored_logprob, factored_sample
+from funcppo.networks import init_hidden, policy_apply
 from funcppo.normalize import (
     init_reward_scale,
     init_running_stats,
@@ -37,57 +53,11 @@ from funcppo.normalize import (
     update_reward_scale,
     update_running_stats,
 )
-from funcppo.spec import resolve_masks
 from funcppo.state import Batch, init_train_state
 from funcppo.update import make_update_fn
 from funcppo.validation import check_batch
 
 __all__ = ["EnvStep", "PPOAgent"]
-
-# fold_in(state.key, ACT_STREAM) seeds action sampling; the update uses streams 0 and 1.
-ACT_STREAM = 2
-
-
-class EnvStep(NamedTuple):
-    """What the environment answered to ``act``'s actions; leading axis ``[num_envs]``.
-
-    Attributes:
-      obs: float ``[B, obs_dim]``, the observation to act on next (a new episode's after a reset).
-      reward: float ``[B]``. terminated, truncated: bool ``[B]``.
-      masks: head -> bool masks for ``obs`` (None: every action valid); ``act`` takes them.
-      final_obs: float ``[B, obs_dim]``, the observation reached before any reset, from which a
-        truncated step bootstraps (None: ``obs``).
-      valid: bool ``[B]``, False where the step was no transition (None: all True).
-      episode_start: bool ``[B]``, True where ``obs`` starts an episode (None: done).
-    """
-
-    obs: Any
-    reward: Any
-    terminated: Any
-    truncated: Any
-    masks: dict[str, Any] | None = None
-    final_obs: Any = None
-    valid: Any = None
-    episode_start: Any = None
-
-
-def _describe(x: Any) -> str:
-    if isinstance(x, Tensor):
-        return f"{x.dtype} {tuple(x.shape)}"
-    return type(x).__name__
-
-
-def _tensor(name: str, x: Any, shape: tuple, kind: str, device) -> Tensor:
-    """``x`` (tensor or array) as a tensor on ``device``, checked: ``kind`` is float or bool."""
-    if not isinstance(x, Tensor):
-        try:
-            x = torch.as_tensor(x)
-        except (TypeError, ValueError, RuntimeError):
-            raise ValueError(f"{name}: expected {kind} {shape}, got {type(x).__name__}") from None
-    ok = x.is_floating_point() if kind == "float" else x.dtype == torch.bool
-    if tuple(x.shape) != shape or not ok:
-        raise ValueError(f"{name}: expected {kind} {shape}, got {_describe(x)}")
-    return x.to(device=device, dtype=torch.float32 if kind == "float" else torch.bool)
 
 
 class PPOAgent:
@@ -117,14 +87,7 @@ class PPOAgent:
         compile_scope: str = "minibatch",
         backend: str = "inductor",
     ) -> None:
-        if not isinstance(config, PPOConfig):
-            raise ValueError(f"config: expected a PPOConfig, got {type(config).__name__}")
-        for name, value in (("num_envs", num_envs), ("num_steps", num_steps)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        for name, value in (("clip_obs", clip_obs), ("clip_reward", clip_reward)):
-            if not (isinstance(value, (int, float)) and value > 0):
-                raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+        check_agent_args(config, num_envs, num_steps, clip_obs, clip_reward)
         self.config, self.num_envs, self.num_steps = config, num_envs, num_steps
         self.settings = {
             "num_envs": num_envs,
@@ -139,7 +102,7 @@ class PPOAgent:
         self._update = make_update_fn(config, compile_scope=compile_scope, backend=backend)
         # A rollout of zeros through the update's own checks: a rollout shape that the update
         # would refuse fails here, before any environment step.
-        check_batch(config, self.state, self._zero_batch())
+        check_batch(config, self.state, zero_rollout(config, num_steps, num_envs, self.device))
         d = self.device
         self.obs_stats = init_running_stats((config.obs_dim,), d) if normalize_obs else None
         self.reward_scale = init_reward_scale(num_envs, d) if normalize_reward else None
@@ -149,16 +112,6 @@ class PPOAgent:
         self.episode_length = torch.zeros(num_envs, dtype=torch.float64, device=d)
         self.metrics: dict[str, Any] = {}
         self._clear_rollout()
-
-    def _zero_batch(self) -> Batch:
-        t, b, spec = self.num_steps, self.num_envs, self.config.spec
-        z = torch.zeros(t, b, device=self.device)
-        no = z.bool()
-        masks = {k: v.expand(t, *v.shape) for k, v in full_masks(spec, b, self.device).items()}
-        heads = {h: z.long() for h in spec.names}
-        hidden = init_hidden(self.config, (t, b), self.device)
-        return Batch(z[..., None].expand(t, b, self.config.obs_dim), heads, masks,
-                     dict.fromkeys(spec.names, z), z, z, z, no, no, no, hidden)  # fmt: skip
 
     def discard_rollout(self) -> None:
         """Drop the steps collected since the last update (say, before saving after an
@@ -178,18 +131,6 @@ class PPOAgent:
         """True when every env column holds ``num_steps`` transitions."""
         return int(self._counts.min()) >= self.num_steps
 
-    def _obs(self, name: str, obs: Any) -> Tensor:
-        return _tensor(name, obs, (self.num_envs, self.config.obs_dim), "float", self.device)
-
-    def _masks(self, masks: Any) -> dict[str, Tensor]:
-        if masks is None:
-            return full_masks(self.config.spec, self.num_envs, self.device)
-        if not isinstance(masks, dict):
-            raise ValueError(f"masks: expected a dict over heads, got {type(masks).__name__}")
-        masks = {h: torch.as_tensor(m).to(self.device) for h, m in masks.items()}
-        validate_masks(self.config.spec, masks)
-        return masks
-
     @torch.no_grad()
     def act(self, obs: Any, masks: dict[str, Any] | None = None, hidden: Any = None):
         """Sample one action per head for ``obs`` ``[num_envs, obs_dim]`` under ``masks``.
@@ -199,15 +140,10 @@ class PPOAgent:
         """
         if self._pending is not None:
             raise RuntimeError("act: the previous actions were not observed; call observe first")
-        obs, masks = self._obs("obs", obs), self._masks(masks)
+        obs = checked_tensor("obs", obs, (self.num_envs, self.config.obs_dim), "float", self.device)
+        masks = checked_masks(self.config, masks, self.num_envs, self.device)
         if hidden is not None:
-            if not self.config.recurrent:
-                raise ValueError(
-                    f"hidden: expected None for an MLP config, got {_describe(hidden)}"
-                )
-            want = (self.num_envs, self.config.lstm_size)
-            hidden = LSTMState(*(_tensor("hidden", x, want, "float", self.device) for x in hidden))
-            self.hidden = hidden
+            self.hidden = checked_hidden(self.config, hidden, self.num_envs, self.device)
         if self.obs_stats is not None:
             self.obs_stats = update_running_stats(self.obs_stats, obs)
             obs = normalize_obs(self.obs_stats, obs, self.settings["clip_obs"])
@@ -227,22 +163,15 @@ class PPOAgent:
         """Record the transition that the last ``act`` started; see ``EnvStep``."""
         if self._pending is None:
             raise RuntimeError("observe: no actions to observe; call act first")
-        b, d = (self.num_envs,), self.device
-        obs = self._obs("step.obs", step.obs)
-        reward = _tensor("step.reward", step.reward, b, "float", d)
-        terminated = _tensor("step.terminated", step.terminated, b, "bool", d)
-        truncated = _tensor("step.truncated", step.truncated, b, "bool", d)
-        done = terminated | truncated
-        ones = torch.ones(b, dtype=torch.bool, device=d)
-        valid = ones if step.valid is None else _tensor("step.valid", step.valid, b, "bool", d)
-        start = done if step.episode_start is None else step.episode_start
-        start = _tensor("step.episode_start", start, b, "bool", d)
-        final = obs if step.final_obs is None else self._obs("step.final_obs", step.final_obs)
+        step = checked_step(step, self.num_envs, self.config.obs_dim, self.device)
+        reward, valid, final = step.reward, step.valid, step.final_obs
+        done = step.terminated | step.truncated
         (row, next_hidden), self._pending = self._pending, None
         if self.obs_stats is not None:
             final = normalize_obs(self.obs_stats, final, self.settings["clip_obs"])
         # V of the observation reached, under the post-step LSTM state: the bootstrap value.
-        next_value = policy_apply(self.config, self.state.params, final, next_hidden, ~ones)
+        no = torch.zeros_like(valid)
+        next_value = policy_apply(self.config, self.state.params, final, next_hidden, no)
         train_reward = reward
         if self.reward_scale is not None:
             gamma = self.config.gamma
@@ -252,22 +181,17 @@ class PPOAgent:
             row._replace(
                 next_values=next_value.value,
                 rewards=train_reward,
-                terminated=terminated,
-                truncated=truncated,
+                terminated=step.terminated,
+                truncated=step.truncated,
             )
         )
         self._valid.append(valid)
         self._counts += valid.long().cpu()
-        self.hidden, self.episode_start = next_hidden, start
-        ret = self.episode_return + torch.where(valid, reward.double(), 0.0)
-        length = self.episode_length + valid.double()
-        ended = (done & valid).cpu()
-        if bool(ended.any()):
-            self._finished[0] += float(ret.cpu()[ended].sum())
-            self._finished[1] += float(length.cpu()[ended].sum())
-            self._finished[2] += int(ended.sum())
-        self.episode_return = torch.where(done & valid, 0.0, ret)
-        self.episode_length = torch.where(done & valid, 0.0, length)
+        self.hidden, self.episode_start = next_hidden, step.episode_start
+        self.episode_return, self.episode_length, ended = step_episodes(
+            self.episode_return, self.episode_length, reward, done, valid
+        )
+        self._finished = [total + x for total, x in zip(self._finished, ended, strict=True)]
 
     def rollout(self) -> Batch:
         """The rollout ``update`` trains on, ``[num_steps, num_envs]``: each env column's first
@@ -277,42 +201,7 @@ class PPOAgent:
                 f"rollout: expected {self.num_steps} observed transitions in every env column, "
                 f"got {int(self._counts.min())} in the shortest; call collect or act/observe"
             )
-        stacked = optree.tree_map(lambda *xs: torch.stack(xs), *self._rows, none_is_leaf=False)
-        valid = torch.stack(self._valid)
-        if bool(valid.all()) and valid.shape[0] == self.num_steps:
-            return stacked
-        # Stable sort puts each column's valid steps first, in time order.
-        index = torch.argsort((~valid).long(), dim=0, stable=True)[: self.num_steps]
-
-        def take(x: Tensor) -> Tensor:
-            idx = index.reshape(*index.shape, *(1,) * (x.ndim - 2)).expand(-1, -1, *x.shape[2:])
-            return torch.take_along_dim(x, idx, dim=0)
-
-        return optree.tree_map(take, stacked, none_is_leaf=False)
-
-    def _check_actions(self, batch: Batch) -> None:
-        """Host-side value checks of a caller's batch: actions in range and valid under masks."""
-        check_batch(self.config, self.state, batch)
-        spec = self.config.spec
-        for name, size in spec.heads:
-            a = batch.actions[name]
-            bad = (a < 0) | (a >= size)
-            if bool(bad.any()):
-                where = tuple(int(i) for i in torch.nonzero(bad)[0])
-                raise ValueError(
-                    f"batch.actions[{name!r}]: expected values in [0, {size}), got "
-                    f"{int(a[where])} at index {where}"
-                )
-        validate_masks(spec, batch.masks, batch.actions[spec.op_head])
-        resolved = resolve_masks(spec, batch.masks, batch.actions[spec.op_head])
-        for name in spec.names:
-            a = batch.actions[name]
-            taken = torch.gather(resolved[name], -1, a.unsqueeze(-1)).squeeze(-1)
-            if not bool(taken.all()):
-                where = tuple(int(i) for i in torch.nonzero(~taken)[0])
-                raise ValueError(
-                    f"batch.actions[{name!r}]: action {int(a[where])} at index {where} is masked"
-                )
+        return compact_rollout(self._rows, self._valid, self.num_steps)
 
     def update(self, learning_rate: float | None = None, batch: Batch | None = None) -> dict:
         """One PPO update; returns (and keeps in ``metrics``) host floats, plus
@@ -329,7 +218,7 @@ class PPOAgent:
             batch = self.rollout()
             discarded = sum(int(v.sum()) for v in self._valid) - self.num_steps * self.num_envs
         else:
-            self._check_actions(batch)
+            check_batch_actions(self.config, self.state, batch)
         hp = self.state.hparams
         state = self.state
         if learning_rate is not None:
@@ -337,17 +226,7 @@ class PPOAgent:
             state = state._replace(hparams=hp._replace(learning_rate=lr))
         new_state, metrics = self._update(state, batch)
         self.state = new_state._replace(hparams=hp)
-        names = list(metrics)
-        # One device-to-host transfer for every metric.
-        values = torch.stack([metrics[n].float() for n in names]).cpu().tolist()
-        host: dict[str, Any] = dict(zip(names, values, strict=True))
-        worst = int(host["ratio_worst_head"])
-        host["worst_ratio_head"] = self.config.spec.names[worst] if worst >= 0 else None
-        total, length, count = self._finished
-        host["episode_return"] = total / count if count else math.nan
-        host["episode_length"] = length / count if count else math.nan
-        host["episodes"] = count
-        host["discarded_steps"] = discarded
+        host = host_metrics(self.config.spec, metrics, self._finished, discarded)
         if own:
             self._clear_rollout()
         self.metrics = host
@@ -385,22 +264,8 @@ class PPOAgent:
                 break
         return history
 
-    def _extra(self) -> dict[str, Tensor]:
-        """Everything but the TrainState that an exact resume needs, as named tensors."""
-        extra = {f"agent/{k}": torch.tensor(v) for k, v in self.settings.items()}
-        extra |= {
-            "agent/episode_start": self.episode_start,
-            "agent/episode_return": self.episode_return,
-            "agent/episode_length": self.episode_length,
-        }
-        if self.hidden is not None:
-            extra |= {"agent/hidden_h": self.hidden.h, "agent/hidden_c": self.hidden.c}
-        if self.obs_stats is not None:
-            extra |= {f"obs_stats/{k}": v for k, v in self.obs_stats._asdict().items()}
-        if self.reward_scale is not None:
-            extra["reward_scale/returns"] = self.reward_scale.returns
-            extra |= {f"reward_scale/{k}": v for k, v in self.reward_scale.stats._asdict().items()}
-        return extra
+    def _carry(self) -> AgentCarry:
+        return AgentCarry(*(getattr(self, name) for name in AgentCarry._fields))
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the train state, the normalisers and the carried LSTM state atomically.
@@ -413,43 +278,13 @@ class PPOAgent:
                 f"save: {collected} steps of an unfinished rollout would be lost; "
                 "save right after update()"
             )
-        save_checkpoint(path, self.state, self.config, self._extra())
+        save_checkpoint(path, self.state, self.config, carry_to_extra(self.settings, self._carry()))
 
     def load(self, path: str | os.PathLike) -> None:
         """Restore what ``save`` wrote; the config and the agent's settings must match."""
         state, _, extra = load_checkpoint(path, self.config, self.device)
-        want = self._extra()
-        for name, mine in want.items():
-            if name not in extra:
-                raise ValueError(f"{path}: extra[{name!r}]: missing (saved by another agent?)")
-            got = extra[name]
-            if name.removeprefix("agent/") in self.settings and not torch.equal(got, mine):
-                raise ValueError(
-                    f"{name}: checkpoint has {got.item()!r}, this agent {mine.item()!r}"
-                )
-            if got.shape != mine.shape or got.dtype != mine.dtype:
-                raise ValueError(
-                    f"{path}: extra[{name!r}]: expected {mine.dtype} {list(mine.shape)}, "
-                    f"got {got.dtype} {list(got.shape)}"
-                )
-        unknown = sorted(set(extra) - set(want))
-        if unknown:
-            raise ValueError(f"{path}: extra{unknown}: not expected by this agent's settings")
+        carry = carry_from_extra(path, extra, self.settings, self._carry())
         self._clear_rollout()
         self.state = state
-        self.episode_start = extra["agent/episode_start"]
-        self.episode_return = extra["agent/episode_return"]
-        self.episode_length = extra["agent/episode_length"]
-        if self.hidden is not None:
-            self.hidden = LSTMState(extra["agent/hidden_h"], extra["agent/hidden_c"])
-        if self.obs_stats is not None:
-            self.obs_stats = type(self.obs_stats)(
-                *(extra[f"obs_stats/{k}"] for k in self.obs_stats._fields)
-            )
-        if self.reward_scale is not None:
-            stats = type(self.reward_scale.stats)(
-                *(extra[f"reward_scale/{k}"] for k in self.reward_scale.stats._fields)
-            )
-            self.reward_scale = self.reward_scale._replace(
-                returns=extra["reward_scale/returns"], stats=stats
-            )
+        for name, value in zip(AgentCarry._fields, carry, strict=True):
+            setattr(self, name, value)

@@ -40,3 +40,6 @@ GAE_BLOCK_SIZE = 32
 # variance under the square root.
 STATS_INIT_COUNT = 1e-4
 NORMALIZE_EPS = 1e-8
+
+# fold_in(state.key, ACT_STREAM) seeds PPOAgent.act's sampling; the update folds in 0 and 1.
+ACT_STREAM = 2

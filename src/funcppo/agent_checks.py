@@ -1,0 +1,138 @@
+"""Host-side checks of what a caller hands ``PPOAgent``: arrays become tensors on the agent's
+device, and a wrong shape, dtype or value fails with an error that names the argument, what was
+expected and what came. Nothing here runs inside compiled or vmapped code.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from funcppo.agent_rollout import EnvStep
+from funcppo.config import PPOConfig
+from funcppo.distributions import validate_masks
+from funcppo.envs.base import full_masks
+from funcppo.networks import LSTMState
+from funcppo.spec import resolve_masks
+from funcppo.state import Batch, TrainState
+from funcppo.validation import check_batch
+
+__all__ = [
+    "check_agent_args",
+    "check_batch_actions",
+    "checked_hidden",
+    "checked_masks",
+    "checked_step",
+    "checked_tensor",
+    "describe",
+]
+
+
+def describe(x: Any) -> str:
+    """``dtype (shape)`` of a tensor, else the type's name: the "got" of an error message."""
+    if isinstance(x, Tensor):
+        return f"{x.dtype} {tuple(x.shape)}"
+    return type(x).__name__
+
+
+def _as_tensor(name: str, x: Any, expected: str) -> Tensor:
+    if isinstance(x, Tensor):
+        return x
+    try:
+        return torch.as_tensor(x)
+    except (TypeError, ValueError, RuntimeError):
+        raise ValueError(f"{name}: expected {expected}, got {type(x).__name__}") from None
+
+
+def checked_tensor(name: str, x: Any, shape: tuple, kind: str, device) -> Tensor:
+    """``x`` (tensor or array) as a tensor on ``device``, checked: ``kind`` is float or bool."""
+    x = _as_tensor(name, x, f"{kind} {shape}")
+    ok = x.is_floating_point() if kind == "float" else x.dtype == torch.bool
+    if tuple(x.shape) != shape or not ok:
+        raise ValueError(f"{name}: expected {kind} {shape}, got {describe(x)}")
+    return x.to(device=device, dtype=torch.float32 if kind == "float" else torch.bool)
+
+
+def checked_masks(config: PPOConfig, masks: Any, batch: int, device) -> dict[str, Tensor]:
+    """Head -> bool masks for ``batch`` rows (None: all valid), checked by ``validate_masks``."""
+    if masks is None:
+        return full_masks(config.spec, batch, device)
+    if not isinstance(masks, dict):
+        raise ValueError(f"masks: expected a dict over heads, got {type(masks).__name__}")
+    masks = {h: torch.as_tensor(m).to(device) for h, m in masks.items()}
+    validate_masks(config.spec, masks)
+    got = tuple(masks[config.spec.op_head].shape[:-1])
+    if got != (batch,):
+        raise ValueError(f"masks: expected batch shape {(batch,)} (that of obs), got {got}")
+    return masks
+
+
+def checked_hidden(config: PPOConfig, hidden: Any, batch: int, device) -> LSTMState:
+    """An ``LSTMState`` of float ``[batch, lstm_size]`` tensors; a recurrent config only."""
+    if not config.recurrent:
+        raise ValueError(f"hidden: expected None for an MLP config, got {describe(hidden)}")
+    want = (batch, config.lstm_size)
+    return LSTMState(*(checked_tensor("hidden", x, want, "float", device) for x in hidden))
+
+
+def checked_step(step: EnvStep, num_envs: int, obs_dim: int, device) -> EnvStep:
+    """``step`` with every field but ``masks`` a checked tensor ``[num_envs, ...]`` on ``device``
+    and the defaults filled in: ``final_obs`` = ``obs``, ``valid`` all True, ``episode_start``
+    = terminated or truncated."""
+    b, rows = (num_envs,), (num_envs, obs_dim)
+    obs = checked_tensor("step.obs", step.obs, rows, "float", device)
+    reward = checked_tensor("step.reward", step.reward, b, "float", device)
+    terminated = checked_tensor("step.terminated", step.terminated, b, "bool", device)
+    truncated = checked_tensor("step.truncated", step.truncated, b, "bool", device)
+    valid = torch.ones(b, dtype=torch.bool, device=device)
+    if step.valid is not None:
+        valid = checked_tensor("step.valid", step.valid, b, "bool", device)
+    start = terminated | truncated if step.episode_start is None else step.episode_start
+    start = checked_tensor("step.episode_start", start, b, "bool", device)
+    final = obs
+    if step.final_obs is not None:
+        final = checked_tensor(
+            "step.final_obs", step.final_obs, (num_envs, obs_dim), "float", device
+        )
+    return EnvStep(obs, reward, terminated, truncated, step.masks, final, valid, start)
+
+
+def check_agent_args(
+    config: Any, num_envs: Any, num_steps: Any, clip_obs: Any, clip_reward: Any
+) -> None:
+    """The constructor's arguments: a ``PPOConfig``, ints >= 1 and numbers > 0."""
+    if not isinstance(config, PPOConfig):
+        raise ValueError(f"config: expected a PPOConfig, got {type(config).__name__}")
+    for name, value in (("num_envs", num_envs), ("num_steps", num_steps)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    for name, value in (("clip_obs", clip_obs), ("clip_reward", clip_reward)):
+        if not (isinstance(value, (int, float)) and value > 0):
+            raise ValueError(f"{name}: expected a number > 0, got {value!r}")
+
+
+def check_batch_actions(config: PPOConfig, state: TrainState, batch: Batch) -> None:
+    """Host-side value checks of a caller's batch: actions in range and valid under masks."""
+    check_batch(config, state, batch)
+    spec = config.spec
+    for name, size in spec.heads:
+        a = batch.actions[name]
+        bad = (a < 0) | (a >= size)
+        if bool(bad.any()):
+            where = tuple(int(i) for i in torch.nonzero(bad)[0])
+            raise ValueError(
+                f"batch.actions[{name!r}]: expected values in [0, {size}), got "
+                f"{int(a[where])} at index {where}"
+            )
+    validate_masks(spec, batch.masks, batch.actions[spec.op_head])
+    resolved = resolve_masks(spec, batch.masks, batch.actions[spec.op_head])
+    for name in spec.names:
+        a = batch.actions[name]
+        taken = torch.gather(resolved[name], -1, a.unsqueeze(-1)).squeeze(-1)
+        if not bool(taken.all()):
+            where = tuple(int(i) for i in torch.nonzero(~taken)[0])
+            raise ValueError(
+                f"batch.actions[{name!r}]: action {int(a[where])} at index {where} is masked"
+            )
