@@ -1,6 +1,7 @@
 """PPOAgent: its update is make_update_fn on its rollout, resume is bit-exact, faults are
 skipped and counted with parameters unchanged, bad input names the argument, the ratio
-diagnostic names the worst head."""
+diagnostic names the worst head, and predict leaves the agent as it was (its deterministic
+actions the masked argmax, op head first)."""
 
 import math
 
@@ -14,17 +15,20 @@ from hypothesis import strategies as st
 
 from funcppo.agent import EnvStep, PPOAgent
 from funcppo.agent_checkpoint import AgentCarry, carry_from_extra, carry_to_extra
+from funcppo.agent_predict import factored_argmax
 from funcppo.agent_rollout import compact_rollout
 from funcppo.config import PPOConfig
 from funcppo.gym_adapter import GymAdapter
-from funcppo.networks import LSTMState, policy_apply
-from funcppo.normalize import init_reward_scale, init_running_stats
+from funcppo.networks import LSTMState, init_hidden, policy_apply
+from funcppo.normalize import init_reward_scale, init_running_stats, normalize_obs
 from funcppo.spec import ActionSpec
 from funcppo.state import Batch
 from funcppo.update import make_update_fn
 
 SMALL = {"torso_sizes": (8,), "compile": False, "update_epochs": 2, "num_minibatches": 2}
 SPEC = ActionSpec({"op": 3, "a1": 4}, "op", [(), ("a1",), ("a1",)])
+# The slot mask depends on the op: [..., n_ops, 4], the row of the chosen op applies.
+SLOTS = ActionSpec({"op": 3, "slot": 4}, "op", [(), ("slot",), ("slot",)], op_conditioned=["slot"])
 
 
 def cartpole(num_envs=2, seed=1):
@@ -260,6 +264,200 @@ def test_act_takes_an_explicit_lstm_state():
         PPOAgent(config_for(env), 2, 16).act(obs, hidden=given)
     with pytest.raises(ValueError, match=r"hidden: expected float \(2, 8\)"):
         PPOAgent(config, 2, 16).act(obs, hidden=LSTMState(torch.ones(2, 3), torch.ones(2, 3)))
+
+
+def masks_for(op, slot):
+    return {"op": torch.tensor(op), "slot": torch.tensor(slot)}
+
+
+T, F = True, False
+# Three envs. Env 1 masks op 1 (the unmasked argmax); every env's slot row of its chosen op
+# masks slot 0 (the unmasked argmax) or leaves one slot only.
+HAND_MASKS = masks_for(
+    [[T, T, T], [T, F, T], [T, F, F]],
+    [
+        [[T, T, T, T], [F, T, T, T], [T, T, T, T]],
+        [[T, T, T, T], [T, T, T, T], [F, T, F, T]],
+        [[F, F, F, T], [T, T, T, T], [T, T, T, T]],
+    ],
+)
+
+
+def with_logits(agent, op, slot):
+    """The agent with zero head weights: its logits are the given biases for any obs."""
+    params = optree.tree_map(torch.clone, agent.state.params)
+    for name, bias in (("op", op), ("slot", slot)):
+        params["heads"][name]["w"].zero_()
+        params["heads"][name]["b"].copy_(torch.tensor(bias))
+    agent.state = agent.state._replace(params=params)
+    return agent
+
+
+def test_deterministic_predict_is_the_masked_argmax_op_first():
+    agent = PPOAgent(PPOConfig(obs_dim=4, spec=SLOTS, **SMALL), 2, 16)
+    with_logits(agent, [0.5, 2.0, 1.0], [3.0, 1.0, 2.0, 0.0])
+    obs = torch.randn(3, 4, generator=torch.Generator().manual_seed(0))
+    actions, hidden = agent.predict(obs, HAND_MASKS, deterministic=True)
+    # Env 0: op 1 (2.0); its slot row [F, T, T, T] leaves 1.0, 2.0, 0.0: slot 2.
+    # Env 1: op 1 masked, so op 2 (1.0 > 0.5); row [F, T, F, T] leaves 1.0, 0.0: slot 1.
+    # Env 2: only op 0; row [F, F, F, T]: slot 3.
+    assert actions["op"].tolist() == [1, 2, 0] and actions["slot"].tolist() == [2, 1, 3]
+    assert actions["op"].dtype == torch.int64 and hidden is None
+    # Sampled predictions respect the same masks, slot under the sampled op's row.
+    for _ in range(20):
+        sampled, _ = agent.predict(obs, HAND_MASKS)
+        op = sampled["op"]
+        assert bool(HAND_MASKS["op"][torch.arange(3), op].all())
+        assert bool(HAND_MASKS["slot"][torch.arange(3), op, sampled["slot"]].all())
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(1, 4), st.integers(0, 2**31 - 1), st.booleans())
+def test_factored_argmax_against_a_naive_loop(batch, seed, ties):
+    g = torch.Generator().manual_seed(seed)
+    if ties:  # few distinct values: argmax must take the first of the tied maxima
+        logits = {"op": torch.randint(0, 2, (batch, 3), generator=g).float()}
+        logits["slot"] = torch.randint(0, 2, (batch, 4), generator=g).float()
+    else:
+        logits = {
+            "op": torch.randn(batch, 3, generator=g),
+            "slot": torch.randn(batch, 4, generator=g),
+        }
+    masks = {
+        "op": torch.rand(batch, 3, generator=g) < 0.5,
+        "slot": torch.rand(batch, 3, 4, generator=g) < 0.5,
+    }
+    masks["op"][torch.arange(batch), torch.randint(0, 3, (batch,), generator=g)] = True
+    for b in range(batch):
+        for o in range(3):
+            masks["slot"][b, o, torch.randint(0, 4, (), generator=g)] = True
+    got = factored_argmax(SLOTS, logits, masks)
+
+    def best(values, valid):
+        picks = [i for i in range(len(values)) if valid[i]]
+        return max(picks, key=lambda i: (values[i], -i))
+
+    for b in range(batch):
+        op = best(logits["op"][b].tolist(), masks["op"][b].tolist())
+        slot = best(logits["slot"][b].tolist(), masks["slot"][b, op].tolist())
+        assert (int(got["op"][b]), int(got["slot"][b])) == (op, slot)
+    # torch.distributions agrees on the op head: the mode of the masked categorical.
+    masked = torch.where(masks["op"], logits["op"], -math.inf)
+    assert torch.equal(got["op"], torch.distributions.Categorical(logits=masked).mode)
+
+
+def run(agent, steps, probe=None):
+    """``steps`` act/observe rounds on fixed random observations; ``probe(agent)`` (predict
+    calls) runs before each act and between act and observe. Returns the sampled actions."""
+    g = torch.Generator().manual_seed(3)
+    taken = []
+    for t in range(steps):
+        obs = torch.randn(2, 4, generator=g)
+        masks = {"op": torch.tensor([[T, T, F], [T, T, T]]), "a1": torch.ones(2, 4, dtype=bool)}
+        if probe is not None:
+            probe(agent)
+        taken.append(agent.act(obs, masks))
+        if probe is not None:
+            probe(agent)
+        done = torch.tensor([t % 3 == 2, False])
+        agent.observe(EnvStep(obs, torch.randn(2, generator=g), done, torch.zeros(2, dtype=bool)))
+    return taken
+
+
+def test_predict_leaves_the_agent_and_its_next_actions_as_they_were():
+    kw = {"recurrent": True, "lstm_size": 8, "bptt_len": 4}
+    config = PPOConfig(obs_dim=4, spec=SPEC, **(SMALL | kw))
+    settings = {"normalize_obs": True, "normalize_reward": True}
+    plain, probed = (PPOAgent(config, 2, 8, seed=5, **settings) for _ in range(2))
+    obs = torch.randn(3, 4, generator=torch.Generator().manual_seed(9))
+    hidden = LSTMState(torch.ones(3, 8), torch.ones(3, 8))
+
+    def probe(agent):
+        agent.predict(obs)
+        agent.predict(obs, deterministic=True)
+        agent.predict(obs, None, hidden, episode_start=torch.tensor([T, F, F]))
+
+    assert_trees_equal(run(plain, 8), run(probed, 8, probe))
+    for name in ("obs_stats", "reward_scale", "hidden", "episode_start", "episode_return"):
+        assert_trees_equal(getattr(probed, name), getattr(plain, name))
+    assert_trees_equal(probed.rollout(), plain.rollout())
+    same_metrics(probed.update(), plain.update())
+    assert_trees_equal(probed.state, plain.state)
+    assert_trees_equal(run(plain, 3), run(probed, 3, probe))
+    # predict acts on the observation normalised by the current statistics.
+    out = policy_apply(
+        config,
+        probed.state.params,
+        normalize_obs(probed.obs_stats, obs, 10.0),
+        init_hidden(config, 3),
+        torch.zeros(3, dtype=bool),
+    )
+    full = {"op": torch.ones(3, 3, dtype=bool), "a1": torch.ones(3, 4, dtype=bool)}
+    actions, next_hidden = probed.predict(obs, deterministic=True)
+    assert_trees_equal(actions, factored_argmax(SPEC, out.logits, full))
+    assert_trees_equal(next_hidden, out.hidden)
+
+
+def test_sampled_predictions_are_reproducible_and_vary_per_call():
+    config = PPOConfig(obs_dim=4, spec=SPEC, **SMALL)
+    obs = torch.zeros(64, 4)
+    draws = []
+    for _ in range(2):
+        agent = PPOAgent(config, 2, 16, seed=0)
+        draws.append([agent.predict(obs)[0] for _ in range(3)])
+    assert_trees_equal(draws[0], draws[1])
+    assert not torch.equal(draws[0][0]["op"], draws[0][1]["op"])
+
+
+def test_predict_carries_an_lstm_through_an_evaluation_loop():
+    config = PPOConfig(obs_dim=4, spec=SPEC, recurrent=True, lstm_size=8, bptt_len=4, **SMALL)
+    agent = PPOAgent(config, 2, 16, seed=1)
+    g = torch.Generator().manual_seed(2)
+    obs = torch.randn(5, 3, 4, generator=g)  # [T, B] with B = 3, not the agent's num_envs
+    starts = torch.zeros(5, 3, dtype=bool)
+    starts[0], starts[3, 1] = True, True  # env 1 starts a new episode at step 3
+    hidden, stepped = None, []
+    for t in range(5):
+        actions, hidden = agent.predict(obs[t], None, hidden, True, episode_start=starts[t])
+        stepped.append(actions)
+    # The same steps as one sequence through the LSTM.
+    out = policy_apply(config, agent.state.params, obs, init_hidden(config, 3), starts)
+    full = {"op": torch.ones(5, 3, 3, dtype=bool), "a1": torch.ones(5, 3, 4, dtype=bool)}
+    want = factored_argmax(SPEC, out.logits, full)
+    for name in SPEC.names:
+        assert torch.equal(torch.stack([a[name] for a in stepped]), want[name])
+    for x, y in zip(hidden, out.hidden, strict=True):
+        torch.testing.assert_close(x, y)
+
+
+def test_predict_bad_input_names_the_argument():
+    mlp = PPOAgent(PPOConfig(obs_dim=4, spec=SLOTS, **SMALL), 2, 16)
+    lstm = PPOAgent(PPOConfig(obs_dim=4, spec=SLOTS, recurrent=True, lstm_size=8, **SMALL), 2, 16)
+    obs = torch.zeros(3, 4)
+    cases = [
+        (mlp, (torch.zeros(3, 5),), {}, r"obs: expected float \(B, 4\), got torch.float32 \(3, 5"),
+        (mlp, (torch.zeros(4),), {}, r"obs: expected float \(B, 4\), got torch.float32 \(4,\)"),
+        (mlp, (torch.zeros(3, 4, dtype=torch.int64),), {}, r"obs: .* got torch.int64 \(3, 4\)"),
+        (mlp, ("x",), {}, r"obs: expected float \(B, 4\), got str"),
+        (mlp, (obs, [1]), {}, r"masks: expected a dict over heads, got list"),
+        (mlp, (obs, {"op": torch.ones(3, 3, dtype=bool)}), {}, r"masks: expected heads"),
+        (mlp, (obs, masks_for([[T, T, T]] * 2, [[[T] * 4] * 3] * 2)), {},
+         r"masks: expected batch shape \(3,\) \(that of obs\), got \(2,\)"),
+        (mlp, (obs, masks_for([[T, T, T]] * 3, [[[T] * 4] * 3] * 3)), {"deterministic": "yes"},
+         r"deterministic: expected a bool, got 'yes'"),
+        (mlp, (obs, None, LSTMState(torch.zeros(3, 8), torch.zeros(3, 8))), {},
+         r"hidden: expected None for an MLP config"),
+        (lstm, (obs, None, LSTMState(torch.zeros(2, 8), torch.zeros(2, 8))), {},
+         r"hidden: expected float \(3, 8\), got torch.float32 \(2, 8\)"),
+        (lstm, (obs,), {"episode_start": torch.zeros(3)},
+         r"episode_start: expected bool \(3,\), got torch.float32 \(3,\)"),
+    ]  # fmt: skip
+    for agent, args, kw, message in cases:
+        with pytest.raises(ValueError, match=message):
+            agent.predict(*args, **kw)
+    # A numpy batch works as a tensor does.
+    actions, hidden = lstm.predict(np.zeros((3, 4), dtype=np.float32), deterministic=True)
+    assert actions["op"].shape == (3,) and hidden.h.shape == (3, 8)
 
 
 @settings(max_examples=30, deadline=None)

@@ -4,9 +4,9 @@ It holds a ``TrainState``, the config, the running normalisers and the rollout b
 ``act`` samples actions (keys folded from the train state's key, so a run is reproducible),
 ``observe`` records what the environment answered, ``update`` runs ``make_update_fn`` on the
 rollout and returns host floats (one device-to-host transfer), ``save``/``load`` go through
-``funcppo.checkpoint`` with the normalisers (``funcppo.agent_checkpoint``). Every computation
-is a call into a pure function; the checks of what callers pass in live in
-``funcppo.agent_checks``.
+``funcppo.checkpoint`` with the normalisers (``funcppo.agent_checkpoint``), and ``predict`` gives
+evaluation actions that change nothing. Every computation is a call into a pure function; the
+checks of what callers pass in live in ``funcppo.agent_checks``.
 
 Steps that are no transition (gymnasium's NEXT_STEP autoreset: the step after an episode end
 resets the env and ignores the action) carry ``valid=False`` and are left out: each env column
@@ -30,9 +30,11 @@ from funcppo.agent_checks import (
     check_batch_actions,
     checked_hidden,
     checked_masks,
+    checked_policy_inputs,
     checked_step,
     checked_tensor,
 )
+from funcppo.agent_predict import predict_actions
 from funcppo.agent_rollout import (
     EnvStep,
     compact_rollout,
@@ -42,9 +44,9 @@ from funcppo.agent_rollout import (
 )
 from funcppo.checkpoint import load_checkpoint, save_checkpoint
 from funcppo.config import PPOConfig
-from funcppo.constants import ACT_STREAM
+from funcppo.constants import ACT_STREAM, PREDICT_STREAM
 from funcppo.distributions import factored_logprob, factored_sample
-from funcppo.networks import init_hidden, policy_apply
+from funcppo.networks import LSTMState, init_hidden, policy_apply
 from funcppo.normalize import (
     init_reward_scale,
     init_running_stats,
@@ -111,6 +113,7 @@ class PPOAgent:
         self.episode_return = torch.zeros(num_envs, dtype=torch.float64, device=d)
         self.episode_length = torch.zeros(num_envs, dtype=torch.float64, device=d)
         self.metrics: dict[str, Any] = {}
+        self._predict_count = 0  # predict's own key counter; act's is _act_count
         self._clear_rollout()
 
     def discard_rollout(self) -> None:
@@ -157,6 +160,50 @@ class PPOAgent:
                     self.episode_start, self.hidden)  # fmt: skip
         self._pending = (row, out.hidden)
         return actions
+
+    @torch.no_grad()
+    def predict(
+        self,
+        obs: Any,
+        masks: dict[str, Any] | None = None,
+        hidden: Any = None,
+        deterministic: bool = False,
+        *,
+        episode_start: Any = None,
+    ) -> tuple[dict[str, Tensor], LSTMState | None]:
+        """Evaluation actions for ``obs`` ``[B, obs_dim]`` (any ``B``) under ``masks``.
+
+        Records nothing: no rollout step, and the carried LSTM state, the normalisers (``obs``
+        is normalised with the current statistics, left as they are) and the keys ``act``
+        draws from stay as they were. ``deterministic`` takes each head's masked argmax, the
+        op head first and op-conditioned heads under the op it chose; else actions are drawn
+        as ``act`` draws them, from a key stream of predict's own.
+
+        Returns ``(actions, hidden)``: head -> int64 ``[B]``, and the LSTM state after this
+        step (None for an MLP config), to pass back with the next observation. ``hidden`` None
+        starts from zeros; ``episode_start`` bool ``[B]`` (None: all False) zeroes it where
+        ``obs`` starts an episode. An evaluation loop over a ``GymAdapter`` ``env``::
+
+            actions, hidden = agent.predict(env.obs, env.masks, None, True)
+            while ...:
+                step = env.step(actions)
+                actions, hidden = agent.predict(step.obs, step.masks, hidden, True,
+                                                episode_start=step.episode_start)
+        """
+        if deterministic not in (True, False):
+            raise ValueError(f"deterministic: expected a bool, got {deterministic!r}")
+        obs, masks, hidden, episode_start = checked_policy_inputs(
+            self.config, obs, masks, hidden, episode_start, self.device
+        )
+        if self.obs_stats is not None:
+            obs = normalize_obs(self.obs_stats, obs, self.settings["clip_obs"])
+        key = None
+        if not deterministic:
+            key = jr.fold_in(jr.fold_in(self.state.key, PREDICT_STREAM), self._predict_count)
+            self._predict_count += 1
+        return predict_actions(
+            self.config, self.state.params, obs, masks, hidden, episode_start, key
+        )
 
     @torch.no_grad()
     def observe(self, step: EnvStep) -> None:

@@ -14,7 +14,7 @@ from funcppo.agent_rollout import EnvStep
 from funcppo.config import PPOConfig
 from funcppo.distributions import validate_masks
 from funcppo.envs.base import full_masks
-from funcppo.networks import LSTMState
+from funcppo.networks import LSTMState, init_hidden
 from funcppo.spec import resolve_masks
 from funcppo.state import Batch, TrainState
 from funcppo.validation import check_batch
@@ -24,6 +24,8 @@ __all__ = [
     "check_batch_actions",
     "checked_hidden",
     "checked_masks",
+    "checked_obs",
+    "checked_policy_inputs",
     "checked_step",
     "checked_tensor",
     "describe",
@@ -55,6 +57,15 @@ def checked_tensor(name: str, x: Any, shape: tuple, kind: str, device) -> Tensor
     return x.to(device=device, dtype=torch.float32 if kind == "float" else torch.bool)
 
 
+def checked_obs(name: str, obs: Any, obs_dim: int, device) -> Tensor:
+    """Float ``[B, obs_dim]`` observations for any batch size ``B >= 1``, as float32."""
+    expected = f"float (B, {obs_dim})"
+    obs = _as_tensor(name, obs, expected)
+    if obs.ndim != 2 or obs.shape[0] < 1 or obs.shape[1] != obs_dim or not obs.is_floating_point():
+        raise ValueError(f"{name}: expected {expected}, got {describe(obs)}")
+    return obs.to(device=device, dtype=torch.float32)
+
+
 def checked_masks(config: PPOConfig, masks: Any, batch: int, device) -> dict[str, Tensor]:
     """Head -> bool masks for ``batch`` rows (None: all valid), checked by ``validate_masks``."""
     if masks is None:
@@ -75,6 +86,25 @@ def checked_hidden(config: PPOConfig, hidden: Any, batch: int, device) -> LSTMSt
         raise ValueError(f"hidden: expected None for an MLP config, got {describe(hidden)}")
     want = (batch, config.lstm_size)
     return LSTMState(*(checked_tensor("hidden", x, want, "float", device) for x in hidden))
+
+
+def checked_policy_inputs(
+    config: PPOConfig, obs: Any, masks: Any, hidden: Any, episode_start: Any, device
+) -> tuple[Tensor, dict[str, Tensor], LSTMState | None, Tensor]:
+    """``obs`` ``[B, obs_dim]`` for any ``B``, its masks (None: all valid), the LSTM state
+    (None: zeros; None for an MLP config) and ``episode_start`` bool ``[B]`` (None: all False),
+    checked and on ``device``."""
+    obs = checked_obs("obs", obs, config.obs_dim, device)
+    b = obs.shape[0]
+    masks = checked_masks(config, masks, b, device)
+    if episode_start is None:
+        episode_start = torch.zeros(b, dtype=torch.bool, device=device)
+    episode_start = checked_tensor("episode_start", episode_start, (b,), "bool", device)
+    if hidden is None:
+        hidden = init_hidden(config, b, device)
+    else:
+        hidden = checked_hidden(config, hidden, b, device)
+    return obs, masks, hidden, episode_start
 
 
 def checked_step(step: EnvStep, num_envs: int, obs_dim: int, device) -> EnvStep:

@@ -41,5 +41,7 @@ GAE_BLOCK_SIZE = 32
 STATS_INIT_COUNT = 1e-4
 NORMALIZE_EPS = 1e-8
 
-# fold_in(state.key, ACT_STREAM) seeds PPOAgent.act's sampling; the update folds in 0 and 1.
+# Key streams of PPOAgent: fold_in(state.key, ACT_STREAM) seeds act's sampling and
+# PREDICT_STREAM predict's, so evaluating never shifts what act draws (the update folds in 0, 1).
 ACT_STREAM = 2
+PREDICT_STREAM = 3
