@@ -18,6 +18,10 @@ processes:
 
     python benchmarks/distributed.py               # eager
     python benchmarks/distributed.py --compile     # compiled (inductor; slow to compile)
+    python benchmarks/distributed.py --overhead    # plain vs group of 1, alternating calls
+
+``--overhead`` times the first two cases in one process, alternating calls, so that a change
+of load on a shared machine hits both alike.
 """
 
 from __future__ import annotations
@@ -95,11 +99,37 @@ def median_seconds(update, state, batch, repeats: int, barrier) -> float:
     return statistics.median(times)
 
 
+def overhead(args: dict, out: str) -> None:
+    """Plain and group-of-1 data-parallel updates in one process, alternating calls."""
+    from funcppo.distributed import data_parallel, init_distributed
+
+    init_distributed(timeout_s=600)
+    config = make_config(args["compile"])
+    state, batch = make_inputs(config, None, 0)
+    updates = {
+        "plain": make_update_fn(config),
+        "dp": make_update_fn(config, data_parallel=data_parallel()),
+    }
+    times = {name: [] for name in updates}
+    for update in updates.values():
+        update(state, batch)
+    for _ in range(args["repeats"]):
+        for name, update in updates.items():
+            start = time.perf_counter()
+            float(update(state, batch)[1]["loss"].sum())
+            times[name].append(time.perf_counter() - start)
+    Path(out, "0.txt").write_text(
+        " ".join(str(statistics.median(times[name])) for name in ("plain", "dp"))
+    )
+
+
 def worker(rank: int, world: int, port: int, case: str, args: dict, out: str) -> None:
     os.environ.update(
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world)
     )
     torch.set_num_threads(1)
+    if case == "overhead":
+        return overhead(args, out)
     from funcppo.distributed import data_parallel, init_distributed
 
     init_distributed(timeout_s=600)
@@ -119,8 +149,8 @@ def worker(rank: int, world: int, port: int, case: str, args: dict, out: str) ->
     dist.destroy_process_group()
 
 
-def run(world: int, case: str, args: dict) -> float:
-    """Slowest process's median seconds per update."""
+def run(world: int, case: str, args: dict) -> list[float]:
+    """Every number rank 0 wrote (overhead: two medians), else the slowest process's median."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
@@ -135,7 +165,9 @@ def run(world: int, case: str, args: dict) -> float:
             p.join()
         if any(p.exitcode != 0 for p in procs):
             raise RuntimeError(f"{case} on {world} processes failed: {[p.exitcode for p in procs]}")
-        return max(float(Path(out, f"{r}.txt").read_text()) for r in range(world))
+        if case == "overhead":
+            return [float(x) for x in Path(out, "0.txt").read_text().split()]
+        return [max(float(Path(out, f"{r}.txt").read_text()) for r in range(world))]
 
 
 def main() -> None:
@@ -143,6 +175,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--seeds", type=int, default=8, help="seeds of the seeds case (even)")
     parser.add_argument("--compile", action="store_true", help="compile the update (inductor)")
+    parser.add_argument(
+        "--overhead", action="store_true", help="only plain vs group of 1, alternating calls"
+    )
     args = parser.parse_args()
     if args.seeds % 2:
         parser.error(f"--seeds: expected an even number, got {args.seeds}")
@@ -154,6 +189,14 @@ def main() -> None:
         flush=True,
     )
     opts = vars(args)
+    if args.overhead:
+        plain, dp = run(1, "overhead", opts)
+        print(
+            f"alternating, {args.repeats} calls each: plain {plain * 1e3:.1f} ms, data parallel "
+            f"(group of 1) {dp * 1e3:.1f} ms per update ({dp / plain - 1:+.1%}); "
+            f"1-min load at end {os.getloadavg()[0]:.1f}"
+        )
+        return
     samples = NUM_STEPS * NUM_ENVS
     rows = []
     for label, world, case, n in (
@@ -168,7 +211,7 @@ def main() -> None:
             args.seeds * samples,
         ),
     ):
-        seconds = run(world, case, opts)
+        (seconds,) = run(world, case, opts)
         rows.append((label, n, seconds))
         print(
             f"{label:48s} median {seconds * 1e3:8.1f} ms  {n / seconds:9.0f} samples/s", flush=True

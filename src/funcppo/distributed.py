@@ -11,11 +11,17 @@ Two ways to use K processes:
   learns from the rollouts of every process.
 
 The sum is one custom operator, ``funcppo::all_reduce``, wrapping ``dist.all_reduce`` on a
-copy. ``torch.compile`` keeps it as one opaque node (eager, aot_eager and inductor), and its
-vmap rule reduces the whole ``[S, ...]`` batch in one collective. torch's functional
-collectives (``_c10d_functional.all_reduce``) trace under compile too, but under vmap (torch
-2.13) they fall back to a per-slice loop that returns the *unreduced* input, silently: tested,
-and the reason for the custom operator.
+copy. ``torch.compile(fullgraph=True)`` keeps it as one opaque node (aot_eager and inductor),
+and its vmap rule reduces the whole ``[S, ...]`` seed batch in one collective. torch's
+functional collectives (``_c10d_functional.all_reduce``) trace under compile too, but have no
+vmap batching rule: on 2 gloo processes with torch 2.13 the per-slice fallback returned the
+*unreduced* input under eager vmap, and a wrong slice under compiled vmap, with only a
+performance warning. Hence the custom operator.
+
+A data-parallel update makes one all-reduce per minibatch step (gradients, loss and metric
+shares, finiteness: one float buffer), plus one more per step with an entropy floor (the
+floor's mean entropy); and per update five small ones (moments for advantage normalisation
+and explained variance, mask statistics, every minibatch's counts, ratio extremes).
 
 A process that fails or hangs stops the others: every collective runs under the process
 group's timeout, and a failed collective raises ``DistributedError`` naming this rank.
