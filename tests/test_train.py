@@ -132,7 +132,25 @@ def test_cli_writes_metrics_curve_and_checkpoint(tmp_path, capsys):
     state, config, _ = load_checkpoint(out / "checkpoint.pt")
     assert state.step.tolist() == [4, 4]
     assert config.obs_dim == 4 and config.spec.names == ("action",)
-    assert "| all |" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "| all |" in printed and "evaluation, one whole episode per env" in printed
+    evaluation = json.loads((out / "evaluation.json").read_text())["episode_return"]
+    # CartPole pays 1 per step: a seed's mean over its 2 whole episodes is in [1, 500].
+    assert len(evaluation) == 2 and all(1.0 <= r <= 500.0 for r in evaluation)
+
+
+def test_cli_takes_the_envs_preset_unless_told(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--env", "cartpole-pomdp", "--seeds", "1", "--total-steps", "256"]
+    assert main([*args, "--no-compile", "--out", str(out)]) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    _, config, _ = load_checkpoint(out / "checkpoint.pt")
+    # The preset: 8 envs x 32 steps, an LSTM, ten epochs.
+    assert record["env_steps"] == 256 and config.recurrent and config.update_epochs == 10
+    changed = ["--num-envs", "2", "--num-steps", "64", "--no-compile", "--out", str(out)]
+    assert main([*args, *changed]) == 0
+    record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
+    assert record["env_steps"] == 128 * 2
 
 
 def test_bad_train_config_names_the_field():

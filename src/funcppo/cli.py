@@ -34,6 +34,7 @@ from funcppo.distributed import (
 )
 from funcppo.envs import ENVS, make_env
 from funcppo.envs.lifecycle import REFERENCE_RETURN
+from funcppo.evaluate import make_evaluate
 from funcppo.train import TrainConfig, make_train
 
 __all__ = ["main"]
@@ -53,8 +54,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     train.add_argument("--seeds", type=int, default=8)
     train.add_argument("--total-steps", type=int, default=500_000, help="env steps per seed")
-    train.add_argument("--num-envs", type=int, default=4, help="envs per seed")
-    train.add_argument("--num-steps", type=int, default=128, help="rollout length")
+    train.add_argument(
+        "--num-envs", type=int, default=None, help="envs per seed (default: the env's preset)"
+    )
+    train.add_argument(
+        "--num-steps", type=int, default=None, help="rollout length (default: the env's preset)"
+    )
     train.add_argument("--no-compile", action="store_true", help="run eagerly")
     train.add_argument("--out", default="runs/latest", help="output directory")
     train.add_argument("--seed", type=int, default=0, help="seed of the first run")
@@ -79,23 +84,37 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Per built-in env: the rollout shape and the PPO settings that differ from CleanRL's defaults.
+# Velocity-hidden CartPole takes RL Zoo's RecurrentPPO settings for CartPoleNoVel (short
+# rollouts, ten epochs, no entropy bonus, a higher learning rate), at half its learning rate.
+PRESETS: dict[str, tuple[dict, dict]] = {
+    "cartpole": ({"num_envs": 4, "num_steps": 128}, {}),
+    "lifecycle": ({"num_envs": 4, "num_steps": 128}, {}),
+    "cartpole-pomdp": (
+        {"num_envs": 8, "num_steps": 32},
+        {
+            "recurrent": True,
+            "lstm_size": 64,
+            "bptt_len": 16,
+            "gamma": 0.98,
+            "gae_lambda": 0.98,
+            "update_epochs": 10,
+            "ent_coef": 0.0,
+            "learning_rate": 5e-4,
+        },
+    ),
+}
+
+
 def _ppo_config(env_name: str, env, compile_: bool) -> PPOConfig:
-    recurrent = env_name == "cartpole-pomdp"
-    return PPOConfig(
-        obs_dim=env.obs_dim,
-        spec=env.spec,
-        compile=compile_,
-        recurrent=recurrent,
-        lstm_size=64,
-        bptt_len=16,
-    )
+    return PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=compile_, **PRESETS[env_name][1])
 
 
 class Progress:
     """One line on stderr: updates, steps/s, mean return over seeds, ETA."""
 
-    def __init__(self, total_updates: int, steps_per_update: int) -> None:
-        self.total, self.steps = total_updates, steps_per_update
+    def __init__(self, total_updates: int, steps_per_update: int, compiling: bool) -> None:
+        self.total, self.steps, self.compiling = total_updates, steps_per_update, compiling
         self.start = time.perf_counter()
         self.first_done: float | None = None
 
@@ -103,9 +122,8 @@ class Progress:
         now = time.perf_counter()
         if self.first_done is None:
             self.first_done = now
-            print(
-                f"\ncompiled and ran the first update in {now - self.start:.1f} s", file=sys.stderr
-            )
+            what = "compiled and ran" if self.compiling else "ran"
+            print(f"\n{what} the first update in {now - self.start:.1f} s", file=sys.stderr)
         done = u + 1
         rate = (done - 1) * self.steps / max(now - self.first_done, 1e-9) if done > 1 else 0.0
         eta = (self.total - done) * self.steps / rate if rate > 0 else float("nan")
@@ -190,7 +208,7 @@ def run_train(args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     train = make_train(config, num_seeds=len(seeds), data_parallel=dp)
-    progress = Progress(config.num_updates, steps_per_update)
+    progress = Progress(config.num_updates, steps_per_update, ppo.compile)
     returns: list[list[float]] = []
     writer = _tensorboard(out) if rank == 0 else None
     with open(out / "metrics.jsonl" if rank == 0 else os.devnull, "w") as log:
@@ -225,8 +243,17 @@ def run_train(args: argparse.Namespace) -> int:
     save_checkpoint(out / "checkpoint.pt", state, ppo)
     plotted = _write_plot(out / "learning_curve.png", returns, steps_per_update, args.env)
     _summary(returns, steps_per_update)
+    # One whole episode per env and seed; eager, so that no new shape is compiled at the end.
+    evaluate = make_evaluate(config.replace(ppo=ppo.replace(compile=False)), num_seeds=args.seeds)
+    eval_keys = jr.split(jr.fold_in(jr.key(args.seed), 1), args.seeds)
+    per_seed = evaluate(state, eval_keys).mean(1)
+    (out / "evaluation.json").write_text(json.dumps({"episode_return": per_seed.tolist()}))
     print(
-        f"wrote {out / 'metrics.jsonl'}, {out / 'checkpoint.pt'}"
+        f"evaluation, one whole episode per env: {per_seed.mean():.1f} +- "
+        f"{per_seed.std(correction=0):.1f} over seeds ({', '.join(f'{r:.1f}' for r in per_seed)})"
+    )
+    print(
+        f"wrote {out / 'metrics.jsonl'}, {out / 'evaluation.json'}, {out / 'checkpoint.pt'}"
         + (
             f", {out / 'learning_curve.png'}"
             if plotted
@@ -260,6 +287,11 @@ def _summary(returns: list[list[float]], steps_per_update: int) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = _parser()
     args = parser.parse_args(argv)
+    # Gymnasium envs take CleanRL's rollout shape; built-in envs their preset's.
+    rollout = PRESETS.get(args.env, ({"num_envs": 4, "num_steps": 128}, {}))[0]
+    for name in ("num_envs", "num_steps"):
+        if getattr(args, name) is None:
+            setattr(args, name, rollout[name])
     if args.env.startswith("gym:"):
         from funcppo.gym_train import run_gym_train
 

@@ -62,7 +62,7 @@ def run_gym_train(args: argparse.Namespace) -> int:
         f"({num_updates * steps_per_update} steps per seed), one after the other",
         file=sys.stderr,
     )
-    progress = Progress(num_updates, steps_per_update)
+    progress = Progress(num_updates, steps_per_update, not args.no_compile)
     writer = _tensorboard(out)
     returns: list[list[float]] = []
     base = [float(agent.state.hparams.learning_rate) for agent, _ in pairs]
