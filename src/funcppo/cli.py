@@ -165,6 +165,21 @@ def _write_plot(path: Path, returns: list[list[float]], steps_per_update: int, e
     return True
 
 
+def record_update(
+    u: int, metrics: dict, steps_per_update: int, log, writer, progress, returns: list
+) -> None:
+    """One update's per-seed host metrics to the JSONL log, TensorBoard, the curve and the
+    progress line."""
+    env_steps = (u + 1) * steps_per_update
+    log.write(json.dumps({"update": u, "env_steps": env_steps, **metrics}) + "\n")
+    returns.append(metrics["episode_return"])
+    finite = [r for r in metrics["episode_return"] if not math.isnan(r)]
+    mean_return = sum(finite) / len(finite) if finite else float("nan")
+    if writer is not None:
+        writer.add_scalar("episode_return", mean_return, env_steps)
+    progress(u, mean_return)
+
+
 def _merge_seeds(parts: list[tuple[int, dict]]) -> dict:
     """Rank 0's view of one update from every process's ``(update, metrics)``: per-seed lists
     concatenated in rank order (seed order), the slowest process's update time."""
@@ -221,15 +236,7 @@ def run_train(args: argparse.Namespace) -> int:
                 metrics = _merge_seeds(parts)
             elif rank != 0:
                 return
-            log.write(
-                json.dumps({"update": u, "env_steps": (u + 1) * steps_per_update, **metrics}) + "\n"
-            )
-            returns.append(metrics["episode_return"])
-            finite = [r for r in metrics["episode_return"] if not math.isnan(r)]
-            mean_return = sum(finite) / len(finite) if finite else float("nan")
-            if writer is not None:
-                writer.add_scalar("episode_return", mean_return, (u + 1) * steps_per_update)
-            progress(u, mean_return)
+            record_update(u, metrics, steps_per_update, log, writer, progress, returns)
 
         keys = jr.split(jr.key(args.seed), args.seeds)[seeds.start : seeds.stop]
         state, _ = train(keys, callback)

@@ -11,8 +11,6 @@ after the other within each update. The outputs are the built-in path's: ``metri
 from __future__ import annotations
 
 import argparse
-import json
-import math
 import os
 import sys
 import time
@@ -42,7 +40,7 @@ def _agents(args: argparse.Namespace, env_id: str) -> list[tuple[PPOAgent, GymAd
 
 def run_gym_train(args: argparse.Namespace) -> int:
     """Train ``args.seeds`` agents on ``args.env`` (``gym:ID``), as ``run_train`` does."""
-    from funcppo.cli import Progress, _summary, _tensorboard, _write_plot
+    from funcppo.cli import Progress, _summary, _tensorboard, _write_plot, record_update
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("--env gym:ID runs in one process; start it without torchrun")
@@ -77,14 +75,7 @@ def run_gym_train(args: argparse.Namespace) -> int:
                     per_seed.append(agent.update(lr * (1.0 - u / num_updates)))
                 metrics = {k: [m[k] for m in per_seed] for k in per_seed[0]}
                 metrics["update_seconds"] = time.perf_counter() - start
-                record = {"update": u, "env_steps": (u + 1) * steps_per_update, **metrics}
-                log.write(json.dumps(record) + "\n")
-                returns.append(metrics["episode_return"])
-                finite = [r for r in metrics["episode_return"] if not math.isnan(r)]
-                mean_return = sum(finite) / len(finite) if finite else float("nan")
-                if writer is not None:
-                    writer.add_scalar("episode_return", mean_return, (u + 1) * steps_per_update)
-                progress(u, mean_return)
+                record_update(u, metrics, steps_per_update, log, writer, progress, returns)
         except KeyboardInterrupt:
             pass
     print(file=sys.stderr)
