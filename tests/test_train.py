@@ -10,7 +10,7 @@ import torch
 
 from funcppo import random as jr
 from funcppo.checkpoint import load_checkpoint
-from funcppo.cli import main
+from funcppo.cli import _smooth, main
 from funcppo.config import PPOConfig
 from funcppo.envs import make_env
 from funcppo.networks import policy_apply
@@ -160,3 +160,13 @@ def test_bad_train_config_names_the_field():
         cartpole_config(total_steps=10)
     with pytest.raises(ValueError, match="obs_dim"):
         make_train(cartpole_config(ppo=cartpole_config().ppo.replace(obs_dim=3)))
+
+
+def test_curve_smoothing_is_a_trailing_mean_that_skips_nan():
+    returns = torch.tensor([[1.0, 4.0], [float("nan"), 8.0], [5.0, float("nan")], [9.0, 2.0]])
+    got = _smooth(returns, points=2)  # window of 4 // 2 = 2 updates
+    # By hand: seed 0: [1], [1, nan], [nan, 5], [5, 9]; seed 1: [4], [4, 8], [8, nan], [nan, 2].
+    expected = torch.tensor([[1.0, 4.0], [1.0, 6.0], [5.0, 8.0], [7.0, 2.0]], dtype=torch.float64)
+    assert torch.allclose(got, expected.to(got.dtype))
+    ragged = torch.tensor([[float("nan")], [float("nan")], [3.0]])
+    assert torch.isnan(_smooth(ragged, points=3)[:2]).all() and _smooth(ragged, points=3)[2] == 3.0

@@ -86,7 +86,7 @@ def _parser() -> argparse.ArgumentParser:
 
 # Per built-in env: the rollout shape and the PPO settings that differ from CleanRL's defaults.
 # Velocity-hidden CartPole takes RL Zoo's RecurrentPPO settings for CartPoleNoVel (short
-# rollouts, ten epochs, no entropy bonus, a higher learning rate), at half its learning rate.
+# rollouts, ten epochs, no entropy bonus, a higher learning rate).
 PRESETS: dict[str, tuple[dict, dict]] = {
     "cartpole": ({"num_envs": 4, "num_steps": 128}, {}),
     "lifecycle": ({"num_envs": 4, "num_steps": 128}, {}),
@@ -100,7 +100,7 @@ PRESETS: dict[str, tuple[dict, dict]] = {
             "gae_lambda": 0.98,
             "update_epochs": 10,
             "ent_coef": 0.0,
-            "learning_rate": 5e-4,
+            "learning_rate": 1e-3,
         },
     ),
 }
@@ -136,6 +136,20 @@ class Progress:
         )
 
 
+def _smooth(returns: torch.Tensor, points: int = 100) -> torch.Tensor:
+    """``[U, S]`` per-update returns as a trailing mean over about ``U / points`` updates per
+    seed, skipping updates in which no episode finished (NaN)."""
+    window = max(1, returns.shape[0] // points)
+    finite = torch.isfinite(returns)
+    zeros = returns.new_zeros(1, returns.shape[1])
+    total = torch.cat([zeros, torch.where(finite, returns, 0.0).cumsum(0)])
+    count = torch.cat([zeros, finite.double().cumsum(0)])
+    start = (torch.arange(returns.shape[0]) + 1 - window).clamp(min=0)
+    end = torch.arange(returns.shape[0]) + 1
+    n = count[end] - count[start]
+    return torch.where(n > 0, (total[end] - total[start]) / n.clamp(min=1), torch.nan)
+
+
 def _write_plot(path: Path, returns: list[list[float]], steps_per_update: int, env: str) -> bool:
     try:
         import matplotlib
@@ -144,13 +158,15 @@ def _write_plot(path: Path, returns: list[list[float]], steps_per_update: int, e
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    data = torch.tensor(returns, dtype=torch.float64)
+    data = _smooth(torch.tensor(returns, dtype=torch.float64))
     x = (torch.arange(data.shape[0]) + 1) * steps_per_update
     mean = torch.nanmean(data, 1)
     lo = torch.nanquantile(data, 0.1, dim=1) if data.shape[1] > 1 else mean
     hi = torch.nanquantile(data, 0.9, dim=1) if data.shape[1] > 1 else mean
     fig, ax = plt.subplots(figsize=(7, 4))
-    ax.plot(x, mean, label=f"mean over {data.shape[1]} seeds")
+    window = max(1, data.shape[0] // 100)
+    smoothing = f", trailing mean of {window} updates" if window > 1 else ""
+    ax.plot(x, mean, label=f"mean over {data.shape[1]} seeds{smoothing}")
     ax.fill_between(x, lo, hi, alpha=0.3, label="10th-90th percentile")
     reference = REFERENCE_RETURNS.get(env)
     if reference is not None:
