@@ -20,15 +20,12 @@ import torch
 import funcppo.random as jr
 from funcppo.config import PPOConfig
 from funcppo.distributed import shard_seeds
-from funcppo.spec import ActionSpec
 from funcppo.state import init_train_state
 from funcppo.synthetic import synthetic_batch
 from funcppo.update import make_update_fn
+from test_update import B, T, small_config
 
-SPEC = ActionSpec(
-    {"op": 3, "a": 5, "b": 4, "c": 6}, "op", [(), ("a",), ("a", "b", "c")], op_conditioned=("a",)
-)
-T, B, WORLD = 16, 4, 2
+WORLD = 2
 FLOORS = (("a", 1.0), ("c", 1.0), ("op", 0.0))
 # Each case: config changes, number of seeds (None: one unbatched agent) and the compile
 # backend. The first stops early on KL in its second epoch, so the processes must agree on it.
@@ -52,23 +49,6 @@ SLOW_CASES = {
 }
 RUN_CASES = {**CASES, **SLOW_CASES} if SLOW else CASES
 SLOW_MARK = pytest.mark.skipif(not SLOW, reason="compiles a whole update: FUNCPPO_SLOW_TESTS=1")
-
-
-def small_config(**changes) -> PPOConfig:
-    base = dict(
-        obs_dim=6,
-        spec=SPEC,
-        torso_sizes=(16,),
-        lstm_size=8,
-        bptt_len=8,
-        update_epochs=2,
-        num_minibatches=2,
-        compile=False,
-        learning_rate=1e-2,
-        weight_decay=0.1,
-    )
-    base.update(changes)
-    return PPOConfig(**base)
 
 
 def case_inputs(name: str, rank: int):
