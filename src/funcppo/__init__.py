@@ -36,6 +36,7 @@ from funcppo.distributions import (
     masked_sample,
     validate_masks,
 )
+from funcppo.evaluate import make_evaluate
 from funcppo.gym_adapter import GymAdapter, gym_action_spec
 from funcppo.losses import (
     LossCoefs,
@@ -156,6 +157,7 @@ __all__ = [
     "joint_log_ratio",
     "lifecycle_spec",
     "load_checkpoint",
+    "make_evaluate",
     "make_hyperparams",
     "make_policy_apply",
     "make_train",
