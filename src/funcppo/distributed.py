@@ -276,31 +276,19 @@ def replicated_step(
     return grads, loss, summed._replace(ratio=ratio, **kept), bad == 0
 
 
-def replicated_ratio_extremes(infos: list[dict], dp: DataParallel) -> list[dict]:
+def replicated_ratio_extremes(infos: list[Tensor], columns: LossInfo, dp: DataParallel):
     """Every step's ratio extremes over all processes (max of maxima, min of minima), in one
-    collective per update; ``infos`` are the minibatch steps' outputs."""
-
-    def signed(info: LossInfo) -> dict:
-        # min(x) = -max(-x): one max-reduction serves both.
-        out = {"max": info.ratio.max, "min": -info.ratio.min}
-        for f, kind in _EXTREMES.items():
-            if f in info._fields:
-                out[f] = optree.tree_map(
-                    lambda x, k=kind: x if k == "max" else -x, getattr(info, f)
-                )
-        return out
-
-    top = dp.tree_max([signed(s["info"]) for s in infos])
-    out = []
-    for s, t in zip(infos, top, strict=True):
-        ratio = s["info"].ratio._replace(max=t["max"], min=-t["min"])
-        heads = {
-            f: t[f] if _EXTREMES[f] == "max" else optree.tree_map(torch.neg, t[f])
-            for f in _EXTREMES
-            if f in t
-        }
-        out.append(dict(s, info=s["info"]._replace(ratio=ratio, **heads)))
-    return out
+    collective per update. ``infos``: the minibatch steps' metric vectors; ``columns``: their
+    ``LossInfo`` with each field's column index."""
+    maxima = [columns.ratio.max, *columns.head_ratio_max.values()]
+    minima = [columns.ratio.min, *columns.head_ratio_min.values()]
+    stacked = torch.stack(infos)
+    # min(x) = -max(-x): one max-reduction serves both.
+    signed = torch.cat([stacked[..., maxima], -stacked[..., minima]], -1)
+    top = dp.tree_max(signed)
+    top = torch.cat([top[..., : len(maxima)], -top[..., len(maxima) :]], -1)
+    index = torch.tensor(maxima + minima, device=stacked.device)
+    return list(stacked.index_copy(stacked.dim() - 1, index, top).unbind(0))
 
 
 def check_same_shapes(tree: Any, dp: DataParallel) -> None:

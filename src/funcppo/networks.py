@@ -166,11 +166,36 @@ def lstm_scan(
     return torch.stack(outputs), LSTMState(h, c)
 
 
+def _act(activation: str) -> Callable[[Tensor], Tensor]:
+    return torch.tanh if activation == "tanh" else torch.relu
+
+
 def _mlp(layers: Mapping[str, Tensor], x: Tensor, n: int, activation: str) -> Tensor:
-    act = torch.tanh if activation == "tanh" else torch.relu
     for i in range(n):
-        x = act(x @ layers[f"w{i}"] + layers[f"b{i}"])
+        x = _act(activation)(x @ layers[f"w{i}"] + layers[f"b{i}"])
     return x
+
+
+def _mlp_pair(
+    actor: Mapping[str, Tensor], critic: Mapping[str, Tensor], x: Tensor, n: int, activation: str
+) -> tuple[Tensor, Tensor]:
+    """Two MLPs on the same input, their first layers as one matmul (fewer, larger kernels:
+    the same numbers as two ``_mlp`` calls)."""
+    if n == 0:
+        return x, x
+    first = x @ torch.cat([actor["w0"], critic["w0"]], -1) + torch.cat([actor["b0"], critic["b0"]])
+    a, c = _act(activation)(first).split([actor["b0"].shape[-1], critic["b0"].shape[-1]], -1)
+    for i in range(1, n):
+        a = _act(activation)(a @ actor[f"w{i}"] + actor[f"b{i}"])
+        c = _act(activation)(c @ critic[f"w{i}"] + critic[f"b{i}"])
+    return a, c
+
+
+def _linears(layers: list[Mapping[str, Tensor]], x: Tensor) -> list[Tensor]:
+    """``x @ w + b`` for each layer on the same input ``x``, as one matmul."""
+    w = torch.cat([layer["w"] for layer in layers], -1)
+    b = torch.cat([layer["b"] for layer in layers])
+    return list((x @ w + b).split([layer["b"].shape[-1] for layer in layers], -1))
 
 
 def _describe(x: Any) -> str:
@@ -227,7 +252,12 @@ def policy_apply(
     """
     _check_inputs(config, obs, hidden, episode_start)
     n_layers = len(config.torso_sizes)
-    x = _mlp(params["torso"], obs, n_layers, config.activation)
+    if not config.recurrent and not config.shared_torso:
+        actor, critic = _mlp_pair(
+            params["torso"], params["critic"], obs, n_layers, config.activation
+        )
+    else:
+        x = _mlp(params["torso"], obs, n_layers, config.activation)
     if config.recurrent:
         step = obs.ndim == 2
         if hidden is None:
@@ -235,17 +265,17 @@ def policy_apply(
         seq, starts = (x.unsqueeze(0), episode_start.unsqueeze(0)) if step else (x, episode_start)
         out, hidden = lstm_scan(params["lstm"], seq, hidden, starts)
         actor = critic = out.squeeze(0) if step else out
+    elif config.shared_torso:
+        actor = critic = x
+    # Every head, and the value where it reads the actor's features, in one matmul.
+    names = config.spec.names
+    heads = [params["heads"][name] for name in names]
+    if config.recurrent or config.shared_torso:
+        *head_out, value = _linears([*heads, params["value"]], actor)
     else:
-        actor = x
-        critic = (
-            x if config.shared_torso else _mlp(params["critic"], obs, n_layers, config.activation)
-        )
-    logits = {
-        name: actor @ params["heads"][name]["w"] + params["heads"][name]["b"]
-        for name in config.spec.names
-    }
-    value = (critic @ params["value"]["w"] + params["value"]["b"]).squeeze(-1)
-    return PolicyOutput(logits, value, hidden)
+        head_out = _linears(heads, actor)
+        value = critic @ params["value"]["w"] + params["value"]["b"]
+    return PolicyOutput(dict(zip(names, head_out, strict=True)), value.squeeze(-1), hidden)
 
 
 def make_policy_apply(

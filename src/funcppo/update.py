@@ -42,11 +42,23 @@ from funcppo.distributed import (
     replicated_step,
 )
 from funcppo.distributions import factored_entropy, factored_logprob, mask_stats
-from funcppo.losses import LossCoefs, masked_mean, ppo_loss, ratio_diagnostic
-from funcppo.networks import policy_apply
-from funcppo.optim import apply_updates, global_norm
+from funcppo.flat import (
+    FlatLayout,
+    TreeLayout,
+    flat_layout,
+    index_tree,
+    ravel,
+    ravel_tree,
+    rebuild,
+    tree_layout,
+    unravel,
+    unravel_tree,
+)
+from funcppo.losses import LossCoefs, LossInfo, RatioStats, masked_mean, ppo_loss, ratio_diagnostic
+from funcppo.networks import policy_apply, policy_init
+from funcppo.optim import apply_updates, global_norm, is_critic_path
 from funcppo.spec import availability_masks, causal_masks, resolve_masks
-from funcppo.state import Batch, TrainState, make_optimizer
+from funcppo.state import Batch, TrainState, make_hyperparams, make_optimizer
 from funcppo.validation import check_batch
 
 __all__ = ["Prepared", "make_update_fn"]
@@ -66,7 +78,36 @@ class Prepared(NamedTuple):
     counts: Any = ()
 
 
+class Layouts(NamedTuple):
+    """The update's static layouts, computed once on the host.
+
+    Inside the update, parameters and optimizer state live as flat groups (``funcppo.flat``),
+    and each minibatch step returns its metrics as one vector whose columns follow ``info``
+    (``columns``: that tree with each leaf's column index).
+    """
+
+    params: FlatLayout
+    opt_state: TreeLayout
+    info: optree.PyTreeSpec
+    columns: Any
+
+
+def _make_layouts(config: PPOConfig) -> Layouts:
+    params = policy_init(jr.key(0), config)
+    layout = flat_layout(params, lambda path: "critic" if is_critic_path(path) else "actor")
+    opt = make_optimizer(config, make_hyperparams(config, "cpu"))
+    opt_layout = tree_layout(layout, opt.init(params), opt.init(ravel(layout, params)))
+    heads = dict.fromkeys(config.spec.names, 0)
+    info = LossInfo(**{f: dict(heads) if f.startswith("head_") else 0 for f in LossInfo._fields})
+    info = info._replace(ratio=RatioStats(*[0] * len(RatioStats._fields)))
+    step_info = {"loss": 0, "info": info, "grad_norm": 0, "head_grad_norm": heads, "finite": 0}
+    treedef = optree.tree_structure(step_info)
+    return Layouts(layout, opt_layout, treedef, index_tree(treedef))
+
+
 class Carry(NamedTuple):
+    """What one minibatch step hands the next; ``params`` and ``opt_state`` as flat groups."""
+
     params: Any
     opt_state: Any
     stopped: Tensor
@@ -118,8 +159,9 @@ def _minibatch_counts(data: dict, order: Tensor, dp: DataParallel) -> dict:
 
 
 def _make_prepare(
-    config: PPOConfig, dp: DataParallel | None = None
-) -> Callable[[TrainState, Batch], Prepared]:
+    config: PPOConfig, layouts: Layouts, dp: DataParallel | None = None
+) -> Callable[[TrainState, Batch], tuple[Prepared, tuple]]:
+    """``prepare(state, batch) -> (prepared rollout, (params, opt_state) as flat groups)``."""
     spec = config.spec
     seq_len = config.bptt_len if config.recurrent else 1
 
@@ -179,18 +221,20 @@ def _make_prepare(
             "explained_variance": explained,
             **{f"{k}/{h}": v for h, hs in heads.items() for k, v in hs._asdict().items()},
         }
-        return Prepared(data, hidden, order, stats, counts)
+        flat = (ravel(layouts.params, state.params), ravel_tree(layouts.opt_state, state.opt_state))
+        return Prepared(data, hidden, order, stats, counts), flat
 
     return prepare
 
 
-def _make_minibatch_step(config: PPOConfig, dp: DataParallel | None = None):
+def _make_minibatch_step(config: PPOConfig, layouts: Layouts, dp: DataParallel | None = None):
     spec = config.spec
     target_kl_on = config.target_kl is not None
     accum = config.grad_accum_steps
     floors = config.entropy_floors()
 
-    def forward(params, mb, hidden):
+    def forward(flat, mb, hidden):
+        params = unravel(layouts.params, flat)
         out = policy_apply(config, params, mb["obs"], hidden, mb["episode_start"])
         new_logprobs, _ = factored_logprob(spec, out.logits, mb["masks"], mb["actions"])
         entropies = factored_entropy(spec, out.logits, mb["masks"], mb["actions"])
@@ -294,9 +338,10 @@ def _make_minibatch_step(config: PPOConfig, dp: DataParallel | None = None):
             return torch.where(apply, new, old)
 
         n_rel = {h: mb["causal"][h].sum() for h in spec.names} if dp is None else counts["causal"]
+        head_grads = unravel(layouts.params, grads)["heads"]
         head_grad_norm = {
             # NaN, never a silent 0, where no step used the head (seed 001).
-            h: torch.where(n_rel[h] > 0, global_norm(grads["heads"][h]), torch.nan)
+            h: torch.where(n_rel[h] > 0, global_norm(head_grads[h]), torch.nan)
             for h in spec.names
         }
         carry = Carry(
@@ -314,7 +359,17 @@ def _make_minibatch_step(config: PPOConfig, dp: DataParallel | None = None):
             "head_grad_norm": head_grad_norm,
             "finite": finite,
         }
-        return carry, step_info
+        return carry, pack(step_info)
+
+    def pack(step_info: dict) -> Tensor:
+        """The step's metrics as one vector: one output of the compiled step, not dozens."""
+        leaves = optree.tree_leaves(step_info)
+        if not torch.compiler.is_compiling():
+            treedef = optree.tree_structure(step_info)
+            if treedef != layouts.info:
+                raise AssertionError(f"step metrics {treedef} differ from layout {layouts.info}")
+        dtype = step_info["loss"].dtype
+        return torch.stack([x.to(dtype) for x in leaves])
 
     return minibatch_step
 
@@ -327,9 +382,16 @@ def _masked_average(values: Tensor, weight: Tensor) -> Tensor:
     return torch.where(count > 0, total / count.clamp(min=1), torch.nan)
 
 
-def _finish(config: PPOConfig, state: TrainState, carry: Carry, prep: Prepared, infos: list):
-    stacked = optree.tree_map(lambda *xs: torch.stack(xs), *infos)
-    finite = stacked.pop("finite")
+def _finish(
+    config: PPOConfig,
+    layouts: Layouts,
+    state: TrainState,
+    carry: Carry,
+    prep: Prepared,
+    infos: list[Tensor],
+):
+    stacked = rebuild(layouts.columns, torch.stack(infos).unbind(-1))
+    finite = stacked.pop("finite") != 0
     info = stacked.pop("info")
     flat = {
         "loss": stacked["loss"],
@@ -371,8 +433,8 @@ def _finish(config: PPOConfig, state: TrainState, carry: Carry, prep: Prepared, 
     metrics["nonfinite_skips"] = carry.skipped.float()
     metrics["minibatch_steps"] = torch.full_like(metrics["loss"], num_steps)
     new_state = TrainState(
-        params=carry.params,
-        opt_state=carry.opt_state,
+        params=unravel(layouts.params, carry.params),
+        opt_state=unravel_tree(layouts.opt_state, carry.opt_state),
         step=state.step + 1,
         key=jr.fold_in(state.key, 1),
         hparams=state.hparams,
@@ -380,13 +442,14 @@ def _finish(config: PPOConfig, state: TrainState, carry: Carry, prep: Prepared, 
     return new_state, metrics
 
 
-def _initial_carry(config: PPOConfig, state: TrainState) -> Carry:
+def _initial_carry(config: PPOConfig, state: TrainState, flat: tuple) -> Carry:
     # Derived from state.step, not created afresh: under vmap a fresh tensor comes out expanded
     # (stride 0), and the compiled minibatch step would then recompile for the real layout.
     zero = state.step * 0
+    params, opt_state = flat
     return Carry(
-        params=state.params,
-        opt_state=state.opt_state,
+        params=params,
+        opt_state=opt_state,
         stopped=zero != 0,
         stop_epoch=zero + config.update_epochs,
         applied=zero.clone(),
@@ -425,27 +488,28 @@ def make_update_fn(
     if compile_scope not in ("update", "minibatch"):
         raise ValueError(f"compile_scope: expected 'update' or 'minibatch', got {compile_scope!r}")
     dp = data_parallel
-    prepare = _make_prepare(config, dp)
-    step = _make_minibatch_step(config, dp)
+    layouts = _make_layouts(config)
+    prepare = _make_prepare(config, layouts, dp)
+    step = _make_minibatch_step(config, layouts, dp)
     num_steps = config.update_epochs * config.num_minibatches
 
     def finish(state, carry, prep, infos):
-        return _finish(config, state, carry, prep, infos)
+        return _finish(config, layouts, state, carry, prep, infos)
 
     def drive(prepare, step, finish):
         """The update from its three pieces; the minibatch loop runs in Python."""
 
         def run(state: TrainState, batch: Batch):
-            prep = prepare(state, batch)
+            prep, flat = prepare(state, batch)
             # Elementwise on state.step, so it needs neither vmap nor compile (and compiled, two
             # equal outputs could come back as one aliased buffer).
-            carry = _initial_carry(config, state)
+            carry = _initial_carry(config, state, flat)
             infos = []
             for k in range(num_steps):
                 carry, info = step(carry, prep, state.hparams, torch.tensor(k))
                 infos.append(info)
             if dp is not None:
-                infos = replicated_ratio_extremes(infos, dp)
+                infos = replicated_ratio_extremes(infos, layouts.columns["info"], dp)
             return finish(state, carry, prep, infos)
 
         return run

@@ -1,0 +1,156 @@
+"""Parameters as a few flat buffers: the update's working layout.
+
+A policy has a dozen or more parameter leaves, and Adam keeps two moments per leaf. Carried
+leaf by leaf through the minibatch steps, every optimizer formula becomes one small kernel per
+leaf, every leaf is an input and an output of each compiled step (each checked by a guard and
+handled by the compiled wrapper's Python), and the compiled code grows with the leaf count.
+Inside the update, ``ravel`` packs the leaves into one contiguous vector per group (the critic,
+decayed by AdamW, and the rest), ``unravel`` gives them back as views, and the optimizer runs on
+the groups: the same arithmetic on the same numbers, element for element, in a handful of ops.
+
+Layouts are static: computed once, on the host, from example trees. Under ``torch.compile``
+a tree is rebuilt by ``optree.tree_map`` over an *index tree* (the tree's structure with leaf
+i replaced by the int i), never by ``optree.tree_unflatten``: dynamo's optree support rejects
+a real ``PyTreeSpec`` constant (torch 2.13).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import optree
+import torch
+from torch import Tensor
+
+__all__ = [
+    "FlatLayout",
+    "TreeLayout",
+    "flat_layout",
+    "index_tree",
+    "ravel",
+    "ravel_tree",
+    "rebuild",
+    "tree_layout",
+    "unravel",
+    "unravel_tree",
+]
+
+
+class FlatLayout(NamedTuple):
+    """Where each leaf of a parameter tree lives in its group's vector.
+
+    ``groups``: ``(name, leaf indices)`` pairs, leaves in ``optree`` flatten order;
+    ``index``: the tree with leaf i replaced by i.
+    """
+
+    treedef: optree.PyTreeSpec
+    index: Any
+    shapes: tuple[tuple[int, ...], ...]
+    groups: tuple[tuple[str, tuple[int, ...]], ...]
+
+    def sizes(self, leaves: tuple[int, ...]) -> list[int]:
+        return [math.prod(self.shapes[i]) for i in leaves]
+
+
+def flat_layout(params: Any, group_of: Callable[[tuple], str]) -> FlatLayout:
+    """The layout of ``params``, each leaf in the group ``group_of(path)`` names."""
+    paths, leaves, treedef = optree.tree_flatten_with_path(params)
+    members: dict[str, list[int]] = {}
+    for i, path in enumerate(paths):
+        members.setdefault(group_of(path), []).append(i)
+    dtypes = {leaf.dtype for leaf in leaves}
+    if len(dtypes) > 1:
+        raise ValueError(f"params: expected one floating dtype, got {sorted(map(str, dtypes))}")
+    return FlatLayout(
+        treedef,
+        index_tree(treedef),
+        tuple(tuple(leaf.shape) for leaf in leaves),
+        tuple((name, tuple(idx)) for name, idx in sorted(members.items())),
+    )
+
+
+def index_tree(treedef: optree.PyTreeSpec) -> Any:
+    """The tree of ``treedef`` with leaf i replaced by the int i."""
+    return optree.tree_unflatten(treedef, range(treedef.num_leaves))
+
+
+def rebuild(index: Any, leaves: list) -> Any:
+    """The tree of ``index`` (see ``index_tree``) holding ``leaves``; traceable by dynamo."""
+    return optree.tree_map(lambda i: leaves[i], index)
+
+
+def ravel(layout: FlatLayout, params: Any) -> dict[str, Tensor]:
+    """``{group: [n_group]}``, each the group's leaves flattened and concatenated."""
+    leaves = optree.tree_leaves(params)
+    return {name: torch.cat([leaves[i].reshape(-1) for i in idx]) for name, idx in layout.groups}
+
+
+def unravel(layout: FlatLayout, flat: dict[str, Tensor]) -> Any:
+    """The parameter tree back from ``ravel``'s groups, each leaf a view of its group."""
+    leaves: list[Any] = [None] * len(layout.shapes)
+    for name, idx in layout.groups:
+        for i, part in zip(idx, torch.split(flat[name], layout.sizes(idx)), strict=True):
+            leaves[i] = part.view(layout.shapes[i])
+    return rebuild(layout.index, leaves)
+
+
+class TreeLayout(NamedTuple):
+    """A tree (an optimizer state) whose parameter-shaped subtrees are stored raveled.
+
+    ``parts``: per top-level item in flatten order, True for a parameter-shaped subtree.
+    """
+
+    params: FlatLayout
+    index: Any
+    flat_index: Any
+    parts: tuple[bool, ...]
+
+
+def tree_layout(layout: FlatLayout, tree: Any, flat_tree: Any) -> TreeLayout:
+    """The layout of ``tree`` (e.g. an optimizer state built on the parameters) given the same
+    tree built on ``ravel``'s groups, ``flat_tree``."""
+
+    def is_params(x: Any) -> bool:
+        return optree.tree_structure(x) == layout.treedef
+
+    tops = optree.tree_leaves(tree, is_leaf=is_params)
+    return TreeLayout(
+        layout,
+        index_tree(optree.tree_structure(tree)),
+        index_tree(optree.tree_structure(flat_tree)),
+        tuple(is_params(x) for x in tops),
+    )
+
+
+def ravel_tree(tl: TreeLayout, tree: Any) -> Any:
+    """``tree`` with every parameter-shaped subtree replaced by its groups."""
+    leaves, n, out = optree.tree_leaves(tree), tl.params.treedef.num_leaves, []
+    pos = 0
+    for is_params in tl.parts:
+        if is_params:
+            sub = rebuild(tl.params.index, leaves[pos : pos + n])
+            out.extend(optree.tree_leaves(ravel(tl.params, sub)))
+            pos += n
+        else:
+            out.append(leaves[pos])
+            pos += 1
+    return rebuild(tl.flat_index, out)
+
+
+def unravel_tree(tl: TreeLayout, flat_tree: Any) -> Any:
+    """The inverse of ``ravel_tree``."""
+    leaves, n, out = optree.tree_leaves(flat_tree), len(tl.params.groups), []
+    names = [name for name, _ in tl.params.groups]
+    pos = 0
+    for is_params in tl.parts:
+        if is_params:
+            # ravel's dict comes back from tree_leaves in sorted key order, as groups are.
+            groups = dict(zip(names, leaves[pos : pos + n], strict=True))
+            out.extend(optree.tree_leaves(unravel(tl.params, groups)))
+            pos += n
+        else:
+            out.append(leaves[pos])
+            pos += 1
+    return rebuild(tl.index, out)
