@@ -175,25 +175,27 @@ def data_parallel_train(rank: int, dp):
     return state, history
 
 
-def minibatch_union_permutation(config: PPOConfig, seqs_per_env: int):
-    """``jr.permutation`` for one process holding both ranks' batches side by side on the env
-    axis (rank 0's envs first): its minibatch k is exactly rank 0's minibatch k together with
-    rank 1's, which is the global minibatch a data-parallel step trains on."""
-    original = jr.permutation
+def minibatch_union_permutations(config: PPOConfig, seqs_per_env: int):
+    """``jr.permutations`` for one process holding both ranks' batches side by side on the env
+    axis (rank 0's envs first): in every epoch its minibatch k is exactly rank 0's minibatch k
+    together with rank 1's, which is the global minibatch a data-parallel step trains on."""
+    original = jr.permutations
 
-    def permutation(key, n):
-        local = original(key, n // WORLD)
-        size = local.numel() // config.num_minibatches
-        parts = []
-        for k in range(config.num_minibatches):
-            idx = local[k * size : (k + 1) * size]
-            # Sequence c * B + b of a rank (chunk c, env b) is c * 2B + rank * B + b here.
-            chunk, env = idx // B, idx % B
-            parts += [chunk * WORLD * B + r * B + env for r in range(WORLD)]
+    def permutations(key, num, n):
         assert seqs_per_env * B * WORLD == n
-        return torch.cat(parts)
+        rows = []
+        for local in original(key, num, n // WORLD):
+            size = local.numel() // config.num_minibatches
+            parts = []
+            for k in range(config.num_minibatches):
+                idx = local[k * size : (k + 1) * size]
+                # Sequence c * B + b of a rank (chunk c, env b) is c * 2B + rank * B + b here.
+                chunk, env = idx // B, idx % B
+                parts += [chunk * WORLD * B + r * B + env for r in range(WORLD)]
+            rows.append(torch.cat(parts))
+        return torch.stack(rows)
 
-    return permutation
+    return permutations
 
 
 def reference(name: str, monkeypatch):
@@ -204,7 +206,7 @@ def reference(name: str, monkeypatch):
     env_axis = 1 if seeds is None else 2
     both = optree.tree_map(lambda *xs: torch.cat(xs, env_axis), *batches, none_is_leaf=False)
     seq_len = config.bptt_len if config.recurrent else 1
-    monkeypatch.setattr(jr, "permutation", minibatch_union_permutation(config, T // seq_len))
+    monkeypatch.setattr(jr, "permutations", minibatch_union_permutations(config, T // seq_len))
     update = make_update_fn(config)
     if seeds is None:
         return update(state, both)

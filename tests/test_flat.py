@@ -32,7 +32,9 @@ def test_groups_hold_each_leaf_once_in_flatten_order(recurrent):
     flat = ravel(layout, params)
     paths, leaves, _ = optree.tree_flatten_with_path(params)
     for name in ("actor", "critic"):
-        mine = [x.reshape(-1) for p, x in zip(paths, leaves) if critic_or_actor(p) == name]
+        mine = [
+            x.reshape(-1) for p, x in zip(paths, leaves, strict=True) if critic_or_actor(p) == name
+        ]
         # Worked by hand: a group is its leaves, flattened, one after another.
         assert torch.equal(flat[name], torch.cat(mine))
     assert sum(v.numel() for v in flat.values()) == sum(x.numel() for x in leaves)

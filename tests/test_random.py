@@ -186,6 +186,25 @@ def test_permutation_is_uniform_permutation():
     assert float(((counts - 1000) ** 2 / 1000).sum()) < 35
 
 
+def test_permutations_rows_are_independent_uniform_permutations():
+    rows = R.permutations(R.key(3), 6000, 3)
+    assert rows.shape == (6000, 3) and rows.dtype == torch.int64
+    assert all(sorted(r) == [0, 1, 2] for r in rows[:50].tolist())
+    codes = rows[:, 0] * 9 + rows[:, 1] * 3 + rows[:, 2]
+    counts = torch.bincount(codes, minlength=27)
+    counts = counts[counts > 0].double()
+    assert counts.numel() == 6
+    assert float(((counts - 1000) ** 2 / 1000).sum()) < 35
+    # Consecutive rows independent: the pair of first items is uniform over 9 outcomes.
+    pairs = torch.bincount(rows[:-1:2, 0] * 3 + rows[1::2, 0], minlength=9).double()
+    assert float(((pairs - 333.3) ** 2 / 333.3).sum()) < 30
+    # A pure function of the key, eager and vmapped alike.
+    keys = R.split(R.key(4), 3)
+    assert torch.equal(
+        vmap(lambda k: R.permutations(k, 2, 7))(keys)[1], R.permutations(keys[1], 2, 7)
+    )
+
+
 @pytest.mark.parametrize("bad", [[0, 1], torch.zeros(2), torch.zeros(3, dtype=torch.int64)])
 def test_bad_key_names_key(bad):
     for call in (

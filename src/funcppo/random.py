@@ -18,7 +18,17 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["bits", "fold_in", "gumbel", "key", "normal", "permutation", "split", "uniform"]
+__all__ = [
+    "bits",
+    "fold_in",
+    "gumbel",
+    "key",
+    "normal",
+    "permutation",
+    "permutations",
+    "split",
+    "uniform",
+]
 
 _MASK32 = 0xFFFFFFFF
 _GOLDEN = 0x9E3779B9
@@ -129,3 +139,13 @@ def normal(
 def permutation(key: Tensor, n: int) -> Tensor:
     """A uniformly random permutation of ``range(n)`` (argsort of uniform keys): int64 ``[n]``."""
     return torch.argsort(bits(key, (n,)), dim=-1, stable=True)
+
+
+def permutations(key: Tensor, num: int, n: int) -> Tensor:
+    """``num`` independent uniformly random permutations of ``range(n)``: int64 ``[num, n]``.
+
+    One draw of ``num * n`` numbers, each row argsorted: under ``torch.compile`` this is one
+    hash kernel, where ``num`` calls of ``permutation`` on ``split`` keys nest hashes of hashes
+    that inductor inlines into one expression (50 s of compilation against 21 s, measured).
+    """
+    return torch.argsort(bits(key, (num, n)), dim=-1, stable=True)

@@ -1,14 +1,15 @@
 """``make_update_fn(config)``: one pure PPO update over a rollout, compiled and vmappable.
 
-The update is three pure pieces: ``prepare`` (GAE, advantage normalisation, causal and
-availability masks, the rollout cut into sequences and shuffled), ``minibatch_step`` (one
-gradient step, gated by KL early stopping and by finiteness; with ``grad_accum_steps = k > 1``
-its gradient and metrics are accumulated exactly over k micro-batches of the minibatch's
-sequences, one autograd graph at a time) and ``finish`` (metrics). With
-``compile_scope="update"`` they are composed into one function and compiled as one graph
-(torch.compile unrolls the epoch and minibatch loops); with ``"minibatch"`` each piece is
-compiled once and a Python loop drives ``minibatch_step``, which bounds compile time when
-the LSTM makes one minibatch step a long unrolled graph.
+The update is four pure pieces: ``shuffle`` (each epoch's minibatch order), ``prepare`` (GAE,
+advantage normalisation, causal and availability masks, the rollout cut into sequences;
+parameters and optimizer state packed into flat groups, ``funcppo.flat``), ``minibatch_step``
+(one gradient step, gated by KL early stopping and by finiteness; with ``grad_accum_steps =
+k > 1`` its gradient and metrics are accumulated exactly over k micro-batches of the
+minibatch's sequences, one autograd graph at a time; its metrics come back as one vector) and
+``finish`` (metrics; parameters unpacked). With ``compile_scope="update"`` they are composed
+into one function and compiled as one graph (torch.compile unrolls the epoch and minibatch
+loops); with ``"minibatch"`` ``prepare``, the step and ``finish`` are compiled once each and a
+Python loop drives the step, which bounds compile time.
 """
 
 from __future__ import annotations
@@ -49,7 +50,6 @@ from funcppo.flat import (
     index_tree,
     ravel,
     ravel_tree,
-    rebuild,
     tree_layout,
     unravel,
     unravel_tree,
@@ -158,14 +158,32 @@ def _minibatch_counts(data: dict, order: Tensor, dp: DataParallel) -> dict:
     return dp.tree_sum(counts)
 
 
+def _make_shuffle(config: PPOConfig) -> Callable[[TrainState, Batch], Tensor]:
+    """``shuffle(state, batch)``: the minibatches of every epoch, ``[epochs * minibatches, n]``
+    indices of the rollout's sequences, from ``state.key``.
+
+    Run uncompiled in the minibatch scope: inductor inlines the hash of a hash of the key into
+    one expression, and generating its code took 10-20 s of the compile for 0.3 ms of work.
+    """
+    seq_len = config.bptt_len if config.recurrent else 1
+
+    def shuffle(state: TrainState, batch: Batch) -> Tensor:
+        num_seq = batch.rewards.shape[0] // seq_len * batch.rewards.shape[1]
+        order = jr.permutations(jr.fold_in(state.key, 0), config.update_epochs, num_seq)
+        return order.reshape(config.update_epochs * config.num_minibatches, -1)
+
+    return shuffle
+
+
 def _make_prepare(
     config: PPOConfig, layouts: Layouts, dp: DataParallel | None = None
-) -> Callable[[TrainState, Batch], tuple[Prepared, tuple]]:
-    """``prepare(state, batch) -> (prepared rollout, (params, opt_state) as flat groups)``."""
+) -> Callable[[TrainState, Batch, Tensor], tuple[Prepared, tuple]]:
+    """``prepare(state, batch, order) -> (prepared rollout, (params, opt_state) as flat
+    groups)``; ``order`` from ``_make_shuffle``."""
     spec = config.spec
     seq_len = config.bptt_len if config.recurrent else 1
 
-    def prepare(state: TrainState, batch: Batch) -> Prepared:
+    def prepare(state: TrainState, batch: Batch, order: Tensor) -> Prepared:
         hp = state.hparams
         adv, returns = gae(
             batch.rewards,
@@ -206,10 +224,6 @@ def _make_prepare(
         hidden = ()
         if config.recurrent:
             hidden = optree.tree_map(lambda h: h[::seq_len].flatten(0, 1), batch.hidden)
-        num_seq = data["returns"].shape[1]
-        keys = jr.split(jr.fold_in(state.key, 0), config.update_epochs)
-        order = torch.stack([jr.permutation(k, num_seq) for k in keys])
-        order = order.reshape(config.update_epochs * config.num_minibatches, -1)
         heads = mask_stats(spec, batch.masks, op)
         counts = ()
         if dp is None:
@@ -374,14 +388,6 @@ def _make_minibatch_step(config: PPOConfig, layouts: Layouts, dp: DataParallel |
     return minibatch_step
 
 
-def _masked_average(values: Tensor, weight: Tensor) -> Tensor:
-    """Mean of ``values`` over ``weight`` and over finite entries; NaN when none qualifies."""
-    ok = weight & torch.isfinite(values)
-    total = torch.where(ok, values, 0.0).sum()
-    count = ok.sum()
-    return torch.where(count > 0, total / count.clamp(min=1), torch.nan)
-
-
 def _finish(
     config: PPOConfig,
     layouts: Layouts,
@@ -390,12 +396,21 @@ def _finish(
     prep: Prepared,
     infos: list[Tensor],
 ):
-    stacked = rebuild(layouts.columns, torch.stack(infos).unbind(-1))
-    finite = stacked.pop("finite") != 0
-    info = stacked.pop("info")
-    flat = {
-        "loss": stacked["loss"],
-        "grad_norm": stacked["grad_norm"],
+    # One row per minibatch step, one column per metric: every column reduced at once.
+    rows = torch.stack(infos)
+    cols = layouts.columns
+    info = cols["info"]
+    finite = (rows[:, cols["finite"]] != 0).unsqueeze(-1)
+    # Means over the applied-or-attempted finite steps and finite entries; NaN where none.
+    ok = finite & torch.isfinite(rows)
+    count = ok.sum(0)
+    mean = torch.where(ok, rows, 0.0).sum(0) / count.clamp(min=1)
+    mean = torch.where(count > 0, mean, torch.nan)
+    top = torch.where(finite, rows, -torch.inf).amax(0)
+    bottom = torch.where(finite, rows, torch.inf).amin(0)
+    named = {
+        "loss": cols["loss"],
+        "grad_norm": cols["grad_norm"],
         "policy_loss": info.policy_loss,
         "value_loss": info.value_loss,
         "entropy": info.entropy,
@@ -409,14 +424,14 @@ def _finish(
         ("entropy", info.head_entropy),
         ("kl", info.head_kl),
         ("clip_fraction", info.head_clip_fraction),
-        ("grad_norm", stacked["head_grad_norm"]),
+        ("grad_norm", cols["head_grad_norm"]),
     ):
-        flat.update({f"{name}/{h}": v for h, v in heads.items()})
-    metrics = {k: _masked_average(v, finite) for k, v in flat.items()}
-    metrics["ratio_max"] = torch.where(finite, flat["ratio_max"], -torch.inf).max()
-    metrics["ratio_min"] = torch.where(finite, flat["ratio_min"], torch.inf).min()
-    head_max = {h: torch.where(finite, v, -torch.inf).max() for h, v in info.head_ratio_max.items()}
-    head_min = {h: torch.where(finite, v, torch.inf).min() for h, v in info.head_ratio_min.items()}
+        named.update({f"{name}/{h}": i for h, i in heads.items()})
+    metrics = {k: mean[i] for k, i in named.items()}
+    metrics["ratio_max"] = top[info.ratio.max]
+    metrics["ratio_min"] = bottom[info.ratio.min]
+    head_max = {h: top[i] for h, i in info.head_ratio_max.items()}
+    head_min = {h: bottom[i] for h, i in info.head_ratio_min.items()}
     for h in config.spec.names:
         # NaN, never a silent 1, where the head had no relevant step (seed 001).
         metrics[f"ratio_max/{h}"] = torch.where(head_max[h].isfinite(), head_max[h], torch.nan)
@@ -489,6 +504,7 @@ def make_update_fn(
         raise ValueError(f"compile_scope: expected 'update' or 'minibatch', got {compile_scope!r}")
     dp = data_parallel
     layouts = _make_layouts(config)
+    shuffle = _make_shuffle(config)
     prepare = _make_prepare(config, layouts, dp)
     step = _make_minibatch_step(config, layouts, dp)
     num_steps = config.update_epochs * config.num_minibatches
@@ -496,11 +512,11 @@ def make_update_fn(
     def finish(state, carry, prep, infos):
         return _finish(config, layouts, state, carry, prep, infos)
 
-    def drive(prepare, step, finish):
-        """The update from its three pieces; the minibatch loop runs in Python."""
+    def drive(shuffle, prepare, step, finish):
+        """The update from its pieces; the minibatch loop runs in Python."""
 
         def run(state: TrainState, batch: Batch):
-            prep, flat = prepare(state, batch)
+            prep, flat = prepare(state, batch, shuffle(state, batch))
             # Elementwise on state.step, so it needs neither vmap nor compile (and compiled, two
             # equal outputs could come back as one aliased buffer).
             carry = _initial_carry(config, state, flat)
@@ -520,9 +536,10 @@ def make_update_fn(
 
     if compile_scope == "update":
         # One graph: compiling ``drive`` unrolls the minibatch loop.
-        run = wrap(drive(prepare, step, finish))
+        run = wrap(drive(shuffle, prepare, step, finish))
     else:
-        run = drive(wrap(prepare), wrap(step, in_dims=(0, 0, 0, None)), wrap(finish))
+        vmapped = shuffle if num_seeds is None else vmap(shuffle, randomness="error")
+        run = drive(vmapped, wrap(prepare), wrap(step, in_dims=(0, 0, 0, None)), wrap(finish))
 
     checked = []
 
