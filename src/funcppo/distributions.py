@@ -107,8 +107,15 @@ def masked_sample(logits: Tensor, mask: Tensor, key: Tensor) -> Tensor:
     _check_pair(logits, mask)
     if key.shape != (2,):
         raise ValueError(f"key: expected one key of shape [2], got {tuple(key.shape)}")
-    dtype = torch.float64 if logits.dtype == torch.float64 else torch.float32
-    score = logits.to(dtype) + random.gumbel(key, logits.shape, dtype)
+    return _gumbel_argmax(logits, mask, random.gumbel(key, logits.shape, _noise_dtype(logits)))
+
+
+def _noise_dtype(logits: Tensor) -> torch.dtype:
+    return torch.float64 if logits.dtype == torch.float64 else torch.float32
+
+
+def _gumbel_argmax(logits: Tensor, mask: Tensor, noise: Tensor) -> Tensor:
+    score = logits.to(noise.dtype) + noise
     return torch.argmax(torch.where(mask, score, float("-inf")), dim=-1)
 
 
@@ -116,18 +123,29 @@ def factored_sample(
     spec: ActionSpec, logits: Mapping[str, Tensor], masks: Mapping[str, Tensor], key: Tensor
 ) -> dict[str, Tensor]:
     """One action per head, int64 ``[...]`` each: the op head first, then the others under
-    the masks of the sampled op (:func:`funcppo.spec.resolve_masks`). Head ``i`` (in spec
-    order) draws with ``random.split(key, n_heads)[i]``. Heads the op does not use are still
-    sampled (the environment ignores them) and get exactly 0 log-prob in
+    the masks of the sampled op (:func:`funcppo.spec.resolve_masks`). Heads the op does not
+    use are still sampled (the environment ignores them) and get exactly 0 log-prob in
     :func:`factored_logprob`.
+
+    The Gumbel noise of every head is one draw, ``random.gumbel(key, [..., sum of head
+    sizes])``, head ``i`` (in spec order) taking the next ``size_i`` columns: one hash in the
+    compiled rollout instead of one per head (each hash call site costs seconds of inductor
+    code generation).
     """
-    keys = random.split(key, len(spec.names))
-    i_op = spec.names.index(spec.op_head)
-    op = masked_sample(logits[spec.op_head], masks[spec.op_head], keys[i_op])
+    _check_pair(logits[spec.op_head], masks[spec.op_head])
+    if key.shape != (2,):
+        raise ValueError(f"key: expected one key of shape [2], got {tuple(key.shape)}")
+    first = logits[spec.op_head]
+    sizes = [size for _, size in spec.heads]
+    draw = random.gumbel(key, (*first.shape[:-1], sum(sizes)), _noise_dtype(first))
+    noise = dict(zip(spec.names, draw.split(sizes, -1), strict=True))
+    op = _gumbel_argmax(first, masks[spec.op_head], noise[spec.op_head])
     resolved = resolve_masks(spec, masks, op)
     return {
-        name: op if name == spec.op_head else masked_sample(logits[name], resolved[name], keys[i])
-        for i, name in enumerate(spec.names)
+        name: op
+        if name == spec.op_head
+        else _gumbel_argmax(logits[name], resolved[name], noise[name])
+        for name in spec.names
     }
 
 

@@ -72,7 +72,10 @@ def orthogonal(
     gauss = normal(key, (max(rows, cols), min(rows, cols)), dtype)
     q, r = torch.linalg.qr(gauss)
     q = q * torch.sign(torch.diagonal(r, dim1=-2, dim2=-1)).unsqueeze(-2)
-    return gain * (q.mT if rows < cols else q)
+    # Row-major strides, even on a size-1 axis (which is_contiguous ignores): QR's column-major
+    # Q gives a [n, 1] weight a stride no update reproduces, and compiled functions guard on
+    # strides, so the second call would compile again.
+    return (gain * (q.mT if rows < cols else q)).contiguous().view(-1).view(rows, cols)
 
 
 def _linear(key: Tensor, n_in: int, n_out: int, gain: float, dtype: torch.dtype) -> Params:

@@ -120,9 +120,10 @@ def _make_env_step(config: TrainConfig, env: Env):
     ppo, spec = config.ppo, config.ppo.spec
 
     def env_step(rs: RunnerState) -> tuple[RunnerState, Batch]:
-        k_act, k_env = jr.split(rs.key, 2)
-        # fold_in gives a fresh key tensor; a slice of split's output would carry its strides.
-        k_next = jr.fold_in(rs.key, 2)
+        # One split (each hash call site costs seconds of compilation); the carried key is
+        # cloned so that it does not come back as a strided view of the three.
+        k_act, k_env, k_next = jr.split(rs.key, 3)
+        k_next = k_next.clone()
         hidden = rs.hidden if ppo.recurrent else None
         params = rs.train.params
         out = policy_apply(ppo, params, rs.obs, hidden, rs.episode_start)

@@ -447,9 +447,12 @@ def _finish(
     metrics["updates_applied"] = carry.applied.float()
     metrics["nonfinite_skips"] = carry.skipped.float()
     metrics["minibatch_steps"] = torch.full_like(metrics["loss"], num_steps)
+    # Fresh tensors, not views of the groups: a view's storage offset would make every compiled
+    # function that takes the state next (the rollout, the next update) compile again.
+    fresh = lambda tree: optree.tree_map(torch.clone, tree)  # noqa: E731
     new_state = TrainState(
-        params=unravel(layouts.params, carry.params),
-        opt_state=unravel_tree(layouts.opt_state, carry.opt_state),
+        params=fresh(unravel(layouts.params, carry.params)),
+        opt_state=fresh(unravel_tree(layouts.opt_state, carry.opt_state)),
         step=state.step + 1,
         key=jr.fold_in(state.key, 1),
         hparams=state.hparams,
