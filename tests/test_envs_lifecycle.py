@@ -35,6 +35,7 @@ from funcppo.envs.lifecycle import (
     HOLDING,
     MIN_PRUNE_AGE,
     NOISE_SCALE,
+    ORACLE_RETURN,
     PRUNE,
     PRUNE_SHOCK,
     PRUNED,
@@ -52,7 +53,12 @@ from funcppo.envs.lifecycle import (
     Lifecycle,
     LifecycleState,
 )
-from funcppo.envs.lifecycle_policy import episode_returns, heuristic_policy, random_policy
+from funcppo.envs.lifecycle_policy import (
+    episode_returns,
+    heuristic_policy,
+    oracle_policy,
+    random_policy,
+)
 from funcppo.spec import LIFECYCLE_OPS, lifecycle_spec
 
 SETTINGS = settings(max_examples=30, deadline=None)
@@ -175,7 +181,7 @@ def env_dict(state: LifecycleState, i: int) -> dict:
 
 
 def test_step_matches_python_reference_over_rollouts(monkeypatch):
-    steps = trace()[::3]  # drawn at the real collapse rate
+    steps = trace()[::2]  # drawn at the real collapse rate
     # A collapse rate 1000x the real one makes collapses common enough to check the rule.
     rate = 10.0
     monkeypatch.setattr(lifecycle, "COLLAPSE_RATE", rate)
@@ -460,6 +466,15 @@ def test_heuristic_beats_random():
     # The documented 256-episode means are not stale (5 standard errors at 64 episodes).
     assert abs(heuristic.mean() - REFERENCE_RETURN) < 5 * heuristic.std() / 8
     assert abs(uniform.mean() - RANDOM_RETURN) < 5 * uniform.std() / 8
+
+
+def test_oracle_bounds_heuristic():
+    env = Lifecycle(64)
+    oracle = episode_returns(env, oracle_policy, random.key(11))
+    heuristic = episode_returns(env, heuristic_policy, random.key(11))
+    # Told the qualities, the rules plant the best blueprint at once: every episode the same.
+    assert oracle.min() > heuristic.mean() + 1.0, (oracle.min(), heuristic.mean())
+    assert abs(oracle.mean() - ORACLE_RETURN) < 0.01
 
 
 @SETTINGS

@@ -16,6 +16,11 @@ first match wins, each on the first slot where it applies:
 6. WAIT.
 
 A blueprint is judged after ``JUDGE_SAMPLES`` samples; it looks good above ``GOOD_THRESHOLD``.
+
+:func:`oracle_policy` plays the same rules with the hidden qualities in place of the sample
+means (every blueprint judged from the start): it plants the best blueprint in every slot and
+never explores. It is not a policy an agent can reach, only an upper yardstick for the
+heuristic: what the rules would earn if discovery cost nothing.
 """
 
 from __future__ import annotations
@@ -48,7 +53,13 @@ from funcppo.envs.lifecycle import (
 )
 from funcppo.spec import lifecycle_spec
 
-__all__ = ["episode_returns", "heuristic_policy", "random_policy", "reference_return"]
+__all__ = [
+    "episode_returns",
+    "heuristic_policy",
+    "oracle_policy",
+    "random_policy",
+    "reference_return",
+]
 
 JUDGE_SAMPLES = 5
 GOOD_THRESHOLD = 0.4
@@ -120,6 +131,19 @@ def heuristic_policy(
     }
 
 
+def oracle_policy(
+    env_state: LifecycleState,
+    obs: Tensor,
+    masks: Mapping[str, Tensor],
+    key: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """:func:`heuristic_policy` told the hidden qualities: each blueprint's samples replaced by
+    ``JUDGE_SAMPLES`` exact ones. Reads ``env_state.quality``; ``key`` is unused."""
+    judged = torch.full_like(env_state.quality, float(JUDGE_SAMPLES))
+    told = env_state._replace(bp_sum=env_state.quality * JUDGE_SAMPLES, bp_count=judged)
+    return heuristic_policy(told, obs, masks, key)
+
+
 def random_policy(
     env_state: Any, obs: Tensor, masks: Mapping[str, Tensor], key: Tensor
 ) -> dict[str, Tensor]:
@@ -151,8 +175,9 @@ def episode_returns(env: Lifecycle, policy: Policy, key: Tensor) -> Tensor:
 
 
 def reference_return(policy: str = "heuristic", num_envs: int = 256, seed: int = 0) -> float:
-    """Mean first-episode return of ``"heuristic"`` or ``"random"`` on ``Lifecycle(num_envs)``."""
-    policies = {"heuristic": heuristic_policy, "random": random_policy}
+    """Mean first-episode return of ``"heuristic"``, ``"oracle"`` or ``"random"`` on
+    ``Lifecycle(num_envs)``."""
+    policies = {"heuristic": heuristic_policy, "oracle": oracle_policy, "random": random_policy}
     if policy not in policies:
         raise ValueError(f"policy: expected one of {sorted(policies)}, got {policy!r}")
     returns = episode_returns(Lifecycle(num_envs), policies[policy], random.key(seed))
