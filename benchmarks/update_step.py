@@ -113,6 +113,39 @@ def loop_over_seeds(update, num_seeds: int):
     return run
 
 
+def matmul_floor(repeats: int, device: torch.device) -> float:
+    """Median seconds for the matmuls alone of one MLP update: 16 minibatch steps of 256 rows,
+    each the 14 products policy_apply's forward and its backward run (first layers fused,
+    heads fused, value), on random matrices. No other op, no framework: a floor for the
+    compiled update on this device and thread count."""
+    g = torch.Generator(device="cpu").manual_seed(0)
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device)
+
+    rows, obs, width, heads = 256, 64, 128, sum(size for _, size in SPEC.heads)
+    x, h, y = rand(rows, obs), rand(rows, width), rand(rows, 2 * width)
+    w0, w1, wh, wv = rand(obs, 2 * width), rand(width, width), rand(width, heads), rand(width, 1)
+    gh, gv, g1 = rand(rows, heads), rand(rows, 1), rand(rows, width)
+
+    def update():
+        for _ in range(16):
+            x @ w0, h @ w1, h @ w1, h @ wh, h @ wv  # forward
+            x.T @ y, h.T @ g1, h.T @ g1, h.T @ gh, h.T @ gv  # weight gradients
+            g1 @ w1.T, g1 @ w1.T, gh @ wh.T, gv @ wv.T  # input gradients
+
+    for _ in range(3):
+        update()
+    times = []
+    for _ in range(max(repeats, 5)):
+        sync(device)
+        start = time.perf_counter()
+        update()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="3 repeats, seeds 1 and 8 only")
@@ -151,6 +184,9 @@ def main() -> None:
             flush=True,
         )
 
+    floor = matmul_floor(repeats, device)
+    print(f"{'mlp matmuls alone (floor)':48s} median {floor * 1e3:9.1f} ms", flush=True)
+    rows.append(("mlp matmuls alone (floor)", 0.0, floor, "", peak_rss_mib()))
     for recurrent in (False, True):
         if recurrent and args.skip_lstm:
             continue
