@@ -124,33 +124,37 @@ def tree_layout(layout: FlatLayout, tree: Any, flat_tree: Any) -> TreeLayout:
     )
 
 
-def ravel_tree(tl: TreeLayout, tree: Any) -> Any:
-    """``tree`` with every parameter-shaped subtree replaced by its groups."""
-    leaves, n, out = optree.tree_leaves(tree), tl.params.treedef.num_leaves, []
-    pos = 0
+def _convert_parts(tl: TreeLayout, leaves: list, width: int, convert: Callable) -> list:
+    """``leaves`` with each parameter-shaped run of ``width`` leaves replaced by
+    ``convert(run)``, every other leaf kept."""
+    out, pos = [], 0
     for is_params in tl.parts:
         if is_params:
-            sub = rebuild(tl.params.index, leaves[pos : pos + n])
-            out.extend(optree.tree_leaves(ravel(tl.params, sub)))
-            pos += n
+            out.extend(convert(leaves[pos : pos + width]))
+            pos += width
         else:
             out.append(leaves[pos])
             pos += 1
-    return rebuild(tl.flat_index, out)
+    return out
+
+
+def ravel_tree(tl: TreeLayout, tree: Any) -> Any:
+    """``tree`` with every parameter-shaped subtree replaced by its groups."""
+
+    def convert(run: list) -> list:
+        return optree.tree_leaves(ravel(tl.params, rebuild(tl.params.index, run)))
+
+    leaves = optree.tree_leaves(tree)
+    return rebuild(tl.flat_index, _convert_parts(tl, leaves, len(tl.params.shapes), convert))
 
 
 def unravel_tree(tl: TreeLayout, flat_tree: Any) -> Any:
     """The inverse of ``ravel_tree``."""
-    leaves, n, out = optree.tree_leaves(flat_tree), len(tl.params.groups), []
     names = [name for name, _ in tl.params.groups]
-    pos = 0
-    for is_params in tl.parts:
-        if is_params:
-            # ravel's dict comes back from tree_leaves in sorted key order, as groups are.
-            groups = dict(zip(names, leaves[pos : pos + n], strict=True))
-            out.extend(optree.tree_leaves(unravel(tl.params, groups)))
-            pos += n
-        else:
-            out.append(leaves[pos])
-            pos += 1
-    return rebuild(tl.index, out)
+
+    def convert(run: list) -> list:
+        # ravel's dict comes back from tree_leaves in sorted key order, as groups are.
+        return optree.tree_leaves(unravel(tl.params, dict(zip(names, run, strict=True))))
+
+    leaves = optree.tree_leaves(flat_tree)
+    return rebuild(tl.index, _convert_parts(tl, leaves, len(names), convert))
