@@ -105,9 +105,13 @@ def masked_sample(logits: Tensor, mask: Tensor, key: Tensor) -> Tensor:
     A row with no valid action returns 0; :func:`validate_masks` rejects such rows upstream.
     """
     _check_pair(logits, mask)
+    _check_one_key(key)
+    return _gumbel_argmax(logits, mask, random.gumbel(key, logits.shape, _noise_dtype(logits)))
+
+
+def _check_one_key(key: Tensor) -> None:
     if key.shape != (2,):
         raise ValueError(f"key: expected one key of shape [2], got {tuple(key.shape)}")
-    return _gumbel_argmax(logits, mask, random.gumbel(key, logits.shape, _noise_dtype(logits)))
 
 
 def _noise_dtype(logits: Tensor) -> torch.dtype:
@@ -133,8 +137,7 @@ def factored_sample(
     code generation).
     """
     _check_pair(logits[spec.op_head], masks[spec.op_head])
-    if key.shape != (2,):
-        raise ValueError(f"key: expected one key of shape [2], got {tuple(key.shape)}")
+    _check_one_key(key)
     first = logits[spec.op_head]
     sizes = [size for _, size in spec.heads]
     draw = random.gumbel(key, (*first.shape[:-1], sum(sizes)), _noise_dtype(first))

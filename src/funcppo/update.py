@@ -183,7 +183,7 @@ def _make_prepare(
     spec = config.spec
     seq_len = config.bptt_len if config.recurrent else 1
 
-    def prepare(state: TrainState, batch: Batch, order: Tensor) -> Prepared:
+    def prepare(state: TrainState, batch: Batch, order: Tensor) -> tuple[Prepared, tuple]:
         hp = state.hparams
         adv, returns = gae(
             batch.rewards,
