@@ -183,8 +183,27 @@ def test_clip_by_global_norm_properties(a, b, max_norm):
     flat_out = torch.cat([x.flatten() for x in optree.tree_leaves(out)])
     c = min(1.0, max_norm / (norm.item() + CLIP_NORM_EPS))
     torch.testing.assert_close(flat_out, flat_in * c, atol=1e-6 * max(1.0, max_norm), rtol=1e-5)
-    if norm.item() + CLIP_NORM_EPS <= max_norm:
+    # Where the factor, in the gradients' dtype as clip_grad_norm_ computes it, is exactly 1,
+    # gradients pass through bit for bit. (In float64, norm + eps <= max_norm can still give a
+    # float32 factor of 0.99999994: hypothesis found a = [0], b = [105.2628173828125],
+    # max_norm = 105.26282075379683.)
+    factor = torch.clamp(max_norm / (norm + CLIP_NORM_EPS), max=1.0)
+    if factor == 1:
         assert torch.equal(flat_out, flat_in)
+
+
+def test_clip_factor_at_the_float32_boundary():
+    # The example hypothesis found: exactly, norm + eps < max_norm; in float32 the factor is
+    # 0.99999994, and the result still agrees with torch's clip_grad_norm_ bit for bit.
+    grads = {"a": torch.tensor([0.0]), "b": torch.tensor([105.2628173828125])}
+    max_norm = 105.26282075379683
+    out, _ = clip_by_global_norm(max_norm).update(grads, EmptyState())
+    expected = [g.clone().requires_grad_() for g in grads.values()]
+    for p in expected:
+        p.grad = p.detach().clone()
+    torch.nn.utils.clip_grad_norm_(expected, max_norm)
+    for got, p in zip(out.values(), expected, strict=True):
+        assert torch.equal(got, p.grad)
 
 
 def test_clip_under_vmap_uses_one_norm_per_seed():
