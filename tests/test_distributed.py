@@ -86,7 +86,7 @@ def _worker(rank: int, port: int, out: str, task: str, timeout_s: float) -> None
     )
     torch.set_num_threads(1)
     try:
-        from funcppo.distributed import data_parallel, init_distributed
+        from funcppo.distributed import close_distributed, data_parallel, init_distributed
 
         init_distributed(timeout_s=timeout_s)
         result = globals()[task](rank, data_parallel())
@@ -94,6 +94,9 @@ def _worker(rank: int, port: int, out: str, task: str, timeout_s: float) -> None
     except BaseException:
         (Path(out) / f"rank{rank}.err").write_text(traceback.format_exc())
         raise SystemExit(1) from None
+    finally:
+        # No barrier: some tasks end with their peer gone on purpose.
+        close_distributed(wait=False)
 
 
 def spawn(task: str, out: Path, timeout_s: float = 60.0, pg_timeout_s: float = 30.0):

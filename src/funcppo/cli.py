@@ -27,6 +27,8 @@ from funcppo import random as jr
 from funcppo.checkpoint import save_checkpoint
 from funcppo.config import PPOConfig
 from funcppo.distributed import (
+    DataParallel,
+    close_distributed,
     data_parallel,
     gather_to_root,
     init_distributed,
@@ -219,10 +221,19 @@ def _merge_seeds(parts: list[tuple[int, dict]]) -> dict:
 
 def run_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
-    rank, world, dp = 0, 1, None
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        rank, world = init_distributed(args.dist_timeout)
-        dp = data_parallel() if args.data_parallel else None
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:
+        return _run_train(args, 0, 1, None)
+    rank, world = init_distributed(args.dist_timeout)
+    try:
+        code = _run_train(args, rank, world, data_parallel() if args.data_parallel else None)
+    except BaseException:
+        close_distributed(wait=False)
+        raise
+    close_distributed()
+    return code
+
+
+def _run_train(args: argparse.Namespace, rank: int, world: int, dp: DataParallel | None) -> int:
     # Split seeds: this process's shard of the keys of a single-process run.
     split_seeds = world > 1 and dp is None
     seeds = shard_seeds(args.seeds, rank, world) if split_seeds else range(args.seeds)

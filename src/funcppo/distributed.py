@@ -45,6 +45,7 @@ __all__ = [
     "DataParallel",
     "DistributedError",
     "check_same_shapes",
+    "close_distributed",
     "data_parallel",
     "gather_to_root",
     "init_distributed",
@@ -175,6 +176,22 @@ def init_distributed(timeout_s: float = 300.0, backend: str | None = None) -> tu
         except (RuntimeError, ValueError) as err:
             raise _failed("joining the process group", err) from err
     return dist.get_rank(), dist.get_world_size()
+
+
+def close_distributed(wait: bool = True) -> None:
+    """Leave the process group, if one was joined: wait for every process (skip that with
+    ``wait=False`` after an error, when the others may never arrive), then destroy the group.
+
+    A process that exits with the group alive can abort at interpreter exit while gloo's
+    threads still run ("terminate called without an active exception", exit signal 6).
+    """
+    if not dist.is_initialized():
+        return
+    try:
+        if wait:
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()
 
 
 def shard_seeds(num_seeds: int, rank: int, world_size: int) -> range:
