@@ -17,6 +17,7 @@ from funcppo.config import PPOConfig, esper_config
 from funcppo.distributed import (
     DataParallel,
     DistributedError,
+    close_distributed,
     data_parallel,
     gather_to_root,
     init_distributed,
@@ -138,6 +139,7 @@ __all__ = [
     "clip_by_global_norm",
     "clip_fraction",
     "clipped_surrogate",
+    "close_distributed",
     "data_parallel",
     "esper_config",
     "factored_entropy",
