@@ -31,7 +31,7 @@ def test_first_episode_return_matches_the_training_loops_bookkeeping():
     rs = _init_runner(cfg, env, key)._replace(train=state)
     env_step = _make_env_step(cfg, env)
     while float(rs.finished_count) == 0:
-        rs, _ = env_step(rs)
+        rs, _ = env_step(state.params, rs)
     assert float(rs.finished_count) == 1
     got = make_evaluate(cfg)(state, key)
     assert got.shape == (1,)

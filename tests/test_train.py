@@ -7,6 +7,7 @@ import math
 import optree
 import pytest
 import torch
+from torch.func import vmap
 
 from funcppo import random as jr
 from funcppo.checkpoint import load_checkpoint
@@ -14,7 +15,14 @@ from funcppo.cli import _smooth, main
 from funcppo.config import PPOConfig
 from funcppo.envs import make_env
 from funcppo.networks import policy_apply
-from funcppo.train import TrainConfig, _init_runner, _make_env_step, make_train
+from funcppo.train import (
+    TrainConfig,
+    _contiguous,
+    _init_runner,
+    _make_env_step,
+    make_rollout,
+    make_train,
+)
 
 
 def cartpole_config(**changes) -> TrainConfig:
@@ -66,13 +74,48 @@ def test_compiled_matches_eager():
     assert torch.equal(c_hist["episodes"], e_hist["episodes"])
 
 
+@pytest.mark.parametrize(
+    ("env_name", "recurrent", "seeds"),
+    [("lifecycle", False, None), ("cartpole-pomdp", True, 2)],
+)
+def test_scanned_rollout_matches_the_python_loop(env_name, recurrent, seeds):
+    # The compiled rollout is one scan over time; the eager one a Python loop over the step.
+    env = make_env(env_name, 3)
+    ppo = PPOConfig(
+        obs_dim=env.obs_dim, spec=env.spec, torso_sizes=(8,), recurrent=recurrent, lstm_size=8
+    )
+    config = TrainConfig(env=env_name, ppo=ppo, num_envs=3, num_steps=12, total_steps=36)
+    step = _make_env_step(config, env)
+    init = lambda key: _init_runner(config, env, key)  # noqa: E731
+    time_axis = 0
+    if seeds is not None:
+        step, init = _contiguous(vmap(step)), _contiguous(vmap(init))
+        time_axis = 1
+    keys = jr.key(5) if seeds is None else jr.split(jr.key(5), seeds)
+    rs = init(keys)
+    loop = make_rollout(step, config.num_steps, time_axis, False, "inductor")
+    scanned = make_rollout(step, config.num_steps, time_axis, True, "aot_eager")
+    for _ in range(2):  # the second call starts from a state with episodes under way
+        (rs_loop, batch_loop), (rs_scan, batch_scan) = loop(rs), scanned(rs)
+        assert optree.tree_structure(batch_loop) == optree.tree_structure(batch_scan)
+        for want, got in zip(
+            optree.tree_leaves((rs_loop, batch_loop)),
+            optree.tree_leaves((rs_scan, batch_scan)),
+            strict=True,
+        ):
+            assert got.shape == want.shape and got.dtype == want.dtype
+            assert torch.allclose(got.float(), want.float(), atol=1e-6)
+        assert batch_scan.rewards.shape[time_axis] == config.num_steps
+        rs = rs_loop
+
+
 def test_next_value_is_value_of_reached_observation():
     config = cartpole_config()
     env = config.make_env()
     rs = _init_runner(config, env, jr.key(0))
     step = _make_env_step(config, env)
     for _ in range(40):
-        new_rs, tr = step(rs)
+        new_rs, tr = step(rs.train.params, rs)
         # The reached observation is the next obs where not done, the final obs where done.
         res = env.step(rs.env_state, tr.actions, jr.split(rs.key, 2)[1])
         expected = policy_apply(config.ppo, rs.train.params, res.final_obs, None, None).value

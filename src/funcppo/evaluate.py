@@ -14,9 +14,8 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
-from funcppo.compiling import compile_fn
 from funcppo.state import TrainState
-from funcppo.train import TrainConfig, _contiguous, _init_runner, _make_env_step
+from funcppo.train import TrainConfig, _contiguous, _init_runner, _make_env_step, make_rollout
 
 __all__ = ["make_evaluate"]
 
@@ -40,23 +39,20 @@ def make_evaluate(
     if num_seeds is not None:
         env_step, init = vmap(env_step, randomness="error"), vmap(init, randomness="error")
         env_step, init = _contiguous(env_step), _contiguous(init)
-    if config.ppo.compile:
-        env_step = compile_fn(env_step, "evaluate_step", backend)
+    # One rollout as long as the longest episode: every env ends an episode within it.
+    time_axis = 0 if num_seeds is None else 1
+    rollout = make_rollout(env_step, env.max_steps, time_axis, config.ppo.compile, backend)
 
     def evaluate(train_state: TrainState, key: Tensor) -> Tensor:
         shape = (2,) if num_seeds is None else (num_seeds, 2)
         if not isinstance(key, Tensor) or key.dtype != torch.int64 or tuple(key.shape) != shape:
             got = f"{key.dtype} {tuple(key.shape)}" if isinstance(key, Tensor) else type(key)
             raise ValueError(f"key: expected an int64 tensor of shape {list(shape)}, got {got}")
-        rs = init(train_state, key)
-        returns = torch.zeros_like(rs.episode_return)
-        ended = torch.zeros_like(rs.episode_start)
-        for _ in range(env.max_steps):
-            before = rs.episode_return
-            rs, step = env_step(rs)
-            done = step.terminated | step.truncated
-            returns = torch.where(done & ~ended, before + step.rewards, returns)
-            ended = ended | done
-        return returns
+        _, batch = rollout(init(train_state, key))
+        done = (batch.terminated | batch.truncated).movedim(time_axis, 0)
+        # Steps of each env's first episode: those with no episode end before them.
+        first = (done.long().cumsum(0) - done.long()) == 0
+        rewards = batch.rewards.movedim(time_axis, 0)
+        return torch.where(first & done.any(0), rewards, 0.0).sum(0)
 
     return evaluate

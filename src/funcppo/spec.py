@@ -114,14 +114,28 @@ def _op_one_hot(op_actions: Tensor, n_ops: int) -> Tensor:
     return op_actions.unsqueeze(-1) == torch.arange(n_ops, device=op_actions.device)
 
 
+def _uses(spec: ActionSpec, op_hot: Tensor) -> dict[str, Tensor]:
+    """Per head, ``op_hot[..., o]`` ORed over the ops o that use it (bool ``[...]``).
+
+    Written from the table's Python values, not from a table tensor: a tensor constant inside a
+    compiled ``scan`` body is not bound by inductor's loop lowering (torch 2.13).
+    """
+    out = {}
+    for name in spec.names:
+        ops = [o for o, row in enumerate(spec.causal) if name in row]
+        used = op_hot[..., ops[0]]
+        for o in ops[1:]:
+            used = used | op_hot[..., o]
+        out[name] = used
+    return out
+
+
 def causal_masks(spec: ActionSpec, op_actions: Tensor) -> dict[str, Tensor]:
     """Which heads the taken op used: bool ``[...]`` per head, for ``op_actions`` of ``[...]``.
 
     The op head's mask is all True (seed 000).
     """
-    table = spec.causal_table(op_actions.device)
-    used = (_op_one_hot(op_actions, spec.n_ops).unsqueeze(-1) & table).any(-2)
-    return {name: used[..., i] for i, name in enumerate(spec.names)}
+    return _uses(spec, _op_one_hot(op_actions, spec.n_ops))
 
 
 def availability_masks(spec: ActionSpec, op_valid: Tensor) -> dict[str, Tensor]:
@@ -129,9 +143,7 @@ def availability_masks(spec: ActionSpec, op_valid: Tensor) -> dict[str, Tensor]:
 
     A head is available where some valid op uses it; the entropy floor applies only there.
     """
-    table = spec.causal_table(op_valid.device)
-    avail = (op_valid.bool().unsqueeze(-1) & table).any(-2)
-    return {name: avail[..., i] for i, name in enumerate(spec.names)}
+    return _uses(spec, op_valid.bool())
 
 
 def resolve_masks(

@@ -1,10 +1,12 @@
 """``make_train(config)``: rollouts and updates composed into one training run per key.
 
 One environment step (policy, masked factored sampling, ``env.step``, the value of the reached
-observation for truncation bootstrap) is a pure function, compiled once and vmapped over seeds;
-a Python loop drives it for ``num_steps`` steps, then the compiled update runs on the rollout.
-The Python loop stands in for ``jax.lax.scan``: torch.compile would unroll a loop over time, so
-driving the compiled step keeps compile time bounded whatever the rollout length.
+observation for truncation bootstrap) is a pure function, vmapped over seeds. Compiled, the
+rollout is one call: torch's ``scan`` (``jax.lax.scan``'s counterpart) over ``num_steps`` of that
+step, which inductor lowers to one loop, so compile time does not grow with the rollout's length
+and dynamo's per-call cost is paid once per rollout rather than once per step (1.8x on
+CartPole, benchmarks/RESULTS.md). Eager, a Python loop drives the step. Then the compiled
+update runs on the rollout.
 """
 
 from __future__ import annotations
@@ -17,7 +19,9 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
+from torch._higher_order_ops.scan import scan
 from torch.func import vmap
 
 from funcppo import random as jr
@@ -119,13 +123,12 @@ def _init_runner(config: TrainConfig, env: Env, key: Tensor, rank: int = 0) -> R
 def _make_env_step(config: TrainConfig, env: Env):
     ppo, spec = config.ppo, config.ppo.spec
 
-    def env_step(rs: RunnerState) -> tuple[RunnerState, Batch]:
+    def env_step(params: Any, rs: RunnerState) -> tuple[RunnerState, Batch]:
         # One split (each hash call site costs seconds of compilation); the carried key is
         # cloned so that it does not come back as a strided view of the three.
         k_act, k_env, k_next = jr.split(rs.key, 3)
         k_next = k_next.clone()
         hidden = rs.hidden if ppo.recurrent else None
-        params = rs.train.params
         out = policy_apply(ppo, params, rs.obs, hidden, rs.episode_start)
         actions = factored_sample(spec, out.logits, rs.masks, k_act)
         logprobs, _ = factored_logprob(spec, out.logits, rs.masks, actions)
@@ -175,6 +178,70 @@ def _stack(items: list, axis: int) -> Any:
     return optree.tree_map(lambda *xs: torch.stack(xs, dim=axis), *items, none_is_leaf=False)
 
 
+def make_rollout(
+    env_step: Callable, num_steps: int, time_axis: int, compile_: bool, backend: str
+) -> Callable[[RunnerState], tuple[RunnerState, Batch]]:
+    """``rollout(rs) -> (rs, batch)``: ``num_steps`` of ``env_step(params, rs)``, the
+    transitions stacked on ``time_axis``; compiled as one scan, or driven from Python."""
+    if not compile_:
+        return _loop_rollout(env_step, num_steps, time_axis)
+    scanned, drive = _scan_rollout(env_step, num_steps, time_axis)
+    scanned = compile_fn(scanned, "rollout", backend)
+    return lambda rs: drive(scanned, rs)
+
+
+def _loop_rollout(env_step: Callable, num_steps: int, time_axis: int) -> Callable:
+    """``rollout(rs) -> (rs, batch)``: ``num_steps`` calls of ``env_step`` from Python."""
+
+    def rollout(rs: RunnerState) -> tuple[RunnerState, Batch]:
+        params, transitions = rs.train.params, []
+        for _ in range(num_steps):
+            rs, transition = env_step(params, rs)
+            transitions.append(transition)
+        return rs, _stack(transitions, time_axis)
+
+    return rollout
+
+
+def _fresh(leaves: list[Tensor]) -> list[Tensor]:
+    # A scan body may neither return its inputs nor two views of one buffer.
+    return [x.clone() for x in leaves]
+
+
+def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> Callable:
+    """``rollout(rs) -> (rs, batch)`` as one ``scan`` over time, to be compiled.
+
+    The carry is the runner state without the train state (parameters are read, not carried)
+    as a flat list of tensors, the form a scan body takes and returns. ``batch``'s tree
+    structure comes from one eager step on the first call (a traced body cannot hand it out).
+    """
+    batch_spec: list[pytree.TreeSpec] = []
+
+    def scanned(rs: RunnerState) -> tuple[RunnerState, list[Tensor]]:
+        train = rs.train
+        params = optree.tree_map(torch.clone, train.params)
+        leaves, spec = pytree.tree_flatten(rs._replace(train=()))
+
+        def body(carry: list[Tensor], _: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+            new, transition = env_step(params, pytree.tree_unflatten(carry, spec))
+            return _fresh(pytree.tree_leaves(new._replace(train=()))), _fresh(
+                pytree.tree_leaves(transition)
+            )
+
+        xs = torch.zeros(num_steps, device=rs.key.device)  # scan's length; the body ignores it
+        carry, ys = scan(body, _fresh(leaves), xs)
+        ys = [y.movedim(0, time_axis).contiguous() for y in ys]
+        return pytree.tree_unflatten(carry, spec)._replace(train=train), ys
+
+    def rollout(compiled: Callable, rs: RunnerState) -> tuple[RunnerState, Batch]:
+        if not batch_spec:
+            batch_spec.append(pytree.tree_structure(env_step(rs.train.params, rs)[1]))
+        rs, ys = compiled(rs)
+        return rs, pytree.tree_unflatten(ys, batch_spec[0])
+
+    return scanned, rollout
+
+
 def make_train(
     config: TrainConfig,
     *,
@@ -210,17 +277,12 @@ def make_train(
         # vmap returns outputs that do not depend on the inputs expanded (stride 0); make them
         # real tensors so the compiled step sees one memory layout from the first call on.
         env_step, init = _contiguous(env_step), _contiguous(init)
-    if ppo.compile:
-        env_step = compile_fn(env_step, "env_step", backend)
-    update = make_update_fn(ppo, num_seeds=num_seeds, backend=backend, data_parallel=data_parallel)
     time_axis = 0 if num_seeds is None else 1
+    rollout = make_rollout(env_step, config.num_steps, time_axis, ppo.compile, backend)
+    update = make_update_fn(ppo, num_seeds=num_seeds, backend=backend, data_parallel=data_parallel)
 
     def one_update(rs: RunnerState, u: int, base_lr: Tensor):
-        transitions = []
-        for _ in range(config.num_steps):
-            rs, transition = env_step(rs)
-            transitions.append(transition)
-        batch = _stack(transitions, time_axis)
+        rs, batch = rollout(rs)
         batch = batch if ppo.recurrent else batch._replace(hidden=None)
         hparams = rs.train.hparams
         if config.anneal_lr:
