@@ -109,6 +109,42 @@ def test_scanned_rollout_matches_the_python_loop(env_name, recurrent, seeds):
         rs = rs_loop
 
 
+def _constants_in_subgraphs(gm: torch.fx.GraphModule) -> list[str]:
+    """Tensor constants read inside the graph's subgraphs (a scan body, after AOT)."""
+    found = []
+    for name, sub in gm.named_children():
+        if isinstance(sub, torch.fx.GraphModule):
+            found += [
+                f"{name}.{n.target}"
+                for n in sub.graph.nodes
+                if n.op == "get_attr" and isinstance(getattr(sub, n.target), torch.Tensor)
+            ]
+            found += _constants_in_subgraphs(sub)
+    return found
+
+
+@pytest.mark.parametrize("env_name", ["cartpole", "cartpole-pomdp", "lifecycle"])
+def test_scanned_rollout_body_holds_no_tensor_constant(env_name):
+    # Inductor's loop lowering leaves a tensor constant inside a scan body unbound (torch
+    # 2.13: "non-tensor input" at run time). AOT-trace the rollout, generate no code, look.
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs = []
+
+    def keep(gm, example_inputs):
+        graphs.append(gm)
+        return gm
+
+    env = make_env(env_name, 2)
+    ppo = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, torso_sizes=(8,), lstm_size=8)
+    config = TrainConfig(env=env_name, ppo=ppo, num_envs=2, num_steps=4, total_steps=8)
+    step = _make_env_step(config, env)
+    rollout = make_rollout(step, 4, 0, True, aot_autograd(fw_compiler=keep))
+    rollout(_init_runner(config, env, jr.key(0)))
+    assert graphs and "scan" in str(graphs[0].graph)
+    assert [c for gm in graphs for c in _constants_in_subgraphs(gm)] == []
+
+
 def test_next_value_is_value_of_reached_observation():
     config = cartpole_config()
     env = config.make_env()

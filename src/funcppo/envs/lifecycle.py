@@ -143,8 +143,16 @@ def _one_hot(idx: Tensor, n: int) -> Tensor:
 
 
 def _table(values: Sequence[float], idx: Tensor) -> Tensor:
-    """``values[idx]`` for an int64 index tensor: ``[...] -> [...]``."""
-    return torch.tensor(values, device=idx.device)[idx]
+    """``values[idx]`` for an int64 index tensor: ``[...] -> [...]`` (float32).
+
+    A chain of ``where`` on Python numbers rather than indexing a table tensor: a tensor
+    constant inside a compiled ``scan`` body is not bound by inductor's loop lowering
+    (torch 2.13), and the rollout is one.
+    """
+    out = torch.full(idx.shape, float(values[0]), device=idx.device)
+    for i, v in enumerate(values[1:], 1):
+        out = torch.where(idx == i, float(v), out)
+    return out
 
 
 def _slot_quality(state: LifecycleState) -> Tensor:
@@ -300,7 +308,7 @@ class Lifecycle:
         """``initial_state`` from uniform numbers ``[N, 13]``: their argsort shuffles."""
         n, s, nb, dev = self.num_envs, self.num_slots, len(BLUEPRINT_QUALITY), u.device
         order = torch.argsort(u, dim=-1, stable=True)
-        quality = torch.tensor(BLUEPRINT_QUALITY, device=dev)[order]
+        quality = _table(BLUEPRINT_QUALITY, order)
         ints, floats = torch.zeros(n, s, dtype=torch.int64, device=dev), quality.new_zeros(n, s)
         bp = quality.new_zeros(n, nb)
         counts = torch.zeros(n, 2, dtype=torch.int64, device=dev)
