@@ -145,6 +145,21 @@ def test_scanned_rollout_body_holds_no_tensor_constant(env_name):
     assert [c for gm in graphs for c in _constants_in_subgraphs(gm)] == []
 
 
+def test_compiled_rollout_compiles_once():
+    # Lifecycle's reset hands out one zero tensor for several state fields; dynamo guards on
+    # aliasing, so without care the rollout compiles again once its outputs are distinct.
+    env = make_env("lifecycle", 2)
+    ppo = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, torso_sizes=(8,))
+    config = TrainConfig(env="lifecycle", ppo=ppo, num_envs=2, num_steps=4, total_steps=8)
+    step = _contiguous(vmap(_make_env_step(config, env)))
+    rs = _contiguous(vmap(lambda key: _init_runner(config, env, key)))(jr.split(jr.key(0), 2))
+    rollout = make_rollout(step, 4, 1, True, "eager")  # dynamo's guards, no code generated
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        for _ in range(3):
+            rs, batch = rollout(rs)
+    assert batch.rewards.shape == (2, 4, 2)
+
+
 def test_next_value_is_value_of_reached_observation():
     config = cartpole_config()
     env = config.make_env()

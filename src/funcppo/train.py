@@ -203,6 +203,25 @@ def _loop_rollout(env_step: Callable, num_steps: int, time_axis: int) -> Callabl
     return rollout
 
 
+def _unaliased(tree: Any) -> Any:
+    """``tree`` with every leaf that shares memory with an earlier leaf cloned.
+
+    Dynamo guards on which inputs alias: a fresh runner state (an env's reset may hand out one
+    zero tensor for several fields) would otherwise compile the rollout a second time once
+    the first rollout has returned distinct tensors.
+    """
+    seen: set[int] = set()
+
+    def own(x: Tensor) -> Tensor:
+        ptr = x.untyped_storage().data_ptr()
+        if ptr in seen:
+            return x.clone()
+        seen.add(ptr)
+        return x
+
+    return optree.tree_map(own, tree, none_is_leaf=False)
+
+
 def _fresh(leaves: list[Tensor]) -> list[Tensor]:
     # A scan body may neither return its inputs nor two views of one buffer.
     return [x.clone() for x in leaves]
@@ -236,7 +255,7 @@ def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> Callabl
     def rollout(compiled: Callable, rs: RunnerState) -> tuple[RunnerState, Batch]:
         if not batch_spec:
             batch_spec.append(pytree.tree_structure(env_step(rs.train.params, rs)[1]))
-        rs, ys = compiled(rs)
+        rs, ys = compiled(_unaliased(rs))
         return rs, pytree.tree_unflatten(ys, batch_spec[0])
 
     return scanned, rollout
