@@ -160,6 +160,18 @@ def test_compiled_rollout_compiles_once():
     assert batch.rewards.shape == (2, 4, 2)
 
 
+def test_scan_is_marked_cacheable_only_inside_the_rollout_call():
+    # Without the mark inductor's caches bypass any graph with a scan (torch 2.13), and every
+    # process compiles the rollout afresh.
+    from funcppo.train import _scan_cacheable
+
+    ops = (torch.ops.higher_order.scan, torch.ops.higher_order.while_loop)
+    assert not any(op.cacheable() for op in ops)
+    with _scan_cacheable():
+        assert all(op.cacheable() for op in ops)
+    assert not any(op.cacheable() for op in ops)
+
+
 def test_next_value_is_value_of_reached_observation():
     config = cartpole_config()
     env = config.make_env()
