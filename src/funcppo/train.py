@@ -4,8 +4,8 @@ One environment step (policy, masked factored sampling, ``env.step``, the value 
 observation for truncation bootstrap) is a pure function, vmapped over seeds. Compiled, the
 rollout is one call: torch's ``scan`` (``jax.lax.scan``'s counterpart) over ``num_steps`` of that
 step, which inductor lowers to one loop, so compile time does not grow with the rollout's length
-and dynamo's per-call cost is paid once per rollout rather than once per step (1.8x on
-CartPole, benchmarks/RESULTS.md). Eager, a Python loop drives the step. Then the compiled
+and dynamo's per-call cost is paid once per rollout rather than once per step (3.1x on
+CartPole's rollout, benchmarks/RESULTS.md). Eager, a Python loop drives the step. Then the compiled
 update runs on the rollout.
 """
 
@@ -208,7 +208,7 @@ def _scan_cacheable():
     """Let inductor's on-disk caches keep a graph that holds a scan (lowered to a while loop).
 
     torch 2.13 marks neither operator cacheable, so every process compiled the rollout afresh
-    (about 55 s for CartPole's, against 6 s from a warm cache). Their subgraphs are part of
+    (about 55 s for CartPole's, against 9 s from a warm cache). Their subgraphs are part of
     the graph module that the cache key hashes; the operators themselves are keyed by the
     torch version, through inductor's own setting for this.
     """
@@ -242,8 +242,9 @@ def _fresh(leaves: list[Tensor]) -> list[Tensor]:
     return [x.clone() for x in leaves]
 
 
-def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> Callable:
-    """``rollout(rs) -> (rs, batch)`` as one ``scan`` over time, to be compiled.
+def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[Callable, Callable]:
+    """``(scanned, drive)``: ``scanned(rs)``, one ``scan`` over time to be compiled, and
+    ``drive(compiled, rs) -> (rs, batch)``, which calls the compiled one.
 
     The carry is the runner state without the train state (parameters are read, not carried)
     as a flat list of tensors, the form a scan body takes and returns. ``batch``'s tree
