@@ -11,7 +11,7 @@ from torch.func import vmap
 
 from funcppo import random as jr
 from funcppo.checkpoint import load_checkpoint
-from funcppo.cli import _smooth, main
+from funcppo.cli import _smooth, main, parse_sweep
 from funcppo.config import PPOConfig
 from funcppo.envs import make_env
 from funcppo.networks import policy_apply
@@ -61,6 +61,44 @@ def test_seed_alone_matches_seed_in_vmapped_run():
         assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state.params), s_state.params) < 1e-5
         assert torch.allclose(v_hist["loss"][:, i], s_hist["loss"], atol=1e-5)
         assert torch.equal(v_hist["episodes"][:, i], s_hist["episodes"])
+
+
+def test_sweep_seed_matches_a_run_alone_with_its_setting():
+    # One program, two learning rates and two entropy coefficients: seed i of the sweep is the
+    # run of key i with a config that holds seed i's values.
+    config = cartpole_config()
+    keys = jr.split(jr.key(8), 2)
+    lrs, ents = torch.tensor([1e-3, 4e-3]), torch.tensor([0.0, 0.05])
+    v_state, v_hist = make_train(config, num_seeds=2)(
+        keys, hparams={"learning_rate": lrs, "ent_coef": ents}
+    )
+    for i in range(2):
+        ppo = config.ppo.replace(learning_rate=float(lrs[i]), ent_coef=float(ents[i]))
+        s_state, s_hist = make_train(config.replace(ppo=ppo))(keys[i])
+        assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state.params), s_state.params) < 1e-5
+        assert torch.allclose(v_hist["loss"][:, i], s_hist["loss"], atol=1e-5)
+        # The state keeps each seed's own (unannealed) setting.
+        assert float(v_state.hparams.learning_rate[i]) == pytest.approx(float(lrs[i]))
+    # The two settings gave two different runs.
+    assert not torch.allclose(v_hist["loss"][:, 0], v_hist["loss"][:, 1])
+
+
+def test_sweep_errors_name_the_argument():
+    train = make_train(cartpole_config(), num_seeds=2)
+    with pytest.raises(ValueError, match=r"hparams: expected fields of Hyperparams.*'lr'"):
+        train(jr.split(jr.key(0), 2), hparams={"lr": 1e-3})
+    with pytest.raises(ValueError, match=r"hparams\['learning_rate'\]: expected .*shape \(2,\)"):
+        train(jr.split(jr.key(0), 2), hparams={"learning_rate": torch.ones(3)})
+    with pytest.raises(ValueError, match=r"hparams\['gamma'\]: expected finite"):
+        train(jr.split(jr.key(0), 2), hparams={"gamma": float("nan")})
+    assert parse_sweep(None, 4) is None
+    assert parse_sweep("ent_coef=0,0.5", 5) == ("ent_coef", [0.0, 0.5, 0.0, 0.5, 0.0])
+    with pytest.raises(ValueError, match="--sweep: expected NAME=V1,V2"):
+        parse_sweep("lr=1", 2)
+    with pytest.raises(ValueError, match="--sweep: expected comma-separated numbers"):
+        parse_sweep("gamma=0.9,x", 2)
+    with pytest.raises(ValueError, match="--sweep: expected between 1 and --seeds=2 values, got 3"):
+        parse_sweep("gamma=0.9,0.99,0.999", 2)
 
 
 def test_compiled_matches_eager():
@@ -243,6 +281,21 @@ def test_cli_writes_metrics_curve_and_checkpoint(tmp_path, capsys):
     evaluation = json.loads((out / "evaluation.json").read_text())["episode_return"]
     # CartPole pays 1 per step: a seed's mean over its 2 whole episodes is in [1, 500].
     assert len(evaluation) == 2 and all(1.0 <= r <= 500.0 for r in evaluation)
+
+
+def test_cli_sweep_gives_each_seed_its_value_and_a_row_per_value(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--env", "cartpole", "--seeds", "4", "--total-steps", "128"]
+    args += ["--num-envs", "2", "--num-steps", "64", "--no-compile", "--out", str(out)]
+    assert main([*args, "--sweep", "clip_coef=0.1,0.3"]) == 0
+    state, _, _ = load_checkpoint(out / "checkpoint.pt")
+    assert torch.allclose(state.hparams.clip_coef, torch.tensor([0.1, 0.3, 0.1, 0.3]))
+    printed = capsys.readouterr().out
+    assert "| seed | clip_coef | mean return, last 10 updates |" in printed
+    assert "| clip_coef=0.1 |" in printed and "| clip_coef=0.3 |" in printed
+    with pytest.raises(SystemExit):
+        main([*args, "--sweep", "clip=0.1"])
+    assert "--sweep: expected NAME=V1,V2" in capsys.readouterr().err
 
 
 def test_cli_takes_the_envs_preset_unless_told(tmp_path):

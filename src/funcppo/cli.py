@@ -37,6 +37,7 @@ from funcppo.distributed import (
 from funcppo.envs import ENVS, make_env
 from funcppo.envs.lifecycle import REFERENCE_RETURN
 from funcppo.evaluate import make_evaluate
+from funcppo.state import Hyperparams
 from funcppo.train import TrainConfig, make_train
 
 __all__ = ["main"]
@@ -78,6 +79,13 @@ def _parser() -> argparse.ArgumentParser:
         help="under torchrun: seconds before a failed or hung process stops the others",
     )
     train.add_argument(
+        "--sweep",
+        metavar="NAME=V1,V2,...",
+        default=None,
+        help="one program, several settings: seed i takes value i mod (number of values) of "
+        f"the hyperparameter NAME, one of {', '.join(Hyperparams._fields)}",
+    )
+    train.add_argument(
         "--threads",
         type=int,
         default=1,
@@ -115,6 +123,29 @@ PRESETS: dict[str, tuple[dict, dict]] = {
         },
     ),
 }
+
+
+def parse_sweep(text: str | None, num_seeds: int) -> tuple[str, list[float]] | None:
+    """``"NAME=V1,V2,..."`` as ``(NAME, value per seed)``: seed i takes value i mod n."""
+    if text is None:
+        return None
+    name, sep, values = text.partition("=")
+    if not sep or name not in Hyperparams._fields:
+        raise ValueError(
+            f"--sweep: expected NAME=V1,V2,... with NAME one of {list(Hyperparams._fields)}, "
+            f"got {text!r}"
+        )
+    try:
+        floats = [float(v) for v in values.split(",")]
+    except ValueError:
+        raise ValueError(
+            f"--sweep: expected comma-separated numbers after '=', got {values!r}"
+        ) from None
+    if not 1 <= len(floats) <= num_seeds:
+        raise ValueError(
+            f"--sweep: expected between 1 and --seeds={num_seeds} values, got {len(floats)}"
+        )
+    return name, [floats[i % len(floats)] for i in range(num_seeds)]
 
 
 def _ppo_config(env_name: str, env, compile_: bool) -> PPOConfig:
@@ -240,6 +271,7 @@ def _run_train(args: argparse.Namespace, rank: int, world: int, dp: DataParallel
     os.environ.setdefault(
         "TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "funcppo" / "inductor")
     )
+    sweep = parse_sweep(args.sweep, args.seeds)
     out = Path(args.out)
     if rank == 0:
         out.mkdir(parents=True, exist_ok=True)
@@ -275,7 +307,11 @@ def _run_train(args: argparse.Namespace, rank: int, world: int, dp: DataParallel
             record_update(u, metrics, steps_per_update, log, writer, progress, returns)
 
         keys = jr.split(jr.key(args.seed), args.seeds)[seeds.start : seeds.stop]
-        state, _ = train(keys, callback)
+        hparams = None
+        if sweep is not None:
+            name, per_seed_values = sweep
+            hparams = {name: torch.tensor(per_seed_values[seeds.start : seeds.stop])}
+        state, _ = train(keys, callback, hparams)
     if split_seeds:
         states = gather_to_root(optree.tree_map(lambda x: x.cpu(), state))
         if rank == 0:
@@ -285,7 +321,7 @@ def _run_train(args: argparse.Namespace, rank: int, world: int, dp: DataParallel
     print(file=sys.stderr)
     save_checkpoint(out / "checkpoint.pt", state, ppo)
     plotted = _write_plot(out / "learning_curve.png", returns, steps_per_update, args.env)
-    _summary(returns, steps_per_update)
+    _summary(returns, steps_per_update, sweep)
     # One whole episode per env and seed; eager, so that no new shape is compiled at the end.
     evaluate = make_evaluate(config.replace(ppo=ppo.replace(compile=False)), num_seeds=args.seeds)
     eval_keys = jr.split(jr.fold_in(jr.key(args.seed), 1), args.seeds)
@@ -314,15 +350,24 @@ def _tensorboard(out: Path):
     return SummaryWriter(str(out / "tb"))
 
 
-def _summary(returns: list[list[float]], steps_per_update: int) -> None:
+def _summary(returns: list[list[float]], steps_per_update: int, sweep=None) -> None:
     if not returns:
         print("no update finished")
         return
     last = torch.tensor(returns[-10:], dtype=torch.float64)
     per_seed = torch.nanmean(last, 0)
-    print("\n| seed | mean return, last 10 updates |\n| ---: | ---: |")
-    for i, r in enumerate(per_seed.tolist()):
-        print(f"| {i} | {r:.1f} |")
+    if sweep is None:
+        print("\n| seed | mean return, last 10 updates |\n| ---: | ---: |")
+        for i, r in enumerate(per_seed.tolist()):
+            print(f"| {i} | {r:.1f} |")
+    else:
+        name, values = sweep
+        print(f"\n| seed | {name} | mean return, last 10 updates |\n| ---: | ---: | ---: |")
+        for i, r in enumerate(per_seed.tolist()):
+            print(f"| {i} | {values[i]:g} | {r:.1f} |")
+        for v in dict.fromkeys(values):
+            mine = per_seed[torch.tensor([x == v for x in values])]
+            print(f"| {name}={v:g} | | {mine.mean():.1f} +- {mine.std(correction=0):.1f} |")
     print(f"| all | {per_seed.mean():.1f} +- {per_seed.std(correction=0):.1f} |")
     print(f"after {len(returns) * steps_per_update} steps per seed")
 
@@ -335,6 +380,10 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("num_envs", "num_steps"):
         if getattr(args, name) is None:
             setattr(args, name, rollout[name])
+    try:
+        parse_sweep(args.sweep, args.seeds)
+    except ValueError as error:
+        parser.error(str(error))
     if args.env.startswith("gym:"):
         from funcppo.gym_train import run_gym_train
 

@@ -27,20 +27,31 @@ __all__ = ["run_gym_train"]
 PREFIX = "gym:"
 
 
-def _agents(args: argparse.Namespace, env_id: str) -> list[tuple[PPOAgent, GymAdapter]]:
+def _agents(
+    args: argparse.Namespace, env_id: str, sweep: tuple[str, list[float]] | None
+) -> list[tuple[PPOAgent, GymAdapter]]:
     gym = _gym()
     pairs = []
     for i in range(args.seeds):
         vec = gym.make_vec(env_id, num_envs=args.num_envs, vectorization_mode="sync")
         env = GymAdapter(vec, seed=args.seed + i)
         config = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=not args.no_compile)
+        if sweep is not None:
+            config = config.replace(**{sweep[0]: sweep[1][i]})
         pairs.append((PPOAgent(config, args.num_envs, args.num_steps, seed=args.seed + i), env))
     return pairs
 
 
 def run_gym_train(args: argparse.Namespace) -> int:
     """Train ``args.seeds`` agents on ``args.env`` (``gym:ID``), as ``run_train`` does."""
-    from funcppo.cli import Progress, _summary, _tensorboard, _write_plot, record_update
+    from funcppo.cli import (
+        Progress,
+        _summary,
+        _tensorboard,
+        _write_plot,
+        parse_sweep,
+        record_update,
+    )
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise SystemExit("--env gym:ID runs in one process; start it without torchrun")
@@ -48,7 +59,8 @@ def run_gym_train(args: argparse.Namespace) -> int:
     env_id = args.env.removeprefix(PREFIX)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    pairs = _agents(args, env_id)
+    sweep = parse_sweep(args.sweep, args.seeds)
+    pairs = _agents(args, env_id, sweep)
     steps_per_update = args.num_envs * args.num_steps
     num_updates = args.total_steps // steps_per_update
     if num_updates < 1:
@@ -86,7 +98,7 @@ def run_gym_train(args: argparse.Namespace) -> int:
         agent.discard_rollout()  # after Ctrl-C mid-rollout: keep the last finished update
         agent.save(out / name)
     plotted = _write_plot(out / "learning_curve.png", returns, steps_per_update, args.env)
-    _summary(returns, steps_per_update)
+    _summary(returns, steps_per_update, sweep)
     print(
         f"wrote {out / 'metrics.jsonl'}, {', '.join(str(out / n) for n in names)}"
         + (f", {out / 'learning_curve.png'}" if plotted else "")

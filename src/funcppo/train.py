@@ -32,7 +32,7 @@ from funcppo.distributed import DataParallel
 from funcppo.distributions import factored_logprob, factored_sample
 from funcppo.envs import Env, make_env
 from funcppo.networks import init_hidden, policy_apply
-from funcppo.state import Batch, TrainState, init_train_state
+from funcppo.state import Batch, Hyperparams, TrainState, init_train_state
 from funcppo.update import make_update_fn
 
 __all__ = ["RunnerState", "TrainConfig", "make_train"]
@@ -285,12 +285,14 @@ def make_train(
     backend: str = "inductor",
     data_parallel: DataParallel | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Tensor]]]:
-    """``train(key, callback=None) -> (final TrainState, metrics history)``.
+    """``train(key, callback=None, hparams=None) -> (final TrainState, metrics history)``.
 
     With ``num_seeds``, ``key`` is ``[S, 2]`` and S independent runs share one program (vmap);
     the history's tensors are ``[num_updates, S]`` (``[num_updates]`` without seeds). The same
     key gives the same run. ``callback(update_index, metrics)`` is called after each update
     with host floats (one device-to-host transfer per update); returning True stops the run.
+    ``hparams`` maps fields of ``Hyperparams`` to a float or an ``[S]`` tensor: a sweep, one
+    setting per seed in one program (the learning rate is the start of the annealed schedule).
 
     With ``data_parallel`` (``funcppo.distributed.DataParallel``), every process calls
     ``train`` with the same key and steps its own environments (keys folded with its rank);
@@ -345,8 +347,10 @@ def make_train(
         )
         return rs, metrics
 
-    def train(key: Tensor, callback: Callable | None = None):
+    def train(key: Tensor, callback: Callable | None = None, hparams: dict | None = None):
         rs = init(key)
+        if hparams:
+            rs = rs._replace(train=_override_hparams(rs.train, hparams))
         base_lr = rs.train.hparams.learning_rate
         history = []
         try:
@@ -366,6 +370,28 @@ def make_train(
         return rs.train, stacked
 
     return train
+
+
+def _override_hparams(train: TrainState, overrides: dict) -> TrainState:
+    """``train`` with the named hyperparameters replaced, each broadcast to the per-seed shape."""
+    old = train.hparams
+    unknown = sorted(set(overrides) - set(Hyperparams._fields))
+    if unknown:
+        raise ValueError(f"hparams: expected fields of Hyperparams, got unknown {unknown}")
+    new = {}
+    for name, value in overrides.items():
+        ref = getattr(old, name)
+        value = torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+        if value.dim() > 0 and value.shape != ref.shape:
+            raise ValueError(
+                f"hparams[{name!r}]: expected a float or shape {tuple(ref.shape)} (one per "
+                f"seed), got shape {tuple(value.shape)}"
+            )
+        if not bool(torch.isfinite(value).all()) and name != "target_kl":
+            raise ValueError(f"hparams[{name!r}]: expected finite values, got {value.tolist()}")
+        # A fresh, dense tensor: the compiled steps guard on strides and aliasing.
+        new[name] = value.expand_as(ref).clone()
+    return train._replace(hparams=old._replace(**new))
 
 
 def _contiguous(fn: Callable) -> Callable:
