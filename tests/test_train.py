@@ -91,6 +91,8 @@ def test_sweep_errors_name_the_argument():
         train(jr.split(jr.key(0), 2), hparams={"learning_rate": torch.ones(3)})
     with pytest.raises(ValueError, match=r"hparams\['gamma'\]: expected finite"):
         train(jr.split(jr.key(0), 2), hparams={"gamma": float("nan")})
+    with pytest.raises(ValueError, match=r"hparams\['target_kl'\]: expected a config with"):
+        train(jr.split(jr.key(0), 2), hparams={"target_kl": 0.01})
     assert parse_sweep(None, 4) is None
     assert parse_sweep("ent_coef=0,0.5", 5) == ("ent_coef", [0.0, 0.5, 0.0, 0.5, 0.0])
     with pytest.raises(ValueError, match="--sweep: expected NAME=V1,V2"):
@@ -296,6 +298,16 @@ def test_cli_sweep_gives_each_seed_its_value_and_a_row_per_value(tmp_path, capsy
     with pytest.raises(SystemExit):
         main([*args, "--sweep", "clip=0.1"])
     assert "--sweep: expected NAME=V1,V2" in capsys.readouterr().err
+
+
+def test_cli_sweep_over_target_kl_turns_early_stopping_on_per_seed(tmp_path):
+    # CartPole's config has no KL target; a sweep over it must still stop the seeds it names.
+    out = tmp_path / "run"
+    args = ["train", "--env", "cartpole", "--seeds", "2", "--total-steps", "256"]
+    args += ["--num-envs", "2", "--num-steps", "64", "--no-compile", "--out", str(out)]
+    assert main([*args, "--sweep", "target_kl=inf,1e-9"]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["early_stopped"] for r in records] == [[0.0, 1.0]] * 2
 
 
 def test_cli_takes_the_envs_preset_unless_told(tmp_path):

@@ -37,7 +37,10 @@ def _agents(
         env = GymAdapter(vec, seed=args.seed + i)
         config = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=not args.no_compile)
         if sweep is not None:
-            config = config.replace(**{sweep[0]: sweep[1][i]})
+            value = sweep[1][i]
+            if sweep[0] == "target_kl" and value == float("inf"):
+                value = None  # no early stopping
+            config = config.replace(**{sweep[0]: value})
         pairs.append((PPOAgent(config, args.num_envs, args.num_steps, seed=args.seed + i), env))
     return pairs
 

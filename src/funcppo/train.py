@@ -350,7 +350,7 @@ def make_train(
     def train(key: Tensor, callback: Callable | None = None, hparams: dict | None = None):
         rs = init(key)
         if hparams:
-            rs = rs._replace(train=_override_hparams(rs.train, hparams))
+            rs = rs._replace(train=_override_hparams(rs.train, hparams, ppo))
         base_lr = rs.train.hparams.learning_rate
         history = []
         try:
@@ -372,12 +372,18 @@ def make_train(
     return train
 
 
-def _override_hparams(train: TrainState, overrides: dict) -> TrainState:
+def _override_hparams(train: TrainState, overrides: dict, ppo: PPOConfig) -> TrainState:
     """``train`` with the named hyperparameters replaced, each broadcast to the per-seed shape."""
     old = train.hparams
     unknown = sorted(set(overrides) - set(Hyperparams._fields))
     if unknown:
         raise ValueError(f"hparams: expected fields of Hyperparams, got unknown {unknown}")
+    if "target_kl" in overrides and ppo.target_kl is None:
+        # The update leaves KL early stopping out of its graph when the config has no target.
+        raise ValueError(
+            "hparams['target_kl']: expected a config with target_kl set (any number: the sweep's "
+            "values replace it; +inf turns early stopping off for a seed), got target_kl=None"
+        )
     new = {}
     for name, value in overrides.items():
         ref = getattr(old, name)
