@@ -295,6 +295,12 @@ def test_cli_sweep_gives_each_seed_its_value_and_a_row_per_value(tmp_path, capsy
     printed = capsys.readouterr().out
     assert "| seed | clip_coef | mean return, last 10 updates |" in printed
     assert "| clip_coef=0.1 |" in printed and "| clip_coef=0.3 |" in printed
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        pass
+    else:  # one curve per swept value
+        assert (out / "learning_curve.png").stat().st_size > 0
     with pytest.raises(SystemExit):
         main([*args, "--sweep", "clip=0.1"])
     assert "--sweep: expected NAME=V1,V2" in capsys.readouterr().err

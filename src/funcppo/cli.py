@@ -192,7 +192,11 @@ def _smooth(returns: torch.Tensor, points: int = 100) -> torch.Tensor:
     return torch.where(n > 0, (total[end] - total[start]) / n.clamp(min=1), torch.nan)
 
 
-def _write_plot(path: Path, returns: list[list[float]], steps_per_update: int, env: str) -> bool:
+def _write_plot(
+    path: Path, returns: list[list[float]], steps_per_update: int, env: str, sweep=None
+) -> bool:
+    """The learning curve: mean and 10th-90th percentile over seeds, or with a sweep one
+    mean curve per swept value (its seeds' mean)."""
     try:
         import matplotlib
 
@@ -208,8 +212,15 @@ def _write_plot(path: Path, returns: list[list[float]], steps_per_update: int, e
     fig, ax = plt.subplots(figsize=(7, 4))
     window = max(1, data.shape[0] // 100)
     smoothing = f", trailing mean of {window} updates" if window > 1 else ""
-    ax.plot(x, mean, label=f"mean over {data.shape[1]} seeds{smoothing}")
-    ax.fill_between(x, lo, hi, alpha=0.3, label="10th-90th percentile")
+    if sweep is None:
+        ax.plot(x, mean, label=f"mean over {data.shape[1]} seeds{smoothing}")
+        ax.fill_between(x, lo, hi, alpha=0.3, label="10th-90th percentile")
+    else:
+        name, values = sweep
+        for v in dict.fromkeys(values):
+            mine = torch.tensor([x == v for x in values])
+            label = f"{name}={v:g}, mean over {int(mine.sum())} seeds{smoothing}"
+            ax.plot(x, torch.nanmean(data[:, mine], 1), label=label)
     reference = REFERENCE_RETURNS.get(env)
     if reference is not None:
         ax.axhline(reference, color="k", linestyle="--", label="reference return")
@@ -323,7 +334,7 @@ def _run_train(args: argparse.Namespace, rank: int, world: int, dp: DataParallel
         return 0
     print(file=sys.stderr)
     save_checkpoint(out / "checkpoint.pt", state, ppo)
-    plotted = _write_plot(out / "learning_curve.png", returns, steps_per_update, args.env)
+    plotted = _write_plot(out / "learning_curve.png", returns, steps_per_update, args.env, sweep)
     _summary(returns, steps_per_update, sweep)
     # One whole episode per env and seed; eager, so that no new shape is compiled at the end.
     evaluate = make_evaluate(config.replace(ppo=ppo.replace(compile=False)), num_seeds=args.seeds)

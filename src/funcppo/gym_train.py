@@ -100,7 +100,7 @@ def run_gym_train(args: argparse.Namespace) -> int:
     for (agent, _), name in zip(pairs, names, strict=True):
         agent.discard_rollout()  # after Ctrl-C mid-rollout: keep the last finished update
         agent.save(out / name)
-    plotted = _write_plot(out / "learning_curve.png", returns, steps_per_update, args.env)
+    plotted = _write_plot(out / "learning_curve.png", returns, steps_per_update, args.env, sweep)
     _summary(returns, steps_per_update, sweep)
     print(
         f"wrote {out / 'metrics.jsonl'}, {', '.join(str(out / n) for n in names)}"
