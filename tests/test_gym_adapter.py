@@ -246,3 +246,23 @@ def test_cli_trains_a_gym_env_and_writes_the_usual_outputs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["train", "--env", "nope", "--out", str(tmp_path)])
     assert "expected one of" in capsys.readouterr().err
+
+
+def test_cli_sweep_over_a_gym_env_gives_each_agent_its_value(tmp_path, capsys):
+    from funcppo.cli import main
+
+    argv = ["train", "--env", "gym:CartPole-v1", "--seeds", "2", "--num-envs", "2"]
+    argv += ["--num-steps", "64", "--total-steps", "128", "--no-compile", "--out", str(tmp_path)]
+    assert main([*argv, "--sweep", "learning_rate=1e-3,3e-3"]) == 0
+    assert "| learning_rate=0.003 |" in capsys.readouterr().out
+    env = GymAdapter(gym.make_vec("CartPole-v1", num_envs=2), seed=0)
+    for i, lr in enumerate([1e-3, 3e-3]):
+        # The checkpoint refuses a config other than the one it was trained with.
+        config = PPOConfig(obs_dim=4, spec=env.spec, compile=False, learning_rate=lr)
+        agent = PPOAgent(config, 2, 64)
+        agent.load(tmp_path / f"checkpoint-{i}.pt")
+        assert float(agent.state.hparams.learning_rate) == pytest.approx(lr)
+        with pytest.raises(ValueError, match=r"config\.learning_rate"):
+            PPOAgent(config.replace(learning_rate=2.5e-4), 2, 64).load(
+                tmp_path / f"checkpoint-{i}.pt"
+            )

@@ -91,6 +91,8 @@ def test_sweep_errors_name_the_argument():
         train(jr.split(jr.key(0), 2), hparams={"learning_rate": torch.ones(3)})
     with pytest.raises(ValueError, match=r"hparams\['gamma'\]: expected finite"):
         train(jr.split(jr.key(0), 2), hparams={"gamma": float("nan")})
+    with pytest.raises(ValueError, match=r"hparams\['gamma'\]: gamma: expected a number in"):
+        train(jr.split(jr.key(0), 2), hparams={"gamma": torch.tensor([0.99, 1.5])})
     with pytest.raises(ValueError, match=r"hparams\['target_kl'\]: expected a config with"):
         train(jr.split(jr.key(0), 2), hparams={"target_kl": 0.01})
     assert parse_sweep(None, 4) is None

@@ -395,6 +395,12 @@ def _override_hparams(train: TrainState, overrides: dict, ppo: PPOConfig) -> Tra
             )
         if not bool(torch.isfinite(value).all()) and name != "target_kl":
             raise ValueError(f"hparams[{name!r}]: expected finite values, got {value.tolist()}")
+        for v in set(value.reshape(-1).tolist()):
+            if not (name == "target_kl" and v == float("inf")):
+                try:  # the config's own range check (gamma in (0, 1], a positive rate, ...)
+                    ppo.replace(**{name: v})
+                except ValueError as error:
+                    raise ValueError(f"hparams[{name!r}]: {error}") from None
         # A fresh, dense tensor: the compiled steps guard on strides and aliasing.
         new[name] = value.expand_as(ref).clone()
     return train._replace(hparams=old._replace(**new))
