@@ -150,6 +150,12 @@ def parse_sweep(text: str | None, num_seeds: int) -> tuple[str, list[float]] | N
     return name, [floats[i % len(floats)] for i in range(num_seeds)]
 
 
+def _sweep_groups(sweep: tuple[str, list[float]]) -> list[tuple[float, torch.Tensor]]:
+    """Each distinct swept value, in first-seen order, with the bool mask of its seeds."""
+    values = sweep[1]
+    return [(v, torch.tensor([x == v for x in values])) for v in dict.fromkeys(values)]
+
+
 def _ppo_config(env_name: str, env, compile_: bool) -> PPOConfig:
     return PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=compile_, **PRESETS[env_name][1])
 
@@ -218,9 +224,8 @@ def _write_plot(
         ax.plot(x, mean, label=f"mean over {data.shape[1]} seeds{smoothing}")
         ax.fill_between(x, lo, hi, alpha=0.3, label="10th-90th percentile")
     else:
-        name, values = sweep
-        for v in dict.fromkeys(values):
-            mine = torch.tensor([x == v for x in values])
+        name = sweep[0]
+        for v, mine in _sweep_groups(sweep):
             label = f"{name}={v:g}, mean over {int(mine.sum())} seeds{smoothing}"
             ax.plot(x, torch.nanmean(data[:, mine], 1), label=label)
     reference = REFERENCE_RETURNS.get(env)
@@ -381,9 +386,9 @@ def _summary(returns: list[list[float]], steps_per_update: int, sweep=None) -> N
         print(f"\n| seed | {name} | mean return, last 10 updates |\n| ---: | ---: | ---: |")
         for i, r in enumerate(per_seed.tolist()):
             print(f"| {i} | {values[i]:g} | {r:.1f} |")
-        for v in dict.fromkeys(values):
-            mine = per_seed[torch.tensor([x == v for x in values])]
-            print(f"| {name}={v:g} | | {mine.mean():.1f} +- {mine.std(correction=0):.1f} |")
+        for v, mine in _sweep_groups(sweep):
+            group = per_seed[mine]
+            print(f"| {name}={v:g} | | {group.mean():.1f} +- {group.std(correction=0):.1f} |")
     print(f"| all | {per_seed.mean():.1f} +- {per_seed.std(correction=0):.1f} |")
     print(f"after {len(returns) * steps_per_update} steps per seed")
 
