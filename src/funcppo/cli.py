@@ -295,9 +295,6 @@ def _run_train(args: argparse.Namespace, rank: int, world: int, dp: DataParallel
         out.mkdir(parents=True, exist_ok=True)
     env = make_env(args.env, args.num_envs)
     ppo = _ppo_config(args.env, env, not args.no_compile)
-    if sweep is not None and sweep[0] == "target_kl" and ppo.target_kl is None:
-        # KL early stopping is compiled in only when the config has a target.
-        ppo = ppo.replace(target_kl=1.0)
     # Data parallel, an agent learns from every process's envs: --total-steps counts them all.
     replicas = world if dp is not None else 1
     total = args.total_steps // replicas

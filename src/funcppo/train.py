@@ -378,12 +378,6 @@ def _override_hparams(train: TrainState, overrides: dict, ppo: PPOConfig) -> Tra
     unknown = sorted(set(overrides) - set(Hyperparams._fields))
     if unknown:
         raise ValueError(f"hparams: expected fields of Hyperparams, got unknown {unknown}")
-    if "target_kl" in overrides and ppo.target_kl is None:
-        # The update leaves KL early stopping out of its graph when the config has no target.
-        raise ValueError(
-            "hparams['target_kl']: expected a config with target_kl set (any number: the sweep's "
-            "values replace it; +inf turns early stopping off for a seed), got target_kl=None"
-        )
     new = {}
     for name, value in overrides.items():
         ref = getattr(old, name)

@@ -243,7 +243,6 @@ def _make_prepare(
 
 def _make_minibatch_step(config: PPOConfig, layouts: Layouts, dp: DataParallel | None = None):
     spec = config.spec
-    target_kl_on = config.target_kl is not None
     accum = config.grad_accum_steps
     floors = config.entropy_floors()
 
@@ -341,9 +340,10 @@ def _make_minibatch_step(config: PPOConfig, layouts: Layouts, dp: DataParallel |
         finite = finite & torch.isfinite(grad_norm)
         # KL is checked before the optimizer step (seed 004), per seed: a stopped seed's
         # remaining steps are masked, not skipped, so vmapped seeds stop independently.
-        stop_now = carry.stopped
-        if target_kl_on:
-            stop_now = stop_now | (finite & (info.approx_kl > KL_EARLY_STOP_FACTOR * hp.target_kl))
+        # Always in the graph: without a target hp.target_kl is +inf and never fires, and a
+        # sweep may give some seeds a target on a config that has none.
+        too_far = info.approx_kl > KL_EARLY_STOP_FACTOR * hp.target_kl
+        stop_now = carry.stopped | (finite & too_far)
         apply = finite & ~stop_now
         updates, new_opt = make_optimizer(config, hp).update(grads, carry.opt_state, carry.params)
         new_params = apply_updates(carry.params, updates)
