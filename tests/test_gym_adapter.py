@@ -233,16 +233,17 @@ def test_cli_trains_a_gym_env_and_writes_the_usual_outputs(tmp_path, capsys):
 
     argv = ["train", "--env", "gym:CartPole-v1", "--seeds", "1", "--num-envs", "2"]
     argv += ["--num-steps", "64", "--total-steps", "512", "--no-compile", "--out", str(tmp_path)]
-    assert main(argv) == 0
+    assert main([*argv, "--normalize-obs"]) == 0
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4
     record = json.loads(lines[-1])
     assert record["env_steps"] == 512 and record["worst_ratio_head"] == ["action"]
     assert "| all |" in capsys.readouterr().out
     env = GymAdapter(gym.make_vec("CartPole-v1", num_envs=2), seed=0)
-    agent = PPOAgent(PPOConfig(obs_dim=4, spec=env.spec, compile=False), 2, 64)
+    agent = PPOAgent(PPOConfig(obs_dim=4, spec=env.spec, compile=False), 2, 64, normalize_obs=True)
     agent.load(tmp_path / "checkpoint.pt")
     assert int(agent.state.step) == 4
+    assert float(agent.obs_stats.count) > 512  # the flag reached the agent
     with pytest.raises(SystemExit):
         main(["train", "--env", "nope", "--out", str(tmp_path)])
     assert "expected one of" in capsys.readouterr().err

@@ -51,8 +51,9 @@ def test_same_key_same_run_and_different_keys_differ():
     assert h1["loss"].shape == (3,)
 
 
-def test_seed_alone_matches_seed_in_vmapped_run():
-    config = cartpole_config()
+@pytest.mark.parametrize("normalize_obs", [False, True])
+def test_seed_alone_matches_seed_in_vmapped_run(normalize_obs):
+    config = cartpole_config(normalize_obs=normalize_obs)
     keys = jr.split(jr.key(5), 3)
     v_state, v_hist = make_train(config, num_seeds=3)(keys)
     alone = make_train(config)
@@ -61,6 +62,8 @@ def test_seed_alone_matches_seed_in_vmapped_run():
         assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state.params), s_state.params) < 1e-5
         assert torch.allclose(v_hist["loss"][:, i], s_hist["loss"], atol=1e-5)
         assert torch.equal(v_hist["episodes"][:, i], s_hist["episodes"])
+        stats = optree.tree_map(lambda x, i=i: x[i], v_state.obs_stats)
+        assert max_diff(stats, s_state.obs_stats) < 1e-9 if normalize_obs else stats == ()
 
 
 def test_sweep_seed_matches_a_run_alone_with_its_setting():
@@ -103,8 +106,9 @@ def test_sweep_errors_name_the_argument():
         parse_sweep("gamma=0.9,0.99,0.999", 2)
 
 
-def test_compiled_matches_eager():
-    config = cartpole_config(total_steps=2 * 16 * 2)
+@pytest.mark.parametrize("normalize_obs", [False, True])
+def test_compiled_matches_eager(normalize_obs):
+    config = cartpole_config(total_steps=2 * 16 * 2, normalize_obs=normalize_obs)
     e_state, e_hist = make_train(config, num_seeds=2)(jr.split(jr.key(3), 2))
     compiled = make_train(
         config.replace(ppo=config.ppo.replace(compile=True)), num_seeds=2, backend="aot_eager"
@@ -112,19 +116,23 @@ def test_compiled_matches_eager():
     c_state, c_hist = compiled(jr.split(jr.key(3), 2))
     assert max_diff(c_state.params, e_state.params) < 1e-5
     assert torch.equal(c_hist["episodes"], e_hist["episodes"])
+    if normalize_obs:
+        assert max_diff(c_state.obs_stats, e_state.obs_stats) < 1e-9
 
 
 @pytest.mark.parametrize(
-    ("env_name", "recurrent", "seeds"),
-    [("lifecycle", False, None), ("cartpole-pomdp", True, 2)],
+    ("env_name", "recurrent", "seeds", "normalize_obs"),
+    [("lifecycle", False, None, False), ("cartpole-pomdp", True, 2, True)],
 )
-def test_scanned_rollout_matches_the_python_loop(env_name, recurrent, seeds):
+def test_scanned_rollout_matches_the_python_loop(env_name, recurrent, seeds, normalize_obs):
     # The compiled rollout is one scan over time; the eager one a Python loop over the step.
     env = make_env(env_name, 3)
     ppo = PPOConfig(
         obs_dim=env.obs_dim, spec=env.spec, torso_sizes=(8,), recurrent=recurrent, lstm_size=8
     )
-    config = TrainConfig(env=env_name, ppo=ppo, num_envs=3, num_steps=12, total_steps=36)
+    config = TrainConfig(
+        env=env_name, ppo=ppo, num_envs=3, num_steps=12, total_steps=36, normalize_obs=normalize_obs
+    )
     step = _make_env_step(config, env)
     init = lambda key: _init_runner(config, env, key)  # noqa: E731
     time_axis = 0
@@ -344,6 +352,10 @@ def test_bad_train_config_names_the_field():
         cartpole_config(num_envs=0)
     with pytest.raises(ValueError, match="total_steps"):
         cartpole_config(total_steps=10)
+    with pytest.raises(ValueError, match="normalize_obs: expected a bool, got 1"):
+        cartpole_config(normalize_obs=1)
+    with pytest.raises(ValueError, match="clip_obs: expected a number > 0, got 0"):
+        cartpole_config(clip_obs=0)
     with pytest.raises(ValueError, match="obs_dim"):
         make_train(cartpole_config(ppo=cartpole_config().ppo.replace(obs_dim=3)))
 

@@ -44,7 +44,7 @@ from funcppo.agent_rollout import (
 )
 from funcppo.checkpoint import load_checkpoint, save_checkpoint
 from funcppo.config import PPOConfig
-from funcppo.constants import ACT_STREAM, PREDICT_STREAM
+from funcppo.constants import ACT_STREAM, CLIP_OBS, PREDICT_STREAM
 from funcppo.distributions import factored_logprob, factored_sample
 from funcppo.networks import LSTMState, init_hidden, policy_apply
 from funcppo.normalize import (
@@ -83,7 +83,7 @@ class PPOAgent:
         seed: int = 0,
         normalize_obs: bool = False,
         normalize_reward: bool = False,
-        clip_obs: float = 10.0,
+        clip_obs: float = CLIP_OBS,
         clip_reward: float = 10.0,
         device: torch.device | str | None = None,
         compile_scope: str = "minibatch",

@@ -29,6 +29,7 @@ from torch import Tensor
 from funcppo import random as jr
 from funcppo.config import PPOConfig
 from funcppo.networks import check_params
+from funcppo.normalize import init_running_stats
 from funcppo.spec import ActionSpec
 from funcppo.state import TrainState, init_train_state
 
@@ -116,12 +117,21 @@ def _flatten(state: TrainState) -> dict[str, Tensor]:
     return {_leaf_name(a): leaf for a, leaf in zip(accessors, leaves, strict=True)}
 
 
-def _template(config: PPOConfig, batch_shape: tuple[int, ...], device) -> TrainState:
+def _template(
+    config: PPOConfig, batch_shape: tuple[int, ...], device, names: Any = ()
+) -> TrainState:
+    """The TrainState a file for ``config`` holds; with observation statistics where ``names``
+    (the stored leaf names) has them (``make_train`` with ``normalize_obs``)."""
     if len(batch_shape) > 1:
         raise ValueError(f"state.step: expected shape [] or [S], got {list(batch_shape)}")
     base = jr.key(0, device)
     keys = jr.split(base, batch_shape[0]) if batch_shape else base
-    return init_train_state(keys, config)
+    template = init_train_state(keys, config)
+    if any(name.startswith("obs_stats.") for name in names):
+        stats = init_running_stats((config.obs_dim,), device)
+        stats = optree.tree_map(lambda x: x.expand(*batch_shape, *x.shape).clone(), stats)
+        template = template._replace(obs_stats=stats)
+    return template
 
 
 def _check_leaves(tensors: dict[str, Any], template: TrainState, where: str) -> None:
@@ -185,7 +195,7 @@ def save_checkpoint(
             raise ValueError(f"extra: expected str -> Tensor, got {name!r}: {type(value).__name__}")
     tensors = {name: leaf.detach() for name, leaf in _flatten(state).items()}
     batch_shape = tuple(state.step.shape)
-    _check_leaves(tensors, _template(config, batch_shape, "cpu"), "state")
+    _check_leaves(tensors, _template(config, batch_shape, "cpu", tensors), "state")
     obj = {
         "format": _FORMAT,
         "version": CHECKPOINT_VERSION,
@@ -258,7 +268,7 @@ def load_checkpoint(
         _check_config(stored, config)
     config = stored if config is None else config
     tensors = raw["state"]
-    template = _template(config, tuple(raw["batch_shape"]), device)
+    template = _template(config, tuple(raw["batch_shape"]), device, tensors)
     _check_leaves(tensors, template, "state")
     accessors, _, treespec = optree.tree_flatten_with_accessor(template, none_is_leaf=False)
     leaves = [tensors[_leaf_name(a)] for a in accessors]

@@ -63,6 +63,13 @@ def _parser() -> argparse.ArgumentParser:
     train.add_argument(
         "--num-steps", type=int, default=None, help="rollout length (default: the env's preset)"
     )
+    train.add_argument(
+        "--normalize-obs",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="normalise observations by their running mean and variance, as SB3's "
+        "VecNormalize (default: the env's preset; off for gym:ID)",
+    )
     train.add_argument("--no-compile", action="store_true", help="run eagerly")
     train.add_argument("--out", default="runs/latest", help="output directory")
     train.add_argument("--seed", type=int, default=0, help="seed of the first run")
@@ -298,7 +305,9 @@ def _run_train(args: argparse.Namespace, rank: int, world: int, dp: DataParallel
     # Data parallel, an agent learns from every process's envs: --total-steps counts them all.
     replicas = world if dp is not None else 1
     total = args.total_steps // replicas
-    config = TrainConfig(args.env, ppo, args.num_envs, args.num_steps, total)
+    config = TrainConfig(
+        args.env, ppo, args.num_envs, args.num_steps, total, normalize_obs=args.normalize_obs
+    )
     steps_per_update = args.num_envs * args.num_steps * replicas
     if rank == 0:
         print(
@@ -395,9 +404,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Gymnasium envs take CleanRL's rollout shape; built-in envs their preset's.
     rollout = PRESETS.get(args.env, ({"num_envs": 4, "num_steps": 128}, {}))[0]
-    for name in ("num_envs", "num_steps"):
+    for name in ("num_envs", "num_steps", "normalize_obs"):
         if getattr(args, name) is None:
-            setattr(args, name, rollout[name])
+            setattr(args, name, rollout.get(name, False))
     try:
         parse_sweep(args.sweep, args.seeds)
     except ValueError as error:

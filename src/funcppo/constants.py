@@ -40,6 +40,8 @@ GAE_BLOCK_SIZE = 32
 # variance under the square root.
 STATS_INIT_COUNT = 1e-4
 NORMALIZE_EPS = 1e-8
+# Normalised observations are clipped to +-CLIP_OBS (SB3's VecNormalize default).
+CLIP_OBS = 10.0
 
 # Key streams of PPOAgent: fold_in(state.key, ACT_STREAM) seeds act's sampling and
 # PREDICT_STREAM predict's, so evaluating never shifts what act draws (the update folds in 0, 1).

@@ -31,10 +31,12 @@ def make_evaluate(
     The same state and key give the same returns.
     """
     env = config.make_env()
-    env_step = _make_env_step(config, env)
+    # The policy's observation statistics are read, never updated, by an evaluation.
+    env_step = _make_env_step(config, env, learn_obs_stats=False)
 
     def init(train_state: TrainState, key: Tensor):
-        return _init_runner(config, env, key)._replace(train=train_state)
+        rs = _init_runner(config, env, key)
+        return rs._replace(train=train_state, obs_stats=train_state.obs_stats)
 
     if num_seeds is not None:
         env_step, init = vmap(env_step, randomness="error"), vmap(init, randomness="error")
@@ -48,6 +50,12 @@ def make_evaluate(
         if not isinstance(key, Tensor) or key.dtype != torch.int64 or tuple(key.shape) != shape:
             got = f"{key.dtype} {tuple(key.shape)}" if isinstance(key, Tensor) else type(key)
             raise ValueError(f"key: expected an int64 tensor of shape {list(shape)}, got {got}")
+        if config.normalize_obs != (train_state.obs_stats != ()):
+            want = "observation statistics" if config.normalize_obs else "no observation statistics"
+            raise ValueError(
+                f"train_state.obs_stats: expected {want} (config.normalize_obs="
+                f"{config.normalize_obs}), got {type(train_state.obs_stats).__name__}"
+            )
         _, batch = rollout(init(train_state, key))
         done = (batch.terminated | batch.truncated).movedim(time_axis, 0)
         # Steps of each env's first episode: those with no episode end before them.

@@ -41,7 +41,14 @@ def _agents(
             if sweep[0] == "target_kl" and value == float("inf"):
                 value = None  # no early stopping
             config = config.replace(**{sweep[0]: value})
-        pairs.append((PPOAgent(config, args.num_envs, args.num_steps, seed=args.seed + i), env))
+        agent = PPOAgent(
+            config,
+            args.num_envs,
+            args.num_steps,
+            seed=args.seed + i,
+            normalize_obs=args.normalize_obs,
+        )
+        pairs.append((agent, env))
     return pairs
 
 

@@ -40,13 +40,19 @@ class Hyperparams(NamedTuple):
 
 
 class TrainState(NamedTuple):
-    """Everything one agent carries from update to update."""
+    """Everything one agent carries from update to update.
+
+    ``obs_stats``: the running observation statistics (``funcppo.normalize.RunningStats``) the
+    policy's inputs are normalised with, when ``make_train`` normalises observations; ``()``
+    otherwise. They belong to the policy (a checkpoint keeps them); the update passes them on.
+    """
 
     params: dict[str, Any]
     opt_state: Any
     step: Tensor
     key: Tensor
     hparams: Hyperparams
+    obs_stats: Any = ()
 
 
 class Batch(NamedTuple):

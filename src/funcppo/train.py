@@ -28,10 +28,12 @@ from torch.func import vmap
 from funcppo import random as jr
 from funcppo.compiling import compile_fn
 from funcppo.config import PPOConfig
+from funcppo.constants import CLIP_OBS
 from funcppo.distributed import DataParallel
 from funcppo.distributions import factored_logprob, factored_sample
 from funcppo.envs import Env, make_env
 from funcppo.networks import init_hidden, policy_apply
+from funcppo.normalize import init_running_stats, normalize_obs, update_running_stats
 from funcppo.state import Batch, Hyperparams, TrainState, init_train_state
 from funcppo.update import make_update_fn
 
@@ -45,6 +47,12 @@ class TrainConfig:
     ``total_steps`` counts environment steps per seed; a run makes
     ``total_steps // (num_envs * num_steps)`` updates. ``anneal_lr`` decays the learning rate
     linearly to 0 over the run, as CleanRL's PPO does.
+
+    ``normalize_obs``: the policy sees observations normalised by their running mean and
+    variance and clipped to ``+-clip_obs``, as SB3's ``VecNormalize`` (its start, merge and
+    order: every observation is merged into the statistics before it is normalised; a final
+    observation is normalised but not merged). The statistics live in ``TrainState.obs_stats``,
+    so checkpoints and ``make_evaluate`` (which reads them without merging) use them too.
     """
 
     env: str
@@ -53,12 +61,20 @@ class TrainConfig:
     num_steps: int = 128
     total_steps: int = 500_000
     anneal_lr: bool = True
+    normalize_obs: bool = False
+    clip_obs: float = CLIP_OBS
 
     def __post_init__(self) -> None:
         for name in ("num_envs", "num_steps", "total_steps"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        for name in ("anneal_lr", "normalize_obs"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
+        clip = self.clip_obs
+        if isinstance(clip, bool) or not isinstance(clip, (int, float)) or not clip > 0:
+            raise ValueError(f"clip_obs: expected a number > 0, got {clip!r}")
         if self.num_updates < 1:
             raise ValueError(
                 f"total_steps: expected at least num_envs * num_steps = "
@@ -91,6 +107,7 @@ class RunnerState(NamedTuple):
     finished_return: Tensor
     finished_length: Tensor
     finished_count: Tensor
+    obs_stats: Any
 
 
 def _zeros_like_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -104,6 +121,8 @@ def _init_runner(config: TrainConfig, env: Env, key: Tensor, rank: int = 0) -> R
     if rank:
         k_env, k_run = jr.fold_in(k_env, rank), jr.fold_in(k_run, rank)
     train = init_train_state(k_train, config.ppo)
+    stats = init_running_stats((env.obs_dim,), key.device) if config.normalize_obs else ()
+    train = train._replace(obs_stats=stats)
     env_state, obs, masks = env.reset(k_env)
     hidden = init_hidden(config.ppo, env.num_envs, key.device)
     zeros = torch.zeros(env.num_envs, device=key.device)
@@ -118,11 +137,17 @@ def _init_runner(config: TrainConfig, env: Env, key: Tensor, rank: int = 0) -> R
         zeros,
         zeros.clone(),
         *_zeros_like_stats(zeros),
+        stats,
     )
 
 
-def _make_env_step(config: TrainConfig, env: Env):
+def _make_env_step(config: TrainConfig, env: Env, learn_obs_stats: bool = True):
+    """``env_step(params, rs) -> (rs, transition)``; with ``learn_obs_stats`` False the
+    observation statistics are read but not updated (evaluation)."""
     ppo, spec = config.ppo, config.ppo.spec
+
+    def seen(stats: Any, obs: Tensor) -> Tensor:
+        return normalize_obs(stats, obs, config.clip_obs) if config.normalize_obs else obs
 
     def env_step(params: Any, rs: RunnerState) -> tuple[RunnerState, Batch]:
         # One split (each hash call site costs seconds of compilation); the carried key is
@@ -130,21 +155,26 @@ def _make_env_step(config: TrainConfig, env: Env):
         k_act, k_env, k_next = jr.split(rs.key, 3)
         k_next = k_next.clone()
         hidden = rs.hidden if ppo.recurrent else None
-        out = policy_apply(ppo, params, rs.obs, hidden, rs.episode_start)
+        stats = rs.obs_stats
+        if config.normalize_obs and learn_obs_stats:
+            stats = update_running_stats(stats, rs.obs)
+        obs = seen(stats, rs.obs)
+        out = policy_apply(ppo, params, obs, hidden, rs.episode_start)
         actions = factored_sample(spec, out.logits, rs.masks, k_act)
         logprobs, _ = factored_logprob(spec, out.logits, rs.masks, actions)
         res = env.step(rs.env_state, actions, k_env)
         # V of the observation the step reached (before any reset), under the post-step hidden
         # state: the bootstrap value of a truncated step, and V(s_{t+1}) otherwise.
         no_start = torch.zeros_like(rs.episode_start)
-        next_value = policy_apply(ppo, params, res.final_obs, out.hidden, no_start).value
+        next_value = policy_apply(ppo, params, seen(stats, res.final_obs), out.hidden, no_start)
+        next_value = next_value.value
         done = res.terminated | res.truncated
         ep_return = rs.episode_return + res.reward
         ep_length = rs.episode_length + 1
         new_hidden = () if hidden is None else out.hidden
         # One step of the rollout, as a Batch without its time axis.
         transition = Batch(
-            obs=rs.obs,
+            obs=obs,
             actions=actions,
             masks=rs.masks,
             logprobs=logprobs,
@@ -169,6 +199,7 @@ def _make_env_step(config: TrainConfig, env: Env):
             finished_return=rs.finished_return + torch.where(done, ep_return, 0.0).sum(),
             finished_length=rs.finished_length + torch.where(done, ep_length, 0.0).sum(),
             finished_count=rs.finished_count + done.float().sum(),
+            obs_stats=stats,
         )
         return new_rs, optree.tree_map(lambda x: x.detach(), transition)
 
@@ -302,6 +333,12 @@ def make_train(
     """
     env = config.make_env()
     ppo = config.ppo
+    if data_parallel is not None and config.normalize_obs:
+        # Each process would merge only its own envs' observations, and the agents diverge.
+        raise ValueError(
+            "config.normalize_obs: expected False with data_parallel (the statistics are not "
+            "shared between processes), got True"
+        )
     if env.spec != ppo.spec or env.obs_dim != ppo.obs_dim:
         raise ValueError(
             f"ppo: expected obs_dim={env.obs_dim} and the action spec of env {config.env!r}, "
@@ -322,6 +359,7 @@ def make_train(
     def one_update(rs: RunnerState, u: int, base_lr: Tensor):
         rs, batch = rollout(rs)
         batch = batch if ppo.recurrent else batch._replace(hidden=None)
+        rs = rs._replace(train=rs.train._replace(obs_stats=rs.obs_stats))
         hparams = rs.train.hparams
         if config.anneal_lr:
             hparams = hparams._replace(learning_rate=base_lr * (1.0 - u / config.num_updates))

@@ -456,6 +456,7 @@ def _finish(
         step=state.step + 1,
         key=jr.fold_in(state.key, 1),
         hparams=state.hparams,
+        obs_stats=state.obs_stats,
     )
     return new_state, metrics
 
