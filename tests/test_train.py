@@ -347,11 +347,39 @@ def test_cli_takes_the_envs_preset_unless_told(tmp_path):
     assert record["env_steps"] == 128 * 2
 
 
+@pytest.mark.parametrize("anneal_clip", [False, True])
+def test_schedules_anneal_to_one_over_n_and_are_reported(anneal_clip):
+    config = cartpole_config(total_steps=2 * 16 * 4, anneal_clip=anneal_clip)
+    lrs, clips = torch.tensor([1e-3, 2e-3]), torch.tensor([0.1, 0.3])
+    _, history = make_train(config, num_seeds=2)(
+        jr.split(jr.key(0), 2), hparams={"learning_rate": lrs, "clip_coef": clips}
+    )
+    left = torch.tensor([1.0, 0.75, 0.5, 0.25])[:, None]  # 1 - u / 4, per update
+    assert torch.allclose(history["learning_rate"], lrs * left)
+    want = clips * left if anneal_clip else clips.expand(4, 2)
+    assert torch.allclose(history["clip_coef"], want)
+
+
+def test_cli_anneal_clip_flag(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--env", "cartpole", "--seeds", "1", "--total-steps", "256", "--no-compile"]
+    args += ["--num-envs", "2", "--num-steps", "64", "--out", str(out)]
+    for flag, want in (([], [0.2, 0.2]), (["--anneal-clip"], [0.2, 0.1])):
+        assert main([*args, *flag]) == 0
+        lines = (out / "metrics.jsonl").read_text().splitlines()
+        assert [json.loads(line)["clip_coef"][0] for line in lines] == pytest.approx(want)
+    with pytest.raises(SystemExit):
+        main(["train", "--env", "gym:CartPole-v1", "--anneal-clip", "--out", str(out)])
+    assert "--anneal-clip: expected a built-in env" in capsys.readouterr().err
+
+
 def test_bad_train_config_names_the_field():
     with pytest.raises(ValueError, match="num_envs"):
         cartpole_config(num_envs=0)
     with pytest.raises(ValueError, match="total_steps"):
         cartpole_config(total_steps=10)
+    with pytest.raises(ValueError, match="anneal_clip: expected a bool, got 'yes'"):
+        cartpole_config(anneal_clip="yes")
     with pytest.raises(ValueError, match="normalize_obs: expected a bool, got 1"):
         cartpole_config(normalize_obs=1)
     with pytest.raises(ValueError, match="clip_obs: expected a number > 0, got 0"):

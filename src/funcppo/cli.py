@@ -70,6 +70,13 @@ def _parser() -> argparse.ArgumentParser:
         help="normalise observations by their running mean and variance, as SB3's "
         "VecNormalize (default: the env's preset; off for gym:ID)",
     )
+    train.add_argument(
+        "--anneal-clip",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="decay the clipping range linearly to 0 over the run, as the learning rate "
+        "(default: the env's preset; built-in envs only)",
+    )
     train.add_argument("--no-compile", action="store_true", help="run eagerly")
     train.add_argument("--out", default="runs/latest", help="output directory")
     train.add_argument("--seed", type=int, default=0, help="seed of the first run")
@@ -101,7 +108,8 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
-# Per built-in env: the rollout shape and the PPO settings that differ from CleanRL's defaults.
+# Per built-in env: the TrainConfig settings (rollout shape, normaliser, schedules) and the PPO
+# settings that differ from CleanRL's defaults.
 # Velocity-hidden CartPole takes RL Zoo's RecurrentPPO settings for CartPoleNoVel (short
 # rollouts, ten epochs, no entropy bonus, a higher learning rate).
 PRESETS: dict[str, tuple[dict, dict]] = {
@@ -132,6 +140,10 @@ PRESETS: dict[str, tuple[dict, dict]] = {
         },
     ),
 }
+
+
+# The TrainConfig fields a preset may set and the command line may override.
+_TRAIN_FIELDS = ("num_envs", "num_steps", "normalize_obs", "anneal_clip")
 
 
 def parse_sweep(text: str | None, num_seeds: int) -> tuple[str, list[float]] | None:
@@ -306,7 +318,7 @@ def _run_train(args: argparse.Namespace, rank: int, world: int, dp: DataParallel
     replicas = world if dp is not None else 1
     total = args.total_steps // replicas
     config = TrainConfig(
-        args.env, ppo, args.num_envs, args.num_steps, total, normalize_obs=args.normalize_obs
+        args.env, ppo, total_steps=total, **{name: getattr(args, name) for name in _TRAIN_FIELDS}
     )
     steps_per_update = args.num_envs * args.num_steps * replicas
     if rank == 0:
@@ -404,9 +416,14 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     # Gymnasium envs take CleanRL's rollout shape; built-in envs their preset's.
     rollout = PRESETS.get(args.env, ({"num_envs": 4, "num_steps": 128}, {}))[0]
-    for name in ("num_envs", "num_steps", "normalize_obs"):
+    for name in _TRAIN_FIELDS:
         if getattr(args, name) is None:
             setattr(args, name, rollout.get(name, False))
+    if args.env.startswith("gym:") and args.anneal_clip:
+        parser.error(
+            "--anneal-clip: expected a built-in env (the agent shell that trains gym:ID anneals "
+            f"the learning rate only), got {args.env!r}"
+        )
     try:
         parse_sweep(args.sweep, args.seeds)
     except ValueError as error:

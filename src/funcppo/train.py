@@ -46,7 +46,9 @@ class TrainConfig:
 
     ``total_steps`` counts environment steps per seed; a run makes
     ``total_steps // (num_envs * num_steps)`` updates. ``anneal_lr`` decays the learning rate
-    linearly to 0 over the run, as CleanRL's PPO does.
+    linearly to 0 over the run, as CleanRL's PPO does; ``anneal_clip`` decays the clipping range
+    the same way (RL Zoo's ``clip_range: lin_0.2``). Update ``u`` of ``n`` uses
+    ``1 - u / n`` of each, so the last update keeps ``1 / n`` of them.
 
     ``normalize_obs``: the policy sees observations normalised by their running mean and
     variance and clipped to ``+-clip_obs``, as SB3's ``VecNormalize`` (its start, merge and
@@ -61,6 +63,7 @@ class TrainConfig:
     num_steps: int = 128
     total_steps: int = 500_000
     anneal_lr: bool = True
+    anneal_clip: bool = False
     normalize_obs: bool = False
     clip_obs: float = CLIP_OBS
 
@@ -69,7 +72,7 @@ class TrainConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        for name in ("anneal_lr", "normalize_obs"):
+        for name in ("anneal_lr", "anneal_clip", "normalize_obs"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected a bool, got {getattr(self, name)!r}")
         clip = self.clip_obs
@@ -356,14 +359,19 @@ def make_train(
     rollout = make_rollout(env_step, config.num_steps, time_axis, ppo.compile, backend)
     update = make_update_fn(ppo, num_seeds=num_seeds, backend=backend, data_parallel=data_parallel)
 
-    def one_update(rs: RunnerState, u: int, base_lr: Tensor):
+    def one_update(rs: RunnerState, u: int, base: Hyperparams):
         rs, batch = rollout(rs)
         batch = batch if ppo.recurrent else batch._replace(hidden=None)
         rs = rs._replace(train=rs.train._replace(obs_stats=rs.obs_stats))
-        hparams = rs.train.hparams
+        hparams, left = rs.train.hparams, 1.0 - u / config.num_updates
         if config.anneal_lr:
-            hparams = hparams._replace(learning_rate=base_lr * (1.0 - u / config.num_updates))
+            hparams = hparams._replace(learning_rate=base.learning_rate * left)
+        if config.anneal_clip:
+            hparams = hparams._replace(clip_coef=base.clip_coef * left)
         train_state, metrics = update(rs.train._replace(hparams=hparams), batch)
+        # The schedule's values this update ran with (CleanRL logs the learning rate too).
+        metrics["learning_rate"] = hparams.learning_rate
+        metrics["clip_coef"] = hparams.clip_coef
         train_state = train_state._replace(hparams=rs.train.hparams)
         finished = (rs.finished_return, rs.finished_length, rs.finished_count)
         if data_parallel is not None:
@@ -389,12 +397,12 @@ def make_train(
         rs = init(key)
         if hparams:
             rs = rs._replace(train=_override_hparams(rs.train, hparams, ppo))
-        base_lr = rs.train.hparams.learning_rate
+        base = rs.train.hparams
         history = []
         try:
             for u in range(config.num_updates):
                 start = time.perf_counter()
-                rs, metrics = one_update(rs, u, base_lr)
+                rs, metrics = one_update(rs, u, base)
                 history.append(metrics)
                 if callback is not None:
                     host = {k: v.tolist() for k, v in _host(metrics).items()}
