@@ -338,13 +338,17 @@ def test_cli_takes_the_envs_preset_unless_told(tmp_path):
     args = ["train", "--env", "cartpole-pomdp", "--seeds", "1", "--total-steps", "256"]
     assert main([*args, "--no-compile", "--out", str(out)]) == 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
-    _, config, _ = load_checkpoint(out / "checkpoint.pt")
-    # The preset: 8 envs x 32 steps, an LSTM, ten epochs.
-    assert record["env_steps"] == 256 and config.recurrent and config.update_epochs == 10
+    # The preset: 8 envs x 32 steps, an LSTM over whole rollouts, twenty epochs, a normaliser.
+    state, config, _ = load_checkpoint(out / "checkpoint.pt")
+    assert record["env_steps"] == 256 and config.recurrent and config.update_epochs == 20
+    assert config.bptt_len == 32 and config.num_minibatches == 1
+    assert float(state.obs_stats.count[0]) == pytest.approx(256, abs=1e-3)
     changed = ["--num-envs", "2", "--num-steps", "64", "--no-compile", "--out", str(out)]
-    assert main([*args, *changed]) == 0
+    assert main([*args, *changed, "--no-normalize-obs"]) == 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["env_steps"] == 128 * 2
+    assert record["clip_coef"] == [pytest.approx(0.1)]  # the preset anneals it: update 2 of 2
+    assert load_checkpoint(out / "checkpoint.pt")[0].obs_stats == ()
 
 
 @pytest.mark.parametrize("anneal_clip", [False, True])

@@ -110,8 +110,6 @@ def _parser() -> argparse.ArgumentParser:
 
 # Per built-in env: the TrainConfig settings (rollout shape, normaliser, schedules) and the PPO
 # settings that differ from CleanRL's defaults.
-# Velocity-hidden CartPole takes RL Zoo's RecurrentPPO settings for CartPoleNoVel (short
-# rollouts, ten epochs, no entropy bonus, a higher learning rate).
 PRESETS: dict[str, tuple[dict, dict]] = {
     "cartpole": ({"num_envs": 4, "num_steps": 128}, {}),
     # Lifecycle: 64 envs x 32 steps (more envs per Python-driven step: ~10x the steps/s of 4 x
@@ -126,15 +124,21 @@ PRESETS: dict[str, tuple[dict, dict]] = {
         {"num_envs": 64, "num_steps": 32},
         {"learning_rate": 2e-3, "entropy_floor": {"blueprint": 0.6}, "entropy_floor_coef": 1.0},
     ),
+    # Velocity-hidden CartPole takes RL Zoo's RecurrentPPO settings for CartPoleNoVel: short
+    # rollouts replayed whole (one minibatch, gradient through all 32 steps), twenty epochs,
+    # lambda 0.8, no entropy bonus, a higher learning rate, the clipping range annealed with
+    # it, and normalised observations (the pole's angle varies by hundredths of a radian):
+    # 8 seeds evaluated at 274 before, 423 after (benchmarks/RESULTS.md).
     "cartpole-pomdp": (
-        {"num_envs": 8, "num_steps": 32},
+        {"num_envs": 8, "num_steps": 32, "normalize_obs": True, "anneal_clip": True},
         {
             "recurrent": True,
             "lstm_size": 64,
-            "bptt_len": 16,
+            "bptt_len": 32,
             "gamma": 0.98,
-            "gae_lambda": 0.98,
-            "update_epochs": 10,
+            "gae_lambda": 0.8,
+            "update_epochs": 20,
+            "num_minibatches": 1,
             "ent_coef": 0.0,
             "learning_rate": 1e-3,
         },
