@@ -68,6 +68,42 @@ def test_update_is_make_update_fn_on_the_rollout():
     assert metrics["ratio_max/action"] == float(want["ratio_max/action"])
 
 
+def test_update_for_one_call_schedule_is_make_update_fn_with_those_hparams():
+    # update(learning_rate, clip_coef=...) runs the update with those values, then the state
+    # keeps the configured ones; a bad value is refused by the config's own range check.
+    env = cartpole()
+    agent = PPOAgent(config_for(env), env.num_envs, 16, seed=0)
+    agent.collect(env)
+    batch, before = agent.rollout(), agent.state
+    metrics = agent.update(3e-2, clip_coef=1e-4)
+    hp = before.hparams._replace(learning_rate=torch.tensor(3e-2), clip_coef=torch.tensor(1e-4))
+    want_state, want = make_update_fn(agent.config)(before._replace(hparams=hp), batch)
+    assert_trees_equal(agent.state.params, want_state.params)
+    assert metrics["clip_fraction"] == float(want["clip_fraction"]) > 0.0
+    assert_trees_equal(agent.state.hparams, before.hparams)
+    agent.collect(env)
+    with pytest.raises(ValueError, match=r"clip_coef: expected a number in \(0"):
+        agent.update(clip_coef=0.0)
+    with pytest.raises(ValueError, match=r"learning_rate: expected a number"):
+        agent.update(float("nan"))
+
+
+def test_learn_anneals_the_clipping_range():
+    env = cartpole()
+    agent = PPOAgent(config_for(env, clip_coef=0.3), env.num_envs, 16, seed=0)
+    seen = []
+    real_update = agent.update
+
+    def spy(learning_rate=None, batch=None, clip_coef=None):
+        seen.append((learning_rate, clip_coef))
+        return real_update(learning_rate, batch, clip_coef)
+
+    agent.update = spy
+    agent.learn(env, total_steps=4 * 2 * 16, anneal_clip=True)
+    assert [c for _, c in seen] == pytest.approx([0.3, 0.225, 0.15, 0.075])
+    assert [lr for lr, _ in seen] == [None] * 4  # anneal_lr is off
+
+
 def test_act_is_reproducible_from_the_seed():
     env = cartpole()
     actions = []

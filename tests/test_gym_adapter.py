@@ -233,9 +233,11 @@ def test_cli_trains_a_gym_env_and_writes_the_usual_outputs(tmp_path, capsys):
 
     argv = ["train", "--env", "gym:CartPole-v1", "--seeds", "1", "--num-envs", "2"]
     argv += ["--num-steps", "64", "--total-steps", "512", "--no-compile", "--out", str(tmp_path)]
-    assert main([*argv, "--normalize-obs"]) == 0
+    assert main([*argv, "--normalize-obs", "--anneal-clip"]) == 0
     lines = (tmp_path / "metrics.jsonl").read_text().splitlines()
     assert len(lines) == 4
+    clips = [json.loads(line)["clip_coef"][0] for line in lines]
+    assert clips == pytest.approx([0.2, 0.15, 0.1, 0.05])
     record = json.loads(lines[-1])
     assert record["env_steps"] == 512 and record["worst_ratio_head"] == ["action"]
     assert "| all |" in capsys.readouterr().out

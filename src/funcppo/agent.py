@@ -250,11 +250,17 @@ class PPOAgent:
             )
         return compact_rollout(self._rows, self._valid, self.num_steps)
 
-    def update(self, learning_rate: float | None = None, batch: Batch | None = None) -> dict:
+    def update(
+        self,
+        learning_rate: float | None = None,
+        batch: Batch | None = None,
+        clip_coef: float | None = None,
+    ) -> dict:
         """One PPO update; returns (and keeps in ``metrics``) host floats, plus
         ``worst_ratio_head``, the name of the head whose ratio strayed furthest from 1.
 
-        ``learning_rate``, when given, replaces the configured one for this update only.
+        ``learning_rate`` and ``clip_coef``, when given, replace the configured ones for this
+        update only (each passes the config's own range check).
         ``batch``, when given, is trained on instead of the collected rollout (which is kept);
         its actions are checked against the head sizes and masks first.
         """
@@ -267,10 +273,11 @@ class PPOAgent:
         else:
             check_batch_actions(self.config, self.state, batch)
         hp = self.state.hparams
-        state = self.state
-        if learning_rate is not None:
-            lr = torch.full_like(hp.learning_rate, learning_rate)
-            state = state._replace(hparams=hp._replace(learning_rate=lr))
+        given = {"learning_rate": learning_rate, "clip_coef": clip_coef}
+        given = {name: value for name, value in given.items() if value is not None}
+        self.config.replace(**given)  # a ValueError naming the field for a bad value
+        now = {name: torch.full_like(getattr(hp, name), value) for name, value in given.items()}
+        state = self.state._replace(hparams=hp._replace(**now))
         new_state, metrics = self._update(state, batch)
         self.state = new_state._replace(hparams=hp)
         host = host_metrics(self.config.spec, metrics, self._finished, discarded)
@@ -289,10 +296,18 @@ class PPOAgent:
         while not self.ready:
             self.observe(env.step(self.act(env.obs, env.masks)))
 
-    def learn(self, env: Any, total_steps: int, callback=None, anneal_lr: bool = False) -> list:
+    def learn(
+        self,
+        env: Any,
+        total_steps: int,
+        callback=None,
+        anneal_lr: bool = False,
+        anneal_clip: bool = False,
+    ) -> list:
         """``total_steps // (num_envs * num_steps)`` rounds of ``collect`` and ``update``.
 
-        ``anneal_lr`` decays the learning rate linearly to 0 over this call (as CleanRL).
+        ``anneal_lr`` decays the learning rate linearly to 0 over this call (as CleanRL),
+        ``anneal_clip`` the clipping range (as ``TrainConfig.anneal_clip``).
         ``callback(update_index, metrics)`` returning True stops early. Returns the metrics.
         """
         num_updates = total_steps // (self.num_envs * self.num_steps)
@@ -301,11 +316,14 @@ class PPOAgent:
                 f"total_steps: expected at least num_envs * num_steps = "
                 f"{self.num_envs * self.num_steps}, got {total_steps}"
             )
-        base = float(self.state.hparams.learning_rate)
+        lr, clip = float(self.state.hparams.learning_rate), float(self.state.hparams.clip_coef)
         history = []
         for u in range(num_updates):
             self.collect(env)
-            metrics = self.update(base * (1 - u / num_updates) if anneal_lr else None)
+            left = 1 - u / num_updates
+            metrics = self.update(
+                lr * left if anneal_lr else None, clip_coef=clip * left if anneal_clip else None
+            )
             history.append(metrics)
             if callback is not None and callback(u, metrics):
                 break

@@ -75,7 +75,7 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=None,
         help="decay the clipping range linearly to 0 over the run, as the learning rate "
-        "(default: the env's preset; built-in envs only)",
+        "(default: the env's preset; off for gym:ID)",
     )
     train.add_argument("--no-compile", action="store_true", help="run eagerly")
     train.add_argument("--out", default="runs/latest", help="output directory")
@@ -423,11 +423,6 @@ def main(argv: list[str] | None = None) -> int:
     for name in _TRAIN_FIELDS:
         if getattr(args, name) is None:
             setattr(args, name, rollout.get(name, False))
-    if args.env.startswith("gym:") and args.anneal_clip:
-        parser.error(
-            "--anneal-clip: expected a built-in env (the agent shell that trains gym:ID anneals "
-            f"the learning rate only), got {args.env!r}"
-        )
     try:
         parse_sweep(args.sweep, args.seeds)
     except ValueError as error:

@@ -85,16 +85,19 @@ def run_gym_train(args: argparse.Namespace) -> int:
     progress = Progress(num_updates, steps_per_update, not args.no_compile)
     writer = _tensorboard(out)
     returns: list[list[float]] = []
-    base = [float(agent.state.hparams.learning_rate) for agent, _ in pairs]
+    base = [(float(a.config.learning_rate), float(a.config.clip_coef)) for a, _ in pairs]
     with open(out / "metrics.jsonl", "w") as log:
         try:
             for u in range(num_updates):
                 start = time.perf_counter()
                 per_seed = []
-                for (agent, env), lr in zip(pairs, base, strict=True):
+                left = 1.0 - u / num_updates
+                for (agent, env), (lr, clip) in zip(pairs, base, strict=True):
                     agent.collect(env)
-                    # Linear decay to 0, as the built-in path (TrainConfig.anneal_lr).
-                    per_seed.append(agent.update(lr * (1.0 - u / num_updates)))
+                    # Linear decay to 0, as the built-in path (TrainConfig.anneal_lr/_clip).
+                    lr, clip = lr * left, clip * left if args.anneal_clip else clip
+                    metrics = agent.update(lr, clip_coef=clip)
+                    per_seed.append(metrics | {"learning_rate": lr, "clip_coef": clip})
                 metrics = {k: [m[k] for m in per_seed] for k in per_seed[0]}
                 metrics["update_seconds"] = time.perf_counter() - start
                 record_update(u, metrics, steps_per_update, log, writer, progress, returns)
