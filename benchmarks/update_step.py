@@ -199,6 +199,10 @@ def main() -> None:
         compiled = make_update_fn(make_config(recurrent, True), compile_scope="minibatch")
         first, median = time_calls(compiled, (state, batch), repeats, device)
         record(f"{kind} compiled (minibatch scope)", first, median, eager_median)
+        # The same steps as one scan: one compiled call per update instead of one per step.
+        scanned = make_update_fn(make_config(recurrent, True), compile_scope="scan")
+        first, s_median = time_calls(scanned, (state, batch), repeats, device)
+        record(f"{kind} compiled (scan scope, vs minibatch)", first, s_median, median)
         # The whole-update graph unrolls 16 minibatch steps; with the LSTM each also unrolls
         # bptt_len cells, which takes far longer to compile than the benchmark is worth.
         if args.whole and not recurrent:

@@ -185,6 +185,32 @@ def test_compiled_matches_eager_without_graph_breaks(scope, backend):
         assert torch.allclose(c_metrics[name], value, atol=1e-5, equal_nan=True), name
 
 
+def test_scan_scope_matches_eager_for_vmapped_seeds_without_graph_breaks():
+    # The minibatch steps as one scan: vmapped inside the scan body, an LSTM replayed in it.
+    config = small_config(recurrent=True, bptt_len=4, target_kl=0.02, update_epochs=2)
+    states = init_train_state(jr.split(jr.key(5), 2), config)
+    batches = [
+        synthetic_batch(
+            config, optree.tree_map(lambda x, i=i: x[i], states.params), jr.key(6 + i), T, B
+        )
+        for i in range(2)
+    ]
+    batches = optree.tree_map(lambda *xs: torch.stack(xs), *batches, none_is_leaf=False)
+    e_state, e_metrics = make_update_fn(config, num_seeds=2)(states, batches)
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    scanned = make_update_fn(
+        config.replace(compile=True), num_seeds=2, compile_scope="scan", backend="aot_eager"
+    )
+    c_state, c_metrics = scanned(states, batches)
+    assert sum(counters["graph_break"].values()) == 0
+    assert max_diff(c_state.params, e_state.params) < 1e-5
+    assert max_diff(c_state.opt_state, e_state.opt_state) < 1e-5
+    for name, value in e_metrics.items():
+        assert torch.allclose(c_metrics[name], value, atol=1e-5, equal_nan=True), name
+
+
 def test_vmapped_seeds_match_each_seed_alone():
     config = small_config(target_kl=0.02)
     keys = jr.split(jr.key(3), 4)

@@ -19,14 +19,13 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
-import torch._inductor.config as inductor_config
 import torch.utils._pytree as pytree
 from torch import Tensor
 from torch._higher_order_ops.scan import scan
 from torch.func import vmap
 
 from funcppo import random as jr
-from funcppo.compiling import compile_fn
+from funcppo.compiling import compile_fn, fresh, scan_cacheable, unaliased
 from funcppo.config import PPOConfig
 from funcppo.constants import CLIP_OBS
 from funcppo.distributed import DataParallel
@@ -238,44 +237,6 @@ def _loop_rollout(env_step: Callable, num_steps: int, time_axis: int) -> Callabl
     return rollout
 
 
-def _scan_cacheable():
-    """Let inductor's on-disk caches keep a graph that holds a scan (lowered to a while loop).
-
-    torch 2.13 marks neither operator cacheable, so every process compiled the rollout afresh
-    (about 55 s for CartPole's, against 9 s from a warm cache). Their subgraphs are part of
-    the graph module that the cache key hashes; the operators themselves are keyed by the
-    torch version, through inductor's own setting for this.
-    """
-    marked = dict(inductor_config.unsafe_marked_cacheable_functions)
-    for op in (torch.ops.higher_order.scan, torch.ops.higher_order.while_loop):
-        marked[f"{op.__module__}.{op.__name__}"] = torch.__version__
-    return inductor_config.patch(unsafe_marked_cacheable_functions=marked)
-
-
-def _unaliased(tree: Any) -> Any:
-    """``tree`` with every leaf that shares memory with an earlier leaf cloned.
-
-    Dynamo guards on which inputs alias: a fresh runner state (an env's reset may hand out one
-    zero tensor for several fields) would otherwise compile the rollout a second time once
-    the first rollout has returned distinct tensors.
-    """
-    seen: set[int] = set()
-
-    def own(x: Tensor) -> Tensor:
-        ptr = x.untyped_storage().data_ptr()
-        if ptr in seen:
-            return x.clone()
-        seen.add(ptr)
-        return x
-
-    return optree.tree_map(own, tree, none_is_leaf=False)
-
-
-def _fresh(leaves: list[Tensor]) -> list[Tensor]:
-    # A scan body may neither return its inputs nor two views of one buffer.
-    return [x.clone() for x in leaves]
-
-
 def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[Callable, Callable]:
     """``(scanned, drive)``: ``scanned(rs)``, one ``scan`` over time to be compiled, and
     ``drive(compiled, rs) -> (rs, batch)``, which calls the compiled one.
@@ -293,20 +254,20 @@ def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[C
 
         def body(carry: list[Tensor], _: Tensor) -> tuple[list[Tensor], list[Tensor]]:
             new, transition = env_step(params, pytree.tree_unflatten(carry, spec))
-            return _fresh(pytree.tree_leaves(new._replace(train=()))), _fresh(
+            return fresh(pytree.tree_leaves(new._replace(train=()))), fresh(
                 pytree.tree_leaves(transition)
             )
 
         xs = torch.zeros(num_steps, device=rs.key.device)  # scan's length; the body ignores it
-        carry, ys = scan(body, _fresh(leaves), xs)
+        carry, ys = scan(body, fresh(leaves), xs)
         ys = [y.movedim(0, time_axis).contiguous() for y in ys]
         return pytree.tree_unflatten(carry, spec)._replace(train=train), ys
 
     def rollout(compiled: Callable, rs: RunnerState) -> tuple[RunnerState, Batch]:
         if not batch_spec:
             batch_spec.append(pytree.tree_structure(env_step(rs.train.params, rs)[1]))
-        with _scan_cacheable():
-            rs, ys = compiled(_unaliased(rs))
+        with scan_cacheable():
+            rs, ys = compiled(unaliased(rs))
         return rs, pytree.tree_unflatten(ys, batch_spec[0])
 
     return scanned, rollout

@@ -9,7 +9,9 @@ minibatch's sequences, one autograd graph at a time; its metrics come back as on
 ``finish`` (metrics; parameters unpacked). With ``compile_scope="update"`` they are composed
 into one function and compiled as one graph (torch.compile unrolls the epoch and minibatch
 loops); with ``"minibatch"`` ``prepare``, the step and ``finish`` are compiled once each and a
-Python loop drives the step, which bounds compile time.
+Python loop drives the step, which bounds compile time; with ``"scan"`` the steps run as one
+compiled ``scan`` over the step index (the gradient is taken inside its body), one call per
+update with compile time as bounded as the step's.
 """
 
 from __future__ import annotations
@@ -19,7 +21,9 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
+import torch.utils._pytree as pytree
 from torch import Tensor
+from torch._higher_order_ops.scan import scan
 from torch.func import grad_and_value, vmap
 
 from funcppo import random as jr
@@ -31,7 +35,7 @@ from funcppo.accumulation import (
     split_tree,
 )
 from funcppo.advantages import gae, normalize_advantages, per_head_advantages
-from funcppo.compiling import compile_fn
+from funcppo.compiling import compile_fn, fresh, scan_cacheable, unaliased
 from funcppo.config import PPOConfig
 from funcppo.constants import ADV_STD_FLOOR, KL_EARLY_STOP_FACTOR
 from funcppo.distributed import (
@@ -476,6 +480,28 @@ def _initial_carry(config: PPOConfig, state: TrainState, flat: tuple) -> Carry:
     )
 
 
+_SCOPES = ("minibatch", "scan", "update")
+
+
+def _scanned_steps(step: Callable, num_steps: int) -> Callable:
+    """``steps(carry, prep, hparams) -> (carry, infos [num_steps, n])``: the minibatch steps as
+    one ``scan`` over the step index, which inductor lowers to one loop (compile time does not
+    grow with the number of steps; dynamo's guards run once per update, not once per step)."""
+
+    def steps(carry: Carry, prep: Prepared, hp: Any) -> tuple[Carry, Tensor]:
+        leaves, spec = pytree.tree_flatten(carry)
+
+        def body(c: list[Tensor], k: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+            new, info = step(pytree.tree_unflatten(c, spec), prep, hp, k)
+            return fresh(pytree.tree_leaves(new)), [info.clone()]
+
+        ks = torch.arange(num_steps, device=carry.stopped.device)
+        out, (infos,) = scan(body, fresh(leaves), ks)
+        return pytree.tree_unflatten(out, spec), infos
+
+    return steps
+
+
 def make_update_fn(
     config: PPOConfig,
     *,
@@ -491,9 +517,11 @@ def make_update_fn(
       num_seeds: when given, ``state`` and ``batch`` carry a leading seed axis of this size and
         the update is vmapped over it: S independent agents in one program.
       compile_scope: ``"minibatch"`` (default) compiles ``prepare``, one minibatch step and
-        ``finish`` once each and loops in Python; ``"update"`` compiles the whole update as one
-        graph, with the epoch and minibatch loops unrolled (compile time grows with
-        ``update_epochs * num_minibatches``: see benchmarks/RESULTS.md).
+        ``finish`` once each and loops in Python; ``"scan"`` compiles the steps as one scan
+        (one call and one guard check per update; data parallel and eager updates loop as
+        ``"minibatch"``); ``"update"`` compiles the whole update as one graph, with the epoch
+        and minibatch loops unrolled (compile time grows with ``update_epochs *
+        num_minibatches``: see benchmarks/RESULTS.md).
       backend: the ``torch.compile`` backend (``"aot_eager"`` traces without code generation).
       data_parallel: a ``funcppo.distributed.DataParallel``: every process calls ``update``
         with the same state and its own batch of the same shape, and each minibatch step is
@@ -504,8 +532,8 @@ def make_update_fn(
 
     The returned function validates shapes, dtypes and devices on the host before running.
     """
-    if compile_scope not in ("update", "minibatch"):
-        raise ValueError(f"compile_scope: expected 'update' or 'minibatch', got {compile_scope!r}")
+    if compile_scope not in _SCOPES:
+        raise ValueError(f"compile_scope: expected one of {_SCOPES}, got {compile_scope!r}")
     dp = data_parallel
     layouts = _make_layouts(config)
     shuffle = _make_shuffle(config)
@@ -534,6 +562,19 @@ def make_update_fn(
 
         return run
 
+    def drive_scan(shuffle, prepare, steps, finish):
+        """The update with its minibatch steps as one compiled ``steps`` call (a scan)."""
+
+        def run(state: TrainState, batch: Batch):
+            prep, flat = prepare(state, batch, shuffle(state, batch))
+            carry = _initial_carry(config, state, flat)
+            # A scan's inputs may not alias (two heads' masks can share a buffer).
+            with scan_cacheable():
+                carry, infos = steps(*unaliased((carry, prep, state.hparams)))
+            return finish(state, carry, prep, list(infos.unbind(0)))
+
+        return run
+
     def wrap(fn, in_dims=0):
         fn = fn if num_seeds is None else vmap(fn, in_dims=in_dims, randomness="error")
         return compile_fn(fn, "update", backend) if config.compile else fn
@@ -541,6 +582,11 @@ def make_update_fn(
     if compile_scope == "update":
         # One graph: compiling ``drive`` unrolls the minibatch loop.
         run = wrap(drive(shuffle, prepare, step, finish))
+    elif compile_scope == "scan" and config.compile and dp is None:
+        vmapped = shuffle if num_seeds is None else vmap(shuffle, randomness="error")
+        seeded = step if num_seeds is None else vmap(step, in_dims=(0, 0, 0, None))
+        steps = compile_fn(_scanned_steps(seeded, num_steps), "update", backend)
+        run = drive_scan(vmapped, wrap(prepare), steps, wrap(finish))
     else:
         vmapped = shuffle if num_seeds is None else vmap(shuffle, randomness="error")
         run = drive(vmapped, wrap(prepare), wrap(step, in_dims=(0, 0, 0, None)), wrap(finish))
