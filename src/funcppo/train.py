@@ -168,8 +168,8 @@ def _make_env_step(config: TrainConfig, env: Env, learn_obs_stats: bool = True):
         # V of the observation the step reached (before any reset), under the post-step hidden
         # state: the bootstrap value of a truncated step, and V(s_{t+1}) otherwise.
         no_start = torch.zeros_like(rs.episode_start)
-        next_value = policy_apply(ppo, params, seen(stats, res.final_obs), out.hidden, no_start)
-        next_value = next_value.value
+        final_obs = seen(stats, res.final_obs)
+        next_value = policy_apply(ppo, params, final_obs, out.hidden, no_start).value
         done = res.terminated | res.truncated
         ep_return = rs.episode_return + res.reward
         ep_length = rs.episode_length + 1
