@@ -20,13 +20,23 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import Tensor
 
-__all__ = ["compile_fn", "fresh", "scan_cacheable", "unaliased"]
+__all__ = ["INDUCTOR_OPTIONS", "compile_fn", "fresh", "scan_cacheable", "unaliased"]
 
 _counter = itertools.count()
 
 
+# Inductor's generated code checks every input's sizes and strides on each call, again on
+# each iteration of a scan's loop (the rollout's carry holds dozens of tensors), which here
+# costs more than some of the kernels it guards. The compiled function's entry is guarded
+# by dynamo on the same sizes and strides, and a loop's carry is made by its own body, so
+# the checks are off: 1.10x on 8 vmapped CartPole seeds' rollout and update, 1.03-1.07x on
+# the update benchmark (benchmarks/RESULTS.md).
+INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
+
+
 def compile_fn(fn: Callable, name: str, backend: str = "inductor") -> Callable:
-    """``torch.compile(fn, fullgraph=True, backend=backend)`` with a cache of its own."""
+    """``torch.compile(fn, fullgraph=True, backend=backend)`` with a cache of its own (and,
+    with inductor, ``INDUCTOR_OPTIONS``)."""
 
     def trampoline(*args):
         return fn(*args)
@@ -35,7 +45,8 @@ def compile_fn(fn: Callable, name: str, backend: str = "inductor") -> Callable:
     fresh = types.FunctionType(
         code, trampoline.__globals__, code.co_name, None, trampoline.__closure__
     )
-    return torch.compile(fresh, fullgraph=True, backend=backend)
+    options = dict(INDUCTOR_OPTIONS) if backend == "inductor" else None
+    return torch.compile(fresh, fullgraph=True, backend=backend, options=options)
 
 
 def scan_cacheable():
