@@ -330,7 +330,9 @@ def _time_update_until_error(dp, error):
 def test_a_failed_or_hung_process_stops_the_other_with_a_clear_error(task, bound_s, tmp_path):
     codes, _ = spawn(task, tmp_path, timeout_s=60.0, pg_timeout_s=2.0)
     assert codes[1] == (1 if task == "failing_rank" else 0)
-    assert codes[0] == 0, (tmp_path / "rank0.err").read_text()
+    err = tmp_path / "rank0.err"
+    # A negative code is a signal (the process crashed, no traceback written).
+    assert codes[0] == 0, (codes, err.read_text() if err.exists() else "no rank0.err")
     result = torch.load(tmp_path / "rank0.pt", weights_only=False)
     assert result["error"] is not None
     assert "rank 0:" in result["error"] and "another process" in result["error"]

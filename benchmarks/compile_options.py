@@ -1,0 +1,95 @@
+"""What compile_fn's settings are worth: the main job's training loop with each one on and off.
+
+CartPole, the main job's shape (8 seeds vmapped, 4 envs x 128 steps per seed, CleanRL's
+64 x 64 MLP, compiled rollout and update). Variants, each built by its own ``make_train``:
+
+* ``shipped``: ``funcppo.compiling`` as it is (inductor's size and alignment asserts off;
+  dynamo's guards on the arguments only, ``keep_input_guards``);
+* ``asserts on``: inductor's default asserts, guards filtered;
+* ``all guards``: asserts off, every guard dynamo makes;
+* ``neither``: inductor's and dynamo's defaults.
+
+All run in this one process, interleaved: each round trains every variant for ``--updates``
+updates from the same key; the first round's time includes compilation. Reported: the median
+update (rollout and update step) over the later updates of every round, and its ratio to
+``neither``. Each variant's final parameters are compared with ``neither``'s.
+
+    python benchmarks/compile_options.py [--seeds 8] [--updates 30] [--rounds 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import optree
+import torch
+
+from funcppo import compiling
+from funcppo import random as jr
+from funcppo.cli import _ppo_config
+from funcppo.envs import make_env
+from funcppo.train import TrainConfig, make_train
+
+VARIANTS = {
+    "shipped": (compiling.GUARD_FILTER, dict(compiling.INDUCTOR_OPTIONS)),
+    "asserts on": (compiling.GUARD_FILTER, {}),
+    "all guards": (None, dict(compiling.INDUCTOR_OPTIONS)),
+    "neither": (None, {}),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", type=int, default=8)
+    parser.add_argument("--updates", type=int, default=30)
+    parser.add_argument("--rounds", type=int, default=4)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    print(
+        f"device: CPU {platform.processor() or platform.machine()}, {os.cpu_count()} cores, "
+        f"torch {torch.__version__}, one thread; {args.seeds} seeds, CartPole 4 x 128"
+    )
+    env = make_env("cartpole", 4)
+    ppo = _ppo_config("cartpole", env, True)
+    config = TrainConfig("cartpole", ppo, 4, 128, total_steps=4 * 128 * args.updates)
+    trains = {}
+    for name, (guard_filter, options) in VARIANTS.items():
+        compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS = guard_filter, options
+        trains[name] = make_train(config, num_seeds=args.seeds)
+    compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS = VARIANTS["shipped"]
+    keys = jr.split(jr.key(0), args.seeds)
+    times: dict[str, list[float]] = {name: [] for name in trains}
+    first: dict[str, float] = {}
+    params = {}
+    for r in range(args.rounds):
+        for name, train in trains.items():
+            seconds: list[float] = []
+            start = time.perf_counter()
+            state, _ = train(keys, callback=lambda u, m, s=seconds: s.append(m["update_seconds"]))
+            if r == 0:
+                first[name] = time.perf_counter() - start
+            times[name] += seconds[2:]
+            params[name] = state.params
+    base = statistics.median(times["neither"])
+    print("| variant | first round (s) | median update (ms) | vs neither | max param diff |")
+    print("| --- | ---: | ---: | ---: | ---: |")
+    for name, values in times.items():
+        diff = max(
+            float((a - b).abs().max())
+            for a, b in zip(
+                optree.tree_leaves(params[name]), optree.tree_leaves(params["neither"]), strict=True
+            )
+        )
+        median = statistics.median(values)
+        print(
+            f"| {name} | {first[name]:.1f} | {1000 * median:.1f} | {base / median:.2f}x | "
+            f"{diff:.1e} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
