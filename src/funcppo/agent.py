@@ -43,7 +43,7 @@ from funcppo.agent_rollout import (
     zero_rollout,
 )
 from funcppo.checkpoint import load_checkpoint, save_checkpoint
-from funcppo.config import PPOConfig
+from funcppo.config import PPOConfig, anneal_left
 from funcppo.constants import ACT_STREAM, CLIP_OBS, PREDICT_STREAM
 from funcppo.distributions import factored_logprob, factored_sample
 from funcppo.networks import LSTMState, init_hidden, policy_apply
@@ -320,7 +320,7 @@ class PPOAgent:
         history = []
         for u in range(num_updates):
             self.collect(env)
-            left = 1 - u / num_updates
+            left = anneal_left(u, num_updates)
             metrics = self.update(
                 lr * left if anneal_lr else None, clip_coef=clip * left if anneal_clip else None
             )

@@ -16,11 +16,18 @@ from typing import Any, NoReturn
 from funcppo.constants import ADAM_EPS
 from funcppo.spec import ActionSpec, lifecycle_spec
 
-__all__ = ["PPOConfig", "esper_config"]
+__all__ = ["PPOConfig", "anneal_left", "esper_config"]
 
 HeadFloats = tuple[tuple[str, float], ...]
 
 _ACTIVATIONS = ("tanh", "relu")
+
+
+def anneal_left(update: int, num_updates: int) -> float:
+    """The share of a linearly annealed value (learning rate, clipping range) that update
+    ``update`` (0-based) of ``num_updates`` uses: ``1 - update / num_updates``, so the first
+    update uses all of it and the last ``1 / num_updates`` (CleanRL's schedule)."""
+    return 1.0 - update / num_updates
 
 
 def _fail(name: str, expected: str, got: Any) -> NoReturn:

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 
 from funcppo.agent import PPOAgent
-from funcppo.config import PPOConfig
+from funcppo.config import PPOConfig, anneal_left
 from funcppo.gym_adapter import GymAdapter, _gym
 
 __all__ = ["run_gym_train"]
@@ -91,7 +91,7 @@ def run_gym_train(args: argparse.Namespace) -> int:
             for u in range(num_updates):
                 start = time.perf_counter()
                 per_seed = []
-                left = 1.0 - u / num_updates
+                left = anneal_left(u, num_updates)
                 for (agent, env), (lr, clip) in zip(pairs, base, strict=True):
                     agent.collect(env)
                     # Linear decay to 0, as the built-in path (TrainConfig.anneal_lr/_clip).

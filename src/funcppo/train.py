@@ -26,7 +26,7 @@ from torch.func import vmap
 
 from funcppo import random as jr
 from funcppo.compiling import compile_fn, fresh, scan_cacheable, unaliased
-from funcppo.config import PPOConfig
+from funcppo.config import PPOConfig, anneal_left
 from funcppo.constants import CLIP_OBS
 from funcppo.distributed import DataParallel
 from funcppo.distributions import factored_logprob, factored_sample
@@ -324,7 +324,7 @@ def make_train(
         rs, batch = rollout(rs)
         batch = batch if ppo.recurrent else batch._replace(hidden=None)
         rs = rs._replace(train=rs.train._replace(obs_stats=rs.obs_stats))
-        hparams, left = rs.train.hparams, 1.0 - u / config.num_updates
+        hparams, left = rs.train.hparams, anneal_left(u, config.num_updates)
         if config.anneal_lr:
             hparams = hparams._replace(learning_rate=base.learning_rate * left)
         if config.anneal_clip:
