@@ -275,7 +275,8 @@ class PPOAgent:
         hp = self.state.hparams
         given = {"learning_rate": learning_rate, "clip_coef": clip_coef}
         given = {name: value for name, value in given.items() if value is not None}
-        self.config.replace(**given)  # a ValueError naming the field for a bad value
+        if given:
+            self.config.replace(**given)  # a ValueError naming the field for a bad value
         now = {name: torch.full_like(getattr(hp, name), value) for name, value in given.items()}
         state = self.state._replace(hparams=hp._replace(**now))
         new_state, metrics = self._update(state, batch)

@@ -95,9 +95,9 @@ def run_gym_train(args: argparse.Namespace) -> int:
                 for (agent, env), (lr, clip) in zip(pairs, base, strict=True):
                     agent.collect(env)
                     # Linear decay to 0, as the built-in path (TrainConfig.anneal_lr/_clip).
-                    lr, clip = lr * left, clip * left if args.anneal_clip else clip
-                    metrics = agent.update(lr, clip_coef=clip)
-                    per_seed.append(metrics | {"learning_rate": lr, "clip_coef": clip})
+                    lr_now, clip_now = lr * left, clip * left if args.anneal_clip else clip
+                    metrics = agent.update(lr_now, clip_coef=clip_now)
+                    per_seed.append(metrics | {"learning_rate": lr_now, "clip_coef": clip_now})
                 metrics = {k: [m[k] for m in per_seed] for k in per_seed[0]}
                 metrics["update_seconds"] = time.perf_counter() - start
                 record_update(u, metrics, steps_per_update, log, writer, progress, returns)

@@ -575,21 +575,24 @@ def make_update_fn(
 
         return run
 
+    def seeded(fn, in_dims=0):
+        return fn if num_seeds is None else vmap(fn, in_dims=in_dims, randomness="error")
+
     def wrap(fn, in_dims=0):
-        fn = fn if num_seeds is None else vmap(fn, in_dims=in_dims, randomness="error")
+        fn = seeded(fn, in_dims)
         return compile_fn(fn, "update", backend) if config.compile else fn
 
+    step_dims = (0, 0, 0, None)  # carry, prep, hparams per seed; the step index shared
     if compile_scope == "update":
         # One graph: compiling ``drive`` unrolls the minibatch loop.
         run = wrap(drive(shuffle, prepare, step, finish))
     elif compile_scope == "scan" and config.compile and dp is None:
-        vmapped = shuffle if num_seeds is None else vmap(shuffle, randomness="error")
-        seeded = step if num_seeds is None else vmap(step, in_dims=(0, 0, 0, None))
-        steps = compile_fn(_scanned_steps(seeded, num_steps), "update", backend)
-        run = drive_scan(vmapped, wrap(prepare), steps, wrap(finish))
+        steps = _scanned_steps(seeded(step, step_dims), num_steps)
+        run = drive_scan(
+            seeded(shuffle), wrap(prepare), compile_fn(steps, "update", backend), wrap(finish)
+        )
     else:
-        vmapped = shuffle if num_seeds is None else vmap(shuffle, randomness="error")
-        run = drive(vmapped, wrap(prepare), wrap(step, in_dims=(0, 0, 0, None)), wrap(finish))
+        run = drive(seeded(shuffle), wrap(prepare), wrap(step, step_dims), wrap(finish))
 
     checked = []
 
