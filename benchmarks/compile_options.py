@@ -3,16 +3,19 @@
 CartPole, the main job's shape (8 seeds vmapped, 4 envs x 128 steps per seed, CleanRL's
 64 x 64 MLP, compiled rollout and update). Variants, each built by its own ``make_train``:
 
-* ``shipped``: ``funcppo.compiling`` as it is (inductor's size and alignment asserts off;
-  dynamo's guards on the arguments only, ``keep_input_guards``);
-* ``asserts on``: inductor's default asserts, guards filtered;
-* ``all guards``: asserts off, every guard dynamo makes;
-* ``neither``: inductor's and dynamo's defaults.
+* ``shipped``: ``funcppo.compiling`` and ``funcppo.networks`` as they are (inductor's size and
+  alignment asserts off, tanh in its exp form; dynamo's guards on the arguments only,
+  ``keep_input_guards``; products with a thin weight as pointwise sums, ``THIN_MAX``);
+* ``asserts on``: inductor's default asserts, the rest shipped;
+* ``all guards``: every guard dynamo makes, the rest shipped;
+* ``library tanh``: inductor's own vectorised tanh, the rest shipped;
+* ``matmuls``: every product a matmul (``THIN_MAX = 0``), the rest shipped;
+* ``none``: inductor's and dynamo's defaults, every product a matmul.
 
 All run in this one process, interleaved: each round trains every variant for ``--updates``
 updates from the same key; the first round's time includes compilation. Reported: the median
 update (rollout and update step) over the later updates of every round, and its ratio to
-``neither``. Each variant's final parameters are compared with ``neither``'s.
+``none``. Each variant's final parameters are compared with ``none``'s.
 
     python benchmarks/compile_options.py [--seeds 8] [--updates 30] [--rounds 4]
 """
@@ -28,17 +31,31 @@ import time
 import optree
 import torch
 
-from funcppo import compiling
+from funcppo import compiling, networks
 from funcppo import random as jr
 from funcppo.cli import _ppo_config
 from funcppo.envs import make_env
 from funcppo.train import TrainConfig, make_train
 
+SHIPPED = dict(compiling.INDUCTOR_OPTIONS)
+ASSERTS = ("size_asserts", "alignment_asserts")
+TANH = "cpp.use_decompose_tanh"
+# name: (guard filter, inductor options, THIN_MAX); THIN_MAX is read when a function is traced.
 VARIANTS = {
-    "shipped": (compiling.GUARD_FILTER, dict(compiling.INDUCTOR_OPTIONS)),
-    "asserts on": (compiling.GUARD_FILTER, {}),
-    "all guards": (None, dict(compiling.INDUCTOR_OPTIONS)),
-    "neither": (None, {}),
+    "shipped": (compiling.GUARD_FILTER, SHIPPED, networks.THIN_MAX),
+    "asserts on": (
+        compiling.GUARD_FILTER,
+        {k: v for k, v in SHIPPED.items() if k not in ASSERTS},
+        networks.THIN_MAX,
+    ),
+    "all guards": (None, SHIPPED, networks.THIN_MAX),
+    "library tanh": (
+        compiling.GUARD_FILTER,
+        {k: v for k, v in SHIPPED.items() if k != TANH},
+        networks.THIN_MAX,
+    ),
+    "matmuls": (compiling.GUARD_FILTER, SHIPPED, 0),
+    "none": (None, {}, 0),
 }
 
 
@@ -57,16 +74,17 @@ def main() -> None:
     ppo = _ppo_config("cartpole", env, True)
     config = TrainConfig("cartpole", ppo, 4, 128, total_steps=4 * 128 * args.updates)
     trains = {}
-    for name, (guard_filter, options) in VARIANTS.items():
+    for name, (guard_filter, options, _) in VARIANTS.items():
         compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS = guard_filter, options
         trains[name] = make_train(config, num_seeds=args.seeds)
-    compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS = VARIANTS["shipped"]
+    compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS, _ = VARIANTS["shipped"]
     keys = jr.split(jr.key(0), args.seeds)
     times: dict[str, list[float]] = {name: [] for name in trains}
     first: dict[str, float] = {}
     params = {}
     for r in range(args.rounds):
         for name, train in trains.items():
+            networks.THIN_MAX = VARIANTS[name][2]
             seconds: list[float] = []
             start = time.perf_counter()
             state, _ = train(keys, callback=lambda u, m, s=seconds: s.append(m["update_seconds"]))
@@ -74,14 +92,15 @@ def main() -> None:
                 first[name] = time.perf_counter() - start
             times[name] += seconds[2:]
             params[name] = state.params
-    base = statistics.median(times["neither"])
-    print("| variant | first round (s) | median update (ms) | vs neither | max param diff |")
+    networks.THIN_MAX = VARIANTS["shipped"][2]
+    base = statistics.median(times["none"])
+    print("| variant | first round (s) | median update (ms) | vs none | max param diff |")
     print("| --- | ---: | ---: | ---: | ---: |")
     for name, values in times.items():
         diff = max(
             float((a - b).abs().max())
             for a, b in zip(
-                optree.tree_leaves(params[name]), optree.tree_leaves(params["neither"]), strict=True
+                optree.tree_leaves(params[name]), optree.tree_leaves(params["none"]), strict=True
             )
         )
         median = statistics.median(values)

@@ -56,3 +56,14 @@ def test_closure_is_not_guarded():
     torch.testing.assert_close(g(x), 2 * x)
     scale[0] = 3.0
     torch.testing.assert_close(g(x), 2 * x)
+
+
+def test_inductor_tanh_in_exp_form_matches_torch_tanh():
+    """INDUCTOR_OPTIONS has inductor write a vectorised tanh as 2 / (1 + exp(-2x)) - 1: the
+    same values to 1e-6 for small, large, infinite and NaN inputs, vector lanes and tail."""
+    values = torch.tensor([0.0, 1e-30, -1e-7, 1e-3, 0.5, -2.0, 9.0, -20.0, 50.0, -100.0, 1e4])
+    x = torch.cat([values, -values, torch.tensor([float("inf"), -float("inf"), float("nan")])])
+    x = torch.cat([x, torch.linspace(-6, 6, 1001)])  # 1026 elements: 128 vectors of 8 and a tail
+    got = compile_fn(torch.tanh, "tanh")(x)
+    torch.testing.assert_close(got, torch.tanh(x), atol=1e-6, rtol=0, equal_nan=True)
+    assert torch.equal(got[x.isinf()], torch.tanh(x[x.isinf()]))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import optree
 import pytest
@@ -12,6 +13,7 @@ from hypothesis import strategies as st
 
 from funcppo import random as fr
 from funcppo.config import PPOConfig
+from funcppo import networks
 from funcppo.networks import (
     LSTMState,
     PolicyOutput,
@@ -424,6 +426,46 @@ def test_compile_fullgraph_matches_eager(cfg):
     compiled = torch.compile(apply, fullgraph=True)
     assert_trees_close(
         compiled(params, obs, hidden, starts), apply(params, obs, hidden, starts), atol=1e-5
+    )
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "thin"),
+    [(1, 9, True), (4, 16, True), (3, 3, True), (16, 1, True), (16, 4, True), (5, 16, False)],
+)
+def test_thin_products_equal_matmul_compiled_and_vmapped(monkeypatch, k, n, thin):
+    """Compiled, a product whose weight has at most THIN_MAX rows or columns is written as
+    pointwise sums (no matmul in the graph), with the matmul's values and gradients."""
+    monkeypatch.setattr(networks, "THIN_MAX", 4)
+    seen: list = []
+
+    def backend(gm: torch.fx.GraphModule, _inputs):
+        seen.extend(node.target for node in gm.graph.nodes)
+        return gm.forward
+
+    gen = torch.Generator().manual_seed(k * 100 + n)
+    x, w, g = (
+        torch.randn(*shape, generator=gen) for shape in ((2, 3, 6, k), (2, k, n), (2, 3, 6, n))
+    )
+
+    def loss(w, x):
+        return (networks._dense(x, w) * g[0]).sum()
+
+    def value_and_grads(w, x):
+        return networks._dense(x, w), torch.func.grad(loss, argnums=(0, 1))(w, x)
+
+    def reference(w, x):
+        return x @ w, torch.func.grad(lambda w, x: ((x @ w) * g[0]).sum(), argnums=(0, 1))(w, x)
+
+    compiled = torch.compile(value_and_grads, backend=backend, fullgraph=True)
+    assert_trees_close(compiled(w[0], x[0]), reference(w[0], x[0]), atol=1e-5)
+    uses_matmul = any(t in (operator.matmul, torch.matmul) for t in seen)
+    assert uses_matmul is not thin, (k, n, seen)
+    # Over a leading seed axis, as the training loop runs it.
+    batched = torch.compile(torch.func.vmap(value_and_grads), backend=backend, fullgraph=True)
+    looped = [reference(w[s], x[s]) for s in range(2)]
+    assert_trees_close(
+        batched(w, x), optree.tree_map(lambda *v: torch.stack(v), *looped), atol=1e-5
     )
 
 

@@ -39,8 +39,14 @@ _counter = itertools.count()
 # costs more than some of the kernels it guards. The compiled function's entry is guarded
 # by dynamo on the same sizes and strides, and a loop's carry is made by its own body, so
 # the checks are off: 1.10x on 8 vmapped CartPole seeds' rollout and update, 1.03-1.07x on
-# the update benchmark (benchmarks/RESULTS.md).
-INDUCTOR_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
+# the update benchmark (benchmarks/RESULTS.md). And vectorised tanh as 2 / (1 + exp(-2x)) - 1:
+# the library's tanh cost 3 ns per element here, 2.4x the exp form, for every hidden layer
+# (the results agree to 2e-7; benchmarks/RESULTS.md).
+INDUCTOR_OPTIONS = {
+    "size_asserts": False,
+    "alignment_asserts": False,
+    "cpp.use_decompose_tanh": True,
+}
 
 # A guard whose source is rooted in the compiled function's closure or in a module's globals.
 _FIXED_SOURCE = re.compile(r"^(?:(?:type|len|id)\()?(?:fn\b|G\[|__import__\()")
