@@ -218,7 +218,7 @@ def make_rollout(
     """``rollout(rs) -> (rs, batch)``: ``num_steps`` of ``env_step(params, rs)``, the
     transitions stacked on ``time_axis``; compiled as one scan, or driven from Python."""
     if not compile_:
-        return _loop_rollout(env_step, num_steps, time_axis)
+        return _loop_rollout(_contiguous(env_step), num_steps, time_axis)
     scanned, drive = _scan_rollout(env_step, num_steps, time_axis)
     scanned = compile_fn(scanned, "rollout", backend)
     return lambda rs: drive(scanned, rs)
@@ -314,8 +314,10 @@ def make_train(
     if num_seeds is not None:
         env_step, init = vmap(env_step, randomness="error"), vmap(init, randomness="error")
         # vmap returns outputs that do not depend on the inputs expanded (stride 0); make them
-        # real tensors so the compiled step sees one memory layout from the first call on.
-        env_step, init = _contiguous(env_step), _contiguous(init)
+        # real tensors so the compiled rollout sees one memory layout from the first call on.
+        # (Inside the compiled scan, the body's clones already do, and walking the step's
+        # outputs there cost dynamo a tenth of the run's tracing.)
+        init = _contiguous(init)
     time_axis = 0 if num_seeds is None else 1
     rollout = make_rollout(env_step, config.num_steps, time_axis, ppo.compile, backend)
     update = make_update_fn(ppo, num_seeds=num_seeds, backend=backend, data_parallel=data_parallel)

@@ -395,11 +395,17 @@ def _make_minibatch_step(config: PPOConfig, layouts: Layouts, dp: DataParallel |
 def _finish(
     config: PPOConfig,
     layouts: Layouts,
-    state: TrainState,
+    step: Tensor,
+    key: Tensor,
     carry: Carry,
-    prep: Prepared,
+    stats: dict[str, Tensor],
     infos: list[Tensor],
-):
+) -> tuple[dict[str, Any], Any, Tensor, Tensor, dict[str, Tensor]]:
+    """``(params, opt_state, step, key, metrics)`` after the minibatch steps.
+
+    It takes only what it reads: compiled, dynamo interprets vmap's walk over every leaf of
+    the arguments and results in Python, which made this piece the slowest to trace.
+    """
     # One row per minibatch step, one column per metric: every column reduced at once.
     rows = torch.stack(infos)
     cols = layouts.columns
@@ -444,7 +450,7 @@ def _finish(
     metrics["ratio_worst_head"] = diag.worst_head.float()
     metrics["ratio_explosion"] = diag.explosion.float()
     metrics["ratio_collapse"] = diag.collapse.float()
-    metrics.update(prep.stats)
+    metrics.update(stats)
     num_steps = config.update_epochs * config.num_minibatches
     metrics["stop_epoch"] = carry.stop_epoch.float()
     metrics["early_stopped"] = carry.stopped.float()
@@ -454,15 +460,9 @@ def _finish(
     # Fresh tensors, not views of the groups: a view's storage offset would make every compiled
     # function that takes the state next (the rollout, the next update) compile again.
     fresh = lambda tree: optree.tree_map(torch.clone, tree)  # noqa: E731
-    new_state = TrainState(
-        params=fresh(unravel(layouts.params, carry.params)),
-        opt_state=fresh(unravel_tree(layouts.opt_state, carry.opt_state)),
-        step=state.step + 1,
-        key=jr.fold_in(state.key, 1),
-        hparams=state.hparams,
-        obs_stats=state.obs_stats,
-    )
-    return new_state, metrics
+    params = fresh(unravel(layouts.params, carry.params))
+    opt_state = fresh(unravel_tree(layouts.opt_state, carry.opt_state))
+    return params, opt_state, step + 1, jr.fold_in(key, 1), metrics
 
 
 def _initial_carry(config: PPOConfig, state: TrainState, flat: tuple) -> Carry:
@@ -541,8 +541,12 @@ def make_update_fn(
     step = _make_minibatch_step(config, layouts, dp)
     num_steps = config.update_epochs * config.num_minibatches
 
-    def finish(state, carry, prep, infos):
-        return _finish(config, layouts, state, carry, prep, infos)
+    def finish(count, key, carry, stats, infos):
+        return _finish(config, layouts, count, key, carry, stats, infos)
+
+    def finished(state: TrainState, out: tuple) -> tuple[TrainState, dict[str, Tensor]]:
+        params, opt_state, count, key, metrics = out
+        return state._replace(params=params, opt_state=opt_state, step=count, key=key), metrics
 
     def drive(shuffle, prepare, step, finish):
         """The update from its pieces; the minibatch loop runs in Python."""
@@ -552,13 +556,14 @@ def make_update_fn(
             # Elementwise on state.step, so it needs neither vmap nor compile (and compiled, two
             # equal outputs could come back as one aliased buffer).
             carry = _initial_carry(config, state, flat)
+            stats, prep = prep.stats, prep._replace(stats=())  # the steps do not read stats
             infos = []
             for k in range(num_steps):
                 carry, info = step(carry, prep, state.hparams, torch.tensor(k))
                 infos.append(info)
             if dp is not None:
                 infos = replicated_ratio_extremes(infos, layouts.columns["info"], dp)
-            return finish(state, carry, prep, infos)
+            return finished(state, finish(state.step, state.key, carry, stats, infos))
 
         return run
 
@@ -568,10 +573,12 @@ def make_update_fn(
         def run(state: TrainState, batch: Batch):
             prep, flat = prepare(state, batch, shuffle(state, batch))
             carry = _initial_carry(config, state, flat)
+            stats, prep = prep.stats, prep._replace(stats=())
             # A scan's inputs may not alias (two heads' masks can share a buffer).
             with scan_cacheable():
                 carry, infos = steps(*unaliased((carry, prep, state.hparams)))
-            return finish(state, carry, prep, list(infos.unbind(0)))
+            out = finish(state.step, state.key, carry, stats, list(infos.unbind(0)))
+            return finished(state, out)
 
         return run
 
