@@ -309,9 +309,6 @@ def _run_train(args: argparse.Namespace, rank: int, world: int, dp: DataParallel
     # Split seeds: this process's shard of the keys of a single-process run.
     split_seeds = world > 1 and dp is None
     seeds = shard_seeds(args.seeds, rank, world) if split_seeds else range(args.seeds)
-    os.environ.setdefault(
-        "TORCHINDUCTOR_CACHE_DIR", str(Path.home() / ".cache" / "funcppo" / "inductor")
-    )
     sweep = parse_sweep(args.sweep, args.seeds)
     out = Path(args.out)
     if rank == 0:
