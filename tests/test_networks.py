@@ -11,9 +11,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from funcppo import networks
 from funcppo import random as fr
 from funcppo.config import PPOConfig
-from funcppo import networks
 from funcppo.networks import (
     LSTMState,
     PolicyOutput,
