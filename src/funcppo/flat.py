@@ -81,19 +81,34 @@ def rebuild(index: Any, leaves: list) -> Any:
     return optree.tree_map(lambda i: leaves[i], index)
 
 
+# The leaf-list forms below are what ravel_tree and unravel_tree use: compiled, every tree
+# built and walked again is interpreted by dynamo leaf by leaf, so the optimizer state's
+# parameter-shaped parts go from leaves to groups and back without an intermediate tree.
+
+
+def _ravel_leaves(layout: FlatLayout, leaves: list) -> list[Tensor]:
+    """The groups' vectors, in group-name order, from the tree's leaves in flatten order."""
+    return [torch.cat([leaves[i].reshape(-1) for i in idx]) for _, idx in layout.groups]
+
+
+def _unravel_leaves(layout: FlatLayout, vectors: list[Tensor]) -> list[Tensor]:
+    """The tree's leaves in flatten order, each a view of its group's vector."""
+    leaves: list[Any] = [None] * len(layout.shapes)
+    for (_, idx), vector in zip(layout.groups, vectors, strict=True):
+        for i, part in zip(idx, torch.split(vector, layout.sizes(idx)), strict=True):
+            leaves[i] = part.view(layout.shapes[i])
+    return leaves
+
+
 def ravel(layout: FlatLayout, params: Any) -> dict[str, Tensor]:
     """``{group: [n_group]}``, each the group's leaves flattened and concatenated."""
-    leaves = optree.tree_leaves(params)
-    return {name: torch.cat([leaves[i].reshape(-1) for i in idx]) for name, idx in layout.groups}
+    vectors = _ravel_leaves(layout, optree.tree_leaves(params))
+    return {name: v for (name, _), v in zip(layout.groups, vectors, strict=True)}
 
 
 def unravel(layout: FlatLayout, flat: dict[str, Tensor]) -> Any:
     """The parameter tree back from ``ravel``'s groups, each leaf a view of its group."""
-    leaves: list[Any] = [None] * len(layout.shapes)
-    for name, idx in layout.groups:
-        for i, part in zip(idx, torch.split(flat[name], layout.sizes(idx)), strict=True):
-            leaves[i] = part.view(layout.shapes[i])
-    return rebuild(layout.index, leaves)
+    return rebuild(layout.index, _unravel_leaves(layout, [flat[name] for name, _ in layout.groups]))
 
 
 class TreeLayout(NamedTuple):
@@ -141,20 +156,15 @@ def _convert_parts(tl: TreeLayout, leaves: list, width: int, convert: Callable) 
 def ravel_tree(tl: TreeLayout, tree: Any) -> Any:
     """``tree`` with every parameter-shaped subtree replaced by its groups."""
 
-    def convert(run: list) -> list:
-        return optree.tree_leaves(ravel(tl.params, rebuild(tl.params.index, run)))
-
+    # ravel's dict flattens in sorted key order, the order of the groups.
+    convert = lambda run: _ravel_leaves(tl.params, run)  # noqa: E731
     leaves = optree.tree_leaves(tree)
     return rebuild(tl.flat_index, _convert_parts(tl, leaves, len(tl.params.shapes), convert))
 
 
 def unravel_tree(tl: TreeLayout, flat_tree: Any) -> Any:
     """The inverse of ``ravel_tree``."""
-    names = [name for name, _ in tl.params.groups]
-
-    def convert(run: list) -> list:
-        # ravel's dict comes back from tree_leaves in sorted key order, as groups are.
-        return optree.tree_leaves(unravel(tl.params, dict(zip(names, run, strict=True))))
-
+    # The groups come back from tree_leaves in sorted key order, the order of the groups.
+    convert = lambda run: _unravel_leaves(tl.params, run)  # noqa: E731
     leaves = optree.tree_leaves(flat_tree)
-    return rebuild(tl.index, _convert_parts(tl, leaves, len(names), convert))
+    return rebuild(tl.index, _convert_parts(tl, leaves, len(tl.params.groups), convert))
