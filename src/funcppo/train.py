@@ -279,6 +279,7 @@ def make_train(
     num_seeds: int | None = None,
     backend: str = "inductor",
     data_parallel: DataParallel | None = None,
+    compile_scope: str = "minibatch",
 ) -> Callable[..., tuple[TrainState, dict[str, Tensor]]]:
     """``train(key, callback=None, hparams=None) -> (final TrainState, metrics history)``.
 
@@ -294,6 +295,10 @@ def make_train(
     the update learns from every process's rollout and episode metrics count every process's
     episodes, so the processes return the same state and metrics. ``config.num_envs`` is per
     process.
+
+    ``compile_scope`` is the update's (``make_update_fn``): ``"scan"`` runs each update's
+    minibatch steps as one compiled call (1.06x on 8 CartPole seeds in one A/B, 0.97x in
+    another, benchmarks/RESULTS.md); the rollout is one compiled scan either way.
     """
     env = config.make_env()
     ppo = config.ppo
@@ -320,7 +325,13 @@ def make_train(
         init = _contiguous(init)
     time_axis = 0 if num_seeds is None else 1
     rollout = make_rollout(env_step, config.num_steps, time_axis, ppo.compile, backend)
-    update = make_update_fn(ppo, num_seeds=num_seeds, backend=backend, data_parallel=data_parallel)
+    update = make_update_fn(
+        ppo,
+        num_seeds=num_seeds,
+        compile_scope=compile_scope,
+        backend=backend,
+        data_parallel=data_parallel,
+    )
 
     def one_update(rs: RunnerState, u: int, base: Hyperparams):
         rs, batch = rollout(rs)
