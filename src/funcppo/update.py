@@ -78,7 +78,6 @@ class Prepared(NamedTuple):
     data: dict[str, Any]
     hidden: Any
     order: Tensor
-    stats: dict[str, Tensor]
     counts: Any = ()
 
 
@@ -181,13 +180,14 @@ def _make_shuffle(config: PPOConfig) -> Callable[[TrainState, Batch], Tensor]:
 
 def _make_prepare(
     config: PPOConfig, layouts: Layouts, dp: DataParallel | None = None
-) -> Callable[[TrainState, Batch, Tensor], tuple[Prepared, tuple]]:
-    """``prepare(state, batch, order) -> (prepared rollout, (params, opt_state) as flat
-    groups)``; ``order`` from ``_make_shuffle``."""
+) -> Callable[[TrainState, Batch, Tensor], tuple[Prepared, dict[str, Tensor], tuple]]:
+    """``prepare(state, batch, order) -> (prepared rollout, statistics for the metrics,
+    (params, opt_state) as flat groups)``; ``order`` from ``_make_shuffle``. The statistics
+    go to ``finish`` only: the minibatch steps never see them."""
     spec = config.spec
     seq_len = config.bptt_len if config.recurrent else 1
 
-    def prepare(state: TrainState, batch: Batch, order: Tensor) -> tuple[Prepared, tuple]:
+    def prepare(state: TrainState, batch: Batch, order: Tensor):
         hp = state.hparams
         adv, returns = gae(
             batch.rewards,
@@ -240,7 +240,7 @@ def _make_prepare(
             **{f"{k}/{h}": v for h, hs in heads.items() for k, v in hs._asdict().items()},
         }
         flat = (ravel(layouts.params, state.params), ravel_tree(layouts.opt_state, state.opt_state))
-        return Prepared(data, hidden, order, stats, counts), flat
+        return Prepared(data, hidden, order, counts), stats, flat
 
     return prepare
 
@@ -552,11 +552,10 @@ def make_update_fn(
         """The update from its pieces; the minibatch loop runs in Python."""
 
         def run(state: TrainState, batch: Batch):
-            prep, flat = prepare(state, batch, shuffle(state, batch))
+            prep, stats, flat = prepare(state, batch, shuffle(state, batch))
             # Elementwise on state.step, so it needs neither vmap nor compile (and compiled, two
             # equal outputs could come back as one aliased buffer).
             carry = _initial_carry(config, state, flat)
-            stats, prep = prep.stats, prep._replace(stats=())  # the steps do not read stats
             infos = []
             for k in range(num_steps):
                 carry, info = step(carry, prep, state.hparams, torch.tensor(k))
@@ -571,9 +570,8 @@ def make_update_fn(
         """The update with its minibatch steps as one compiled ``steps`` call (a scan)."""
 
         def run(state: TrainState, batch: Batch):
-            prep, flat = prepare(state, batch, shuffle(state, batch))
+            prep, stats, flat = prepare(state, batch, shuffle(state, batch))
             carry = _initial_carry(config, state, flat)
-            stats, prep = prep.stats, prep._replace(stats=())
             # A scan's inputs may not alias (two heads' masks can share a buffer).
             with scan_cacheable():
                 carry, infos = steps(*unaliased((carry, prep, state.hparams)))
