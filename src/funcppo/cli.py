@@ -22,6 +22,7 @@ from pathlib import Path
 
 import optree
 import torch
+from torch._inductor.runtime.cache_dir_utils import cache_dir as inductor_cache_dir
 
 from funcppo import random as jr
 from funcppo.checkpoint import save_checkpoint
@@ -37,6 +38,7 @@ from funcppo.distributed import (
 from funcppo.envs import ENVS, make_env
 from funcppo.envs.lifecycle import REFERENCE_RETURN
 from funcppo.evaluate import make_evaluate
+from funcppo.precompile import PRECOMPILE_ENV, precompiling
 from funcppo.state import Hyperparams
 from funcppo.train import TrainConfig, make_train
 
@@ -78,6 +80,13 @@ def _parser() -> argparse.ArgumentParser:
         "(default: the env's preset; off for gym:ID)",
     )
     train.add_argument("--no-compile", action="store_true", help="run eagerly")
+    train.add_argument(
+        "--precompile",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="keep the compiled functions on disk whole, so that a later run skips tracing "
+        f"(in {PRECOMPILE_ENV} when set, else in a folder of inductor's cache)",
+    )
     train.add_argument("--out", default="runs/latest", help="output directory")
     train.add_argument("--seed", type=int, default=0, help="seed of the first run")
     train.add_argument(
@@ -293,6 +302,14 @@ def _merge_seeds(parts: list[tuple[int, dict]]) -> dict:
 
 def run_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    folder = None
+    if args.precompile:
+        folder = os.environ.get(PRECOMPILE_ENV) or os.path.join(inductor_cache_dir(), "funcppo")
+    with precompiling(folder):
+        return _run_processes(args)
+
+
+def _run_processes(args: argparse.Namespace) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
         return _run_train(args, 0, 1, None)
     rank, world = init_distributed(args.dist_timeout)

@@ -21,6 +21,8 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import Tensor
 
+from funcppo.precompile import UNSAVABLE_GUARDS, Precompiled
+
 __all__ = [
     "GUARD_FILTER",
     "INDUCTOR_OPTIONS",
@@ -73,7 +75,8 @@ GUARD_FILTER: Callable | None = keep_input_guards
 
 def compile_fn(fn: Callable, name: str, backend: str = "inductor") -> Callable:
     """``torch.compile(fn, fullgraph=True, backend=backend)`` with a cache of its own, the
-    guards that ``GUARD_FILTER`` keeps and, with inductor, ``INDUCTOR_OPTIONS``."""
+    guards that ``GUARD_FILTER`` keeps and, with inductor, ``INDUCTOR_OPTIONS``; with
+    inductor, kept on disk whole when precompiling is on (``funcppo.precompile``)."""
 
     def trampoline(*args):
         return fn(*args)
@@ -85,7 +88,26 @@ def compile_fn(fn: Callable, name: str, backend: str = "inductor") -> Callable:
     options = {} if GUARD_FILTER is None else {"guard_filter_fn": GUARD_FILTER}
     if backend == "inductor":
         options |= INDUCTOR_OPTIONS
-    return torch.compile(fresh, fullgraph=True, backend=backend, options=options or None)
+    compiled = torch.compile(fresh, fullgraph=True, backend=backend, options=options or None)
+    if backend != "inductor":  # only inductor's compiled code can be written to a file
+        return compiled
+
+    def savable_guards(entries: list) -> list[bool]:
+        keep = [True] * len(entries) if GUARD_FILTER is None else GUARD_FILTER(entries)
+        return [k and not _unsavable(e) for k, e in zip(keep, entries, strict=True)]
+
+    def make_savable() -> Callable:
+        saved = options | {"guard_filter_fn": savable_guards}
+        return torch.compile(fresh, fullgraph=True, backend=backend, options=saved)
+
+    context = (sorted(INDUCTOR_OPTIONS.items()), getattr(GUARD_FILTER, "__qualname__", None))
+    return Precompiled(fn, name, compiled, make_savable, repr(context))
+
+
+def _unsavable(entry) -> bool:
+    return entry.guard_type in UNSAVABLE_GUARDS or any(
+        t in UNSAVABLE_GUARDS for t in entry.derived_guard_types or ()
+    )
 
 
 def scan_cacheable():

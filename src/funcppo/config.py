@@ -80,6 +80,20 @@ def _head_floats(name: str, value: Any, spec: ActionSpec, low: float, high: floa
     return tuple((head, float(given[head])) for head in spec.names if head in given)
 
 
+# PPOConfig's fields that the update reads from ``TrainState.hparams`` (``state.Hyperparams``),
+# never from the config itself.
+TENSOR_HYPERPARAMS = (
+    "learning_rate",
+    "ent_coef",
+    "clip_coef",
+    "vf_coef",
+    "gamma",
+    "gae_lambda",
+    "max_grad_norm",
+    "target_kl",
+)
+
+
 @dataclass(frozen=True)
 class PPOConfig:
     """Everything the network and the update need, validated on construction.
@@ -186,6 +200,17 @@ class PPOConfig:
     def replace(self, **changes: Any) -> PPOConfig:
         """A copy with ``changes`` applied, validated again."""
         return dataclasses.replace(self, **changes)
+
+    def compile_key(self) -> tuple:
+        """What code compiled for this config depends on (``funcppo.precompile`` keys saved
+        code by it): every field, but of those that travel as tensors in ``Hyperparams`` only
+        whether they are set, so that a run with another learning rate reuses the code."""
+        return tuple(
+            (f.name, getattr(self, f.name) is None)
+            if f.name in TENSOR_HYPERPARAMS
+            else (f.name, getattr(self, f.name))
+            for f in dataclasses.fields(self)
+        )
 
 
 def esper_config(obs_dim: int, num_slots: int = 3, **overrides: Any) -> PPOConfig:

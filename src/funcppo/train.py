@@ -146,10 +146,13 @@ def _init_runner(config: TrainConfig, env: Env, key: Tensor, rank: int = 0) -> R
 def _make_env_step(config: TrainConfig, env: Env, learn_obs_stats: bool = True):
     """``env_step(params, rs) -> (rs, transition)``; with ``learn_obs_stats`` False the
     observation statistics are read but not updated (evaluation)."""
+    # Not the config itself: a precompiled rollout is keyed by what it closes over, and the
+    # run's length (total_steps) does not change it.
     ppo, spec = config.ppo, config.ppo.spec
+    normalize, clip_obs = config.normalize_obs, config.clip_obs
 
     def seen(stats: Any, obs: Tensor) -> Tensor:
-        return normalize_obs(stats, obs, config.clip_obs) if config.normalize_obs else obs
+        return normalize_obs(stats, obs, clip_obs) if normalize else obs
 
     def env_step(params: Any, rs: RunnerState) -> tuple[RunnerState, Batch]:
         # One split (each hash call site costs seconds of compilation); the carried key is
@@ -158,7 +161,7 @@ def _make_env_step(config: TrainConfig, env: Env, learn_obs_stats: bool = True):
         k_next = k_next.clone()
         hidden = rs.hidden if ppo.recurrent else None
         stats = rs.obs_stats
-        if config.normalize_obs and learn_obs_stats:
+        if normalize and learn_obs_stats:
             stats = update_running_stats(stats, rs.obs)
         obs = seen(stats, rs.obs)
         out = policy_apply(ppo, params, obs, hidden, rs.episode_start)

@@ -1,0 +1,150 @@
+"""Precompiled functions: the key's fingerprint, and files written, read back and replaced."""
+
+import dataclasses
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+
+from funcppo import precompile
+from funcppo.compiling import compile_fn
+from funcppo.config import TENSOR_HYPERPARAMS
+from funcppo.precompile import PRECOMPILE_ENV, fingerprint
+from funcppo.state import Hyperparams
+from funcppo.update import make_update_fn
+from test_update import make_case, max_diff, small_config
+
+SCALE = 2.0
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    rate: float
+    sizes: tuple[int, ...]
+    table: torch.Tensor
+
+
+def make_fn(settings: Settings):
+    def fn(x):
+        return (x * settings.rate + settings.table.sum()) * SCALE
+
+    return fn
+
+
+def settings(rate=0.5, table=(1.0, 2.0)) -> Settings:
+    return Settings(rate, (3, 4), torch.tensor(table))
+
+
+def test_fingerprint_follows_what_the_code_reads(monkeypatch):
+    base = fingerprint(make_fn(settings()))
+    assert base is not None
+    assert fingerprint(make_fn(settings())) == base  # equal values built apart: one key
+    assert fingerprint(make_fn(settings(rate=0.25))) != base  # a config field
+    assert fingerprint(make_fn(settings(table=(1.0, 3.0)))) != base  # a tensor's values
+    monkeypatch.setitem(globals(), "SCALE", 3.0)
+    assert fingerprint(make_fn(settings())) != base  # a plain global the code names
+
+    def other(x):
+        return (x * settings().rate - settings().table.sum()) * SCALE
+
+    assert fingerprint(other) != base  # other code
+
+
+def test_fingerprint_refuses_what_it_does_not_know():
+    lock = threading.Lock()
+
+    def locked(x):
+        with lock:
+            return x
+
+    assert fingerprint(lambda x: x) is not None
+    assert fingerprint(locked) is None  # a closure over an object of an unknown kind
+
+
+@pytest.fixture
+def precompile_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv(PRECOMPILE_ENV, str(tmp_path))
+    return tmp_path
+
+
+def test_written_once_then_read_back(precompile_dir):
+    fn = make_fn(settings())
+    x = torch.linspace(-1, 1, 7)
+    torch.testing.assert_close(compile_fn(fn, "tiny")(x), fn(x))
+    (path,) = precompile_dir.iterdir()
+    written = path.stat().st_mtime_ns
+
+    # A new compiled function (as in a new process) reads the file instead of compiling.
+    again = compile_fn(make_fn(settings()), "tiny")
+    torch.testing.assert_close(again(x), fn(x))
+    assert path.stat().st_mtime_ns == written and len(list(precompile_dir.iterdir())) == 1
+
+    # Another shape is another file; each call runs the code made for its own arguments.
+    y = torch.ones(2, 3)
+    torch.testing.assert_close(again(y), fn(y))
+    torch.testing.assert_close(again(x), fn(x))
+    assert len(list(precompile_dir.iterdir())) == 2
+
+    # Another closure value is another file, with its own result.
+    other = make_fn(settings(rate=-1.0))
+    torch.testing.assert_close(compile_fn(other, "tiny")(x), other(x))
+    assert len(list(precompile_dir.iterdir())) == 3
+
+
+def test_unreadable_file_is_replaced(precompile_dir):
+    fn = make_fn(settings(rate=1.5))
+    x = torch.arange(5.0)
+    compile_fn(fn, "tiny")(x)
+    (path,) = precompile_dir.iterdir()
+    path.write_bytes(b"not a compiled function")
+    torch.testing.assert_close(compile_fn(fn, "tiny")(x), fn(x))
+    assert path.stat().st_size > 100
+
+
+def test_unknown_closure_is_compiled_as_usual(precompile_dir):
+    lock = threading.Lock()
+
+    def fn(x):
+        assert lock is not None
+        return x * 2
+
+    x = torch.arange(4.0)
+    torch.testing.assert_close(compile_fn(fn, "locked")(x), x * 2)
+    assert not list(precompile_dir.iterdir())
+
+
+def test_off_without_a_folder(monkeypatch, tmp_path):
+    monkeypatch.delenv(PRECOMPILE_ENV, raising=False)
+    assert precompile.precompile_dir() is None
+    fn = make_fn(settings(rate=3.0))
+    x = torch.arange(3.0)
+    torch.testing.assert_close(compile_fn(fn, "tiny")(x), fn(x))
+
+
+def test_hyperparameter_values_are_not_in_the_key_and_do_not_reach_the_update():
+    """The update reads TENSOR_HYPERPARAMS from the state's tensors, never from the config, so
+    code saved for one learning rate (or clip, gamma, ...) is right for another."""
+    assert Hyperparams._fields == TENSOR_HYPERPARAMS
+    a = small_config(target_kl=0.5)
+    b = a.replace(
+        learning_rate=0.3, ent_coef=0.7, clip_coef=0.05, vf_coef=3.0, gamma=0.5,
+        gae_lambda=0.1, max_grad_norm=0.01, target_kl=9.0,
+    )  # fmt: skip
+    assert fingerprint(a) == fingerprint(b)
+    assert fingerprint(a) != fingerprint(a.replace(update_epochs=3))
+    assert fingerprint(a) != fingerprint(a.replace(target_kl=None))  # whether it is set counts
+    state, batch = make_case(a)
+    got_a = make_update_fn(a)(state, batch)
+    got_b = make_update_fn(b)(state, batch)
+    assert max_diff(got_a, got_b) == 0.0
+
+
+def test_precompiling_sets_and_restores_the_folder(monkeypatch, tmp_path):
+    monkeypatch.setenv(PRECOMPILE_ENV, "before")
+    with precompile.precompiling(tmp_path):
+        assert precompile.precompile_dir() == tmp_path
+        with precompile.precompiling(None):
+            assert precompile.precompile_dir() is None
+        assert precompile.precompile_dir() == tmp_path
+    assert precompile.precompile_dir() == Path("before")
