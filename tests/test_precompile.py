@@ -58,8 +58,14 @@ def test_fingerprint_refuses_what_it_does_not_know():
         with lock:
             return x
 
+    generator = torch.Generator()
+
+    def drawn(x):
+        return x + torch.rand(x.shape, generator=generator)
+
     assert fingerprint(lambda x: x) is not None
     assert fingerprint(locked) is None  # a closure over an object of an unknown kind
+    assert fingerprint(drawn) is None  # torch's, but known only by its address
 
 
 @pytest.fixture

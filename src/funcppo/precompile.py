@@ -140,11 +140,9 @@ def _walk(obj: Any, digest, seen: dict, strict: bool) -> None:
         _walk((obj.__func__, obj.__self__), digest, seen, strict)
     elif isinstance(obj, (type, types.ModuleType, types.BuiltinFunctionType)):
         _put(digest, getattr(obj, "__module__", None), getattr(obj, "__qualname__", obj.__name__))
-    elif kind.__module__.startswith(
-        "torch"
-    ):  # torch's own objects (ops, ...): its version is keyed
-        _put(digest, repr(obj))
-    elif strict:
+    elif kind.__module__.startswith("torch") and " at 0x" not in repr(obj):
+        _put(digest, repr(obj))  # torch's own objects (ops, ...), named: its version is keyed
+    elif strict:  # an unknown kind, or one known only by its address: no key
         raise _Unknown(kind)
 
 
