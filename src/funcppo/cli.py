@@ -112,7 +112,8 @@ def _parser() -> argparse.ArgumentParser:
         "--threads",
         type=int,
         default=1,
-        help="torch intra-op threads (1 is fastest for small networks on CPU)",
+        help="torch intra-op threads (default 1, safe when other work shares the cores; on an "
+        "idle 2-core CPU, 2 ran the 8-seed CartPole job 1.2x faster)",
     )
     return parser
 
