@@ -4,12 +4,15 @@ CartPole, the main job's shape (8 seeds vmapped, 4 envs x 128 steps per seed, Cl
 64 x 64 MLP, compiled rollout and update). Variants, each built by its own ``make_train``:
 
 * ``shipped``: ``funcppo.compiling`` and ``funcppo.networks`` as they are (inductor's size and
-  alignment asserts off, tanh in its exp form; dynamo's guards on the arguments only,
-  ``keep_input_guards``; products with a thin weight as pointwise sums, ``THIN_MAX``);
+  alignment asserts off, tanh in its exp form, the update's kernels called from C++,
+  ``CPP_WRAPPER``; dynamo's guards on the arguments only, ``keep_input_guards``; products
+  with a thin weight as pointwise sums, ``THIN_MAX``);
 * ``asserts on``: inductor's default asserts, the rest shipped;
 * ``all guards``: every guard dynamo makes, the rest shipped;
 * ``library tanh``: inductor's own vectorised tanh, the rest shipped;
 * ``matmuls``: every product a matmul (``THIN_MAX = 0``), the rest shipped;
+* ``python wrapper``: the update's kernels called from inductor's Python wrapper, the rest
+  shipped;
 * ``none``: inductor's and dynamo's defaults, every product a matmul.
 
 All run in this one process, interleaved: each round trains every variant for ``--updates``
@@ -40,22 +43,26 @@ from funcppo.train import TrainConfig, make_train
 SHIPPED = dict(compiling.INDUCTOR_OPTIONS)
 ASSERTS = ("size_asserts", "alignment_asserts")
 TANH = "cpp.use_decompose_tanh"
-# name: (guard filter, inductor options, THIN_MAX); THIN_MAX is read when a function is traced.
+# name: (guard filter, inductor options, THIN_MAX, CPP_WRAPPER); THIN_MAX is read when a
+# function is traced, the others when it is built.
 VARIANTS = {
-    "shipped": (compiling.GUARD_FILTER, SHIPPED, networks.THIN_MAX),
+    "shipped": (compiling.GUARD_FILTER, SHIPPED, networks.THIN_MAX, True),
     "asserts on": (
         compiling.GUARD_FILTER,
         {k: v for k, v in SHIPPED.items() if k not in ASSERTS},
         networks.THIN_MAX,
+        True,
     ),
-    "all guards": (None, SHIPPED, networks.THIN_MAX),
+    "all guards": (None, SHIPPED, networks.THIN_MAX, True),
     "library tanh": (
         compiling.GUARD_FILTER,
         {k: v for k, v in SHIPPED.items() if k != TANH},
         networks.THIN_MAX,
+        True,
     ),
-    "matmuls": (compiling.GUARD_FILTER, SHIPPED, 0),
-    "none": (None, {}, 0),
+    "matmuls": (compiling.GUARD_FILTER, SHIPPED, 0, True),
+    "python wrapper": (compiling.GUARD_FILTER, SHIPPED, networks.THIN_MAX, False),
+    "none": (None, {}, 0, False),
 }
 
 
@@ -74,10 +81,13 @@ def main() -> None:
     ppo = _ppo_config("cartpole", env, True)
     config = TrainConfig("cartpole", ppo, 4, 128, total_steps=4 * 128 * args.updates)
     trains = {}
-    for name, (guard_filter, options, _) in VARIANTS.items():
+    for name, (guard_filter, options, _, cpp_wrapper) in VARIANTS.items():
         compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS = guard_filter, options
+        compiling.CPP_WRAPPER = cpp_wrapper
         trains[name] = make_train(config, num_seeds=args.seeds)
-    compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS, _ = VARIANTS["shipped"]
+    compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS, _, compiling.CPP_WRAPPER = VARIANTS[
+        "shipped"
+    ]
     keys = jr.split(jr.key(0), args.seeds)
     times: dict[str, list[float]] = {name: [] for name in trains}
     first: dict[str, float] = {}

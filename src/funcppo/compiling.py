@@ -69,14 +69,24 @@ def keep_input_guards(entries: list) -> list[bool]:
 
 
 # Read by compile_fn when a function is built: benchmarks/compile_options.py sets them to
-# None / {} to measure what each is worth.
+# None / {} / False to measure what each is worth.
 GUARD_FILTER: Callable | None = keep_input_guards
+CPP_WRAPPER = True
 
 
-def compile_fn(fn: Callable, name: str, backend: str = "inductor") -> Callable:
+def compile_fn(
+    fn: Callable, name: str, backend: str = "inductor", cpp_wrapper: bool = False
+) -> Callable:
     """``torch.compile(fn, fullgraph=True, backend=backend)`` with a cache of its own, the
     guards that ``GUARD_FILTER`` keeps and, with inductor, ``INDUCTOR_OPTIONS``; with
-    inductor, kept on disk whole when precompiling is on (``funcppo.precompile``)."""
+    inductor, kept on disk whole when precompiling is on (``funcppo.precompile``).
+
+    ``cpp_wrapper``: inductor calls the graph's kernels from generated C++ instead of Python
+    (``CPP_WRAPPER`` must be on too). The update's pieces take it: 1.11x on the MLP update,
+    1.14x on the LSTM's, whose unrolled sequence makes hundreds of calls per step, for some
+    more seconds of cold compile (benchmarks/RESULTS.md). Not for a graph holding a ``scan``:
+    torch 2.13's C++ loop crashed inside the rollout.
+    """
 
     def trampoline(*args):
         return fn(*args)
@@ -87,7 +97,7 @@ def compile_fn(fn: Callable, name: str, backend: str = "inductor") -> Callable:
     )
     options = {} if GUARD_FILTER is None else {"guard_filter_fn": GUARD_FILTER}
     if backend == "inductor":
-        options |= INDUCTOR_OPTIONS
+        options |= INDUCTOR_OPTIONS | {"cpp_wrapper": cpp_wrapper and CPP_WRAPPER}
     compiled = torch.compile(fresh, fullgraph=True, backend=backend, options=options or None)
     if backend != "inductor":  # only inductor's compiled code can be written to a file
         return compiled
@@ -100,7 +110,8 @@ def compile_fn(fn: Callable, name: str, backend: str = "inductor") -> Callable:
         saved = options | {"guard_filter_fn": savable_guards}
         return torch.compile(fresh, fullgraph=True, backend=backend, options=saved)
 
-    context = (sorted(INDUCTOR_OPTIONS.items()), getattr(GUARD_FILTER, "__qualname__", None))
+    inductor = sorted((k, v) for k, v in options.items() if k != "guard_filter_fn")
+    context = (inductor, getattr(GUARD_FILTER, "__qualname__", None))
     return Precompiled(fn, name, compiled, make_savable, repr(context))
 
 

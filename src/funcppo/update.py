@@ -585,7 +585,8 @@ def make_update_fn(
 
     def wrap(fn, in_dims=0):
         fn = seeded(fn, in_dims)
-        return compile_fn(fn, "update", backend) if config.compile else fn
+        # Data parallel, the graphs hold collectives: they keep the Python wrapper.
+        return compile_fn(fn, "update", backend, cpp_wrapper=dp is None) if config.compile else fn
 
     step_dims = (0, 0, 0, None)  # carry, prep, hparams per seed; the step index shared
     if compile_scope == "update":
