@@ -3,7 +3,9 @@
 It shows progress (and how long compiling took), writes every metric of every update per seed
 to ``metrics.jsonl`` (and to TensorBoard when installed), and at the end a learning-curve PNG
 (when matplotlib is installed), a summary table and a checkpoint. Ctrl-C stops after the
-current update and keeps what was done.
+current update and keeps what was done. The compiled pieces are saved whole on disk
+(``funcppo.precompile``), so that a later run starts in seconds; ``--no-precompile`` leaves
+only inductor's caches.
 
 Under torchrun (``torchrun --nproc-per-node=K -m funcppo train ...``) the seeds are split over
 the K processes, or with ``--data-parallel`` every process trains all seeds on its own

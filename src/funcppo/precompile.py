@@ -231,7 +231,7 @@ class Precompiled:
     """
 
     def __init__(
-        self, fn: Callable, name: str, compiled: Callable, make_savable: Callable, context: tuple
+        self, fn: Callable, name: str, compiled: Callable, make_savable: Callable, context: str
     ):
         self._fn, self._name, self._compiled = fn, name, compiled
         self._make_savable = make_savable  # () -> torch.compile(...) with savable guards only
