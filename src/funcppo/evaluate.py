@@ -40,7 +40,9 @@ def make_evaluate(
 
     if num_seeds is not None:
         env_step, init = vmap(env_step, randomness="error"), vmap(init, randomness="error")
-        env_step, init = _contiguous(env_step), _contiguous(init)
+        # As in make_train: the runner's first state made contiguous; the steps' outputs are,
+        # by the compiled scan's clones or by make_rollout's eager loop.
+        init = _contiguous(init)
     # One rollout as long as the longest episode: every env ends an episode within it.
     time_axis = 0 if num_seeds is None else 1
     rollout = make_rollout(env_step, env.max_steps, time_axis, config.ppo.compile, backend)
