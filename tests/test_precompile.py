@@ -154,3 +154,12 @@ def test_precompiling_sets_and_restores_the_folder(monkeypatch, tmp_path):
             assert precompile.precompile_dir() is None
         assert precompile.precompile_dir() == tmp_path
     assert precompile.precompile_dir() == Path("before")
+
+
+def test_savable_guards_by_kind():
+    from types import SimpleNamespace as Entry
+
+    assert precompile.savable(Entry(guard_type="TENSOR_MATCH", derived_guard_types=()))
+    assert not precompile.savable(Entry(guard_type="CLASS_MATCH", derived_guard_types=()))
+    assert not precompile.savable(Entry(guard_type="TYPE_MATCH", derived_guard_types=("ID_MATCH",)))
+    assert precompile.savable(Entry(guard_type="TYPE_MATCH", derived_guard_types=None))

@@ -21,7 +21,7 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import Tensor
 
-from funcppo.precompile import UNSAVABLE_GUARDS, Precompiled
+from funcppo.precompile import Precompiled, savable
 
 __all__ = [
     "GUARD_FILTER",
@@ -104,7 +104,7 @@ def compile_fn(
 
     def savable_guards(entries: list) -> list[bool]:
         keep = [True] * len(entries) if GUARD_FILTER is None else GUARD_FILTER(entries)
-        return [k and not _unsavable(e) for k, e in zip(keep, entries, strict=True)]
+        return [k and savable(e) for k, e in zip(keep, entries, strict=True)]
 
     def make_savable() -> Callable:
         saved = options | {"guard_filter_fn": savable_guards}
@@ -113,12 +113,6 @@ def compile_fn(
     inductor = sorted((k, v) for k, v in options.items() if k != "guard_filter_fn")
     context = (inductor, getattr(GUARD_FILTER, "__qualname__", None))
     return Precompiled(fn, name, compiled, make_savable, repr(context))
-
-
-def _unsavable(entry) -> bool:
-    return entry.guard_type in UNSAVABLE_GUARDS or any(
-        t in UNSAVABLE_GUARDS for t in entry.derived_guard_types or ()
-    )
 
 
 def scan_cacheable():

@@ -16,6 +16,7 @@ a real ``PyTreeSpec`` constant (torch 2.13).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -156,8 +157,8 @@ def _convert_parts(tl: TreeLayout, leaves: list, width: int, convert: Callable) 
 def ravel_tree(tl: TreeLayout, tree: Any) -> Any:
     """``tree`` with every parameter-shaped subtree replaced by its groups."""
 
-    # ravel's dict flattens in sorted key order, the order of the groups.
-    convert = lambda run: _ravel_leaves(tl.params, run)  # noqa: E731
+    # The vectors stand where ravel's dict would flatten: in sorted name order, the groups'.
+    convert = functools.partial(_ravel_leaves, tl.params)
     leaves = optree.tree_leaves(tree)
     return rebuild(tl.flat_index, _convert_parts(tl, leaves, len(tl.params.shapes), convert))
 
@@ -165,6 +166,6 @@ def ravel_tree(tl: TreeLayout, tree: Any) -> Any:
 def unravel_tree(tl: TreeLayout, flat_tree: Any) -> Any:
     """The inverse of ``ravel_tree``."""
     # The groups come back from tree_leaves in sorted key order, the order of the groups.
-    convert = lambda run: _unravel_leaves(tl.params, run)  # noqa: E731
+    convert = functools.partial(_unravel_leaves, tl.params)
     leaves = optree.tree_leaves(flat_tree)
     return rebuild(tl.index, _convert_parts(tl, leaves, len(tl.params.groups), convert))

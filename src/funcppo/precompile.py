@@ -35,7 +35,14 @@ import optree
 import torch
 import torch.utils._pytree as pytree
 
-__all__ = ["PRECOMPILE_ENV", "Precompiled", "fingerprint", "precompile_dir", "precompiling"]
+__all__ = [
+    "PRECOMPILE_ENV",
+    "Precompiled",
+    "fingerprint",
+    "precompile_dir",
+    "precompiling",
+    "savable",
+]
 
 PRECOMPILE_ENV = "FUNCPPO_PRECOMPILE_DIR"
 
@@ -56,6 +63,12 @@ UNSAVABLE_GUARDS = frozenset(
 )
 
 _PLAIN = (int, float, bool, complex, str, bytes, type(None), type(Ellipsis))
+
+
+def savable(entry: Any) -> bool:
+    """Whether torch can write a guard (a ``guard_filter_fn`` entry) to a file."""
+    kinds = (entry.guard_type, *(entry.derived_guard_types or ()))
+    return not any(kind in UNSAVABLE_GUARDS for kind in kinds)
 
 
 def precompile_dir() -> Path | None:
