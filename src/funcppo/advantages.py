@@ -47,25 +47,35 @@ def _check_like(name: str, value: Tensor, ref: Tensor, dtype: torch.dtype | None
 
 
 def _suffix_sums(x: Tensor, done: Tensor, decay: Scalar) -> tuple[Tensor, Tensor]:
-    """Closed form of the backward recursion ``y_t = x_t + decay * (1 - done_t) * y_{t+1}``.
+    """Closed form of the backward recursion ``y_t = x_t + decay * (1 - done_t) * y_{t+1}``
+    along the last axis.
 
     ``y_t = sum_{s >= t} M[t, s] x_s`` with ``M[t, s] = decay^(s-t) [no done in t..s-1]``; the
     "no done" test compares exact integer counts of earlier dones, so it never drifts. Also
     returns ``carry_t = decay^(T-t) [no done in t..T-1]``, the weight of ``y_T`` (the value just
-    past the block) in ``y_t``. Shapes: ``x``, ``done`` ``[T, *batch]``; both outputs the same.
-    Memory is O(T^2 * batch).
+    past the block) in ``y_t``. Shapes: ``x``, ``done`` ``[*batch, T]``; both outputs the same.
+    Memory is O(T^2 * batch). Time is the last axis, so that compiled loops run along it.
     """
-    length = x.shape[0]
-    trail = (1,) * (x.ndim - 1)
+    length = x.shape[-1]
     steps = torch.arange(length, device=x.device)
-    lag = (steps[None, :] - steps[:, None]).reshape(length, length, *trail)
-    before = torch.cumsum(done.long(), 0) - done.long()  # dones strictly before each step
-    open_path = (lag >= 0) & (before[None] == before[:, None])
-    weight = torch.where(open_path, decay ** lag.clamp(min=0).to(x.dtype), 0.0)
-    to_end = (length - steps).reshape(length, *trail).to(x.dtype)
-    carry = torch.where(before == done.long().sum(0), decay**to_end, 0.0)
+    lag = steps[None, :] - steps[:, None]  # [t, s]: s - t
+    # Dones strictly before each step, as the direct output of a cumsum: compiled, the [T, T]
+    # comparison below then reads no other input, and inductor orders its loops by this
+    # time-last buffer (derived from done itself, it ran the innermost loop over the few envs
+    # of done's own layout: 3.3 against 0.4 ms for 8 seeds x 4 envs x 128 steps).
+    counts = done.long()
+    before = torch.cumsum(torch.cat([torch.zeros_like(counts[..., :1]), counts[..., :-1]], -1), -1)
+    total = before[..., -1:] + counts[..., -1:]
+    open_path = (lag >= 0) & (before[..., None, :] == before[..., :, None])
+    # decay^0 .. decay^T once, then looked up: compiled, a power per entry of the [T, T]
+    # weights was a scalar powf per element with decay a per-seed tensor (4.0 -> 3.2 ms).
+    ones = x.new_ones(length + 1)
+    powers = torch.cumprod(torch.cat([ones[:1], ones[1:] * decay]), 0)
+    weight = torch.where(open_path, powers[lag.clamp(min=0)], 0.0)
+    to_end = powers[length - steps]
+    carry = torch.where(before == total, to_end, 0.0)
     # where, not a product with 0: a non-finite delta must not reach another episode.
-    return torch.where(open_path, weight * x[None], 0.0).sum(1), carry
+    return torch.where(open_path, weight * x[..., None, :], 0.0).sum(-1), carry
 
 
 def _blocked_suffix_sums(x: Tensor, done: Tensor, decay: Scalar) -> Tensor:
@@ -80,14 +90,14 @@ def _blocked_suffix_sums(x: Tensor, done: Tensor, decay: Scalar) -> Tensor:
     size = GAE_BLOCK_SIZE
     blocks = -(-length // size)
     pad = blocks * size - length  # padded steps: zero delta, so they add nothing
-    x = torch.cat([x, x.new_zeros(pad, *batch)]).reshape(blocks, size, *batch).transpose(0, 1)
-    done = torch.cat([done, done.new_zeros(pad, *batch)])
-    done = done.reshape(blocks, size, *batch).transpose(0, 1)
-    local, carry = _suffix_sums(x, done, decay)  # [K, N, *batch]
-    starts, _ = _suffix_sums(local[0], done.any(0), decay**size)  # y at each block's start
-    after = torch.cat([starts[1:], starts.new_zeros(1, *batch)])
-    y = local + torch.where(carry != 0, carry * after[None], 0.0)
-    return y.transpose(0, 1).reshape(blocks * size, *batch)[:length]
+    x = torch.cat([x.movedim(0, -1), x.new_zeros(*batch, pad)], -1)
+    done = torch.cat([done.movedim(0, -1), done.new_zeros(*batch, pad)], -1)
+    x, done = x.reshape(*batch, blocks, size), done.reshape(*batch, blocks, size)
+    local, carry = _suffix_sums(x, done, decay)  # [*batch, N, K]
+    starts, _ = _suffix_sums(local[..., 0], done.any(-1), decay**size)  # y at each block's start
+    after = torch.cat([starts[..., 1:], starts.new_zeros(*batch, 1)], -1)
+    y = local + torch.where(carry != 0, carry * after[..., None], 0.0)
+    return y.reshape(*batch, blocks * size)[..., :length].movedim(-1, 0)
 
 
 def gae(
