@@ -203,6 +203,10 @@ def test_permutations_rows_are_independent_uniform_permutations():
     assert torch.equal(
         vmap(lambda k: R.permutations(k, 2, 7))(keys)[1], R.permutations(keys[1], 2, 7)
     )
+    # Stacked keys broadcast: row i is key i's draw (the update's shuffle relies on it).
+    folded = R.fold_in(keys, 5)
+    assert torch.equal(folded[2], R.fold_in(keys[2], 5))
+    assert torch.equal(R.permutations(folded, 2, 7)[2], R.permutations(folded[2], 2, 7))
 
 
 @pytest.mark.parametrize("bad", [[0, 1], torch.zeros(2), torch.zeros(3, dtype=torch.int64)])
