@@ -9,6 +9,7 @@ from funcppo import random as jr
 from funcppo.config import PPOConfig
 from funcppo.envs import make_env
 from funcppo.evaluate import make_evaluate
+from funcppo.precompile import fingerprint
 from funcppo.state import init_train_state
 from funcppo.train import TrainConfig, _init_runner, _make_env_step
 
@@ -74,3 +75,36 @@ def test_compiled_matches_eager():
 def test_a_bad_key_is_named(bad):
     with pytest.raises(ValueError, match=r"key: expected an int64 tensor of shape \[2\]"):
         make_evaluate(config())(init_train_state(jr.key(0), config().ppo), bad)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_chunked_rollouts_give_the_same_returns(recurrent):
+    # Lifecycle's episodes last at most 150 steps: 40-step chunks play 160, in 4 rollouts
+    # whose runner state (and LSTM state) carries over.
+    changes = {"recurrent": True, "lstm_size": 8, "bptt_len": 4} if recurrent else {}
+    cfg = config("lifecycle", **changes)
+    keys = jr.split(jr.key(7), 2)
+    states = init_train_state(keys, cfg.ppo)
+    eval_keys = jr.split(jr.key(8), 2)
+    whole = make_evaluate(cfg, num_seeds=2)(states, eval_keys)
+    chunked = make_evaluate(cfg, num_seeds=2, chunk_steps=40)(states, eval_keys)
+    assert torch.equal(whole, chunked)
+
+
+def test_evaluation_and_training_steps_share_a_fingerprint_without_a_normaliser():
+    # What lets a compiled evaluation with chunk_steps=num_steps load training's precompiled
+    # rollout: the two env steps close over the same values. With a normaliser, training
+    # merges observations into the statistics and evaluation does not, so they differ.
+    for normalize in (False, True):
+        cfg = config().replace(normalize_obs=normalize)
+        env = cfg.make_env()
+        train_step = fingerprint(_make_env_step(cfg, env))
+        eval_step = fingerprint(_make_env_step(cfg, env, learn_obs_stats=False))
+        assert train_step is not None and eval_step is not None
+        assert (train_step == eval_step) is not normalize
+
+
+@pytest.mark.parametrize("bad", [0, 2.5, True])
+def test_a_bad_chunk_is_named(bad):
+    with pytest.raises(ValueError, match="chunk_steps: expected an int >= 1 or None"):
+        make_evaluate(config(), chunk_steps=bad)

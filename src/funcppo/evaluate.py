@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import optree
 import torch
 from torch import Tensor
 from torch.func import vmap
@@ -21,7 +22,11 @@ __all__ = ["make_evaluate"]
 
 
 def make_evaluate(
-    config: TrainConfig, *, num_seeds: int | None = None, backend: str = "inductor"
+    config: TrainConfig,
+    *,
+    num_seeds: int | None = None,
+    backend: str = "inductor",
+    chunk_steps: int | None = None,
 ) -> Callable[[TrainState, Tensor], Tensor]:
     """``evaluate(train_state, key) -> returns``: one whole episode in each of ``num_envs`` envs.
 
@@ -29,7 +34,17 @@ def make_evaluate(
     episode ends inside them, and its return is kept. With ``num_seeds``, ``train_state`` and
     ``key`` carry a leading seed axis and the result is ``[S, num_envs]``; else ``[num_envs]``.
     The same state and key give the same returns.
+
+    ``chunk_steps``: play them as rollouts of this many steps, as many as it takes to cover
+    ``env.max_steps`` (the same returns: the runner state carries over). With training's
+    ``config.num_steps``, a compiled evaluation runs training's rollout, same shapes and, without
+    an observation normaliser, same closure, so it reuses training's precompiled file
+    (``funcppo.precompile``) instead of compiling a rollout of its own.
     """
+    if chunk_steps is not None and (
+        isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or chunk_steps < 1
+    ):
+        raise ValueError(f"chunk_steps: expected an int >= 1 or None, got {chunk_steps!r}")
     env = config.make_env()
     # The policy's observation statistics are read, never updated, by an evaluation.
     env_step = _make_env_step(config, env, learn_obs_stats=False)
@@ -43,9 +58,20 @@ def make_evaluate(
         # As in make_train: the runner's first state made contiguous; the steps' outputs are,
         # by the compiled scan's clones or by make_rollout's eager loop.
         init = _contiguous(init)
-    # One rollout as long as the longest episode: every env ends an episode within it.
+    # As long as the longest episode: every env ends an episode within it.
     time_axis = 0 if num_seeds is None else 1
-    rollout = make_rollout(env_step, env.max_steps, time_axis, config.ppo.compile, backend)
+    steps = env.max_steps if chunk_steps is None else chunk_steps
+    chunks = -(-env.max_steps // steps)
+    rollout = make_rollout(env_step, steps, time_axis, config.ppo.compile, backend)
+
+    def play(rs):
+        batches = []
+        for _ in range(chunks):
+            rs, batch = rollout(rs)
+            batches.append(batch)
+        if chunks == 1:
+            return batches[0]
+        return optree.tree_map(lambda *xs: torch.cat(xs, time_axis), *batches)
 
     def evaluate(train_state: TrainState, key: Tensor) -> Tensor:
         shape = (2,) if num_seeds is None else (num_seeds, 2)
@@ -58,7 +84,7 @@ def make_evaluate(
                 f"train_state.obs_stats: expected {want} (config.normalize_obs="
                 f"{config.normalize_obs}), got {type(train_state.obs_stats).__name__}"
             )
-        _, batch = rollout(init(train_state, key))
+        batch = play(init(train_state, key))
         done = (batch.terminated | batch.truncated).movedim(time_axis, 0)
         # Steps of each env's first episode: those with no episode end before them.
         first = (done.long().cumsum(0) - done.long()) == 0

@@ -150,6 +150,9 @@ def _make_env_step(config: TrainConfig, env: Env, learn_obs_stats: bool = True):
     # run's length (total_steps) does not change it.
     ppo, spec = config.ppo, config.ppo.spec
     normalize, clip_obs = config.normalize_obs, config.clip_obs
+    # Without a normaliser there is nothing to learn, and training's step and evaluation's
+    # close over the same values (so an evaluation can share training's precompiled rollout).
+    learn = normalize and learn_obs_stats
 
     def seen(stats: Any, obs: Tensor) -> Tensor:
         return normalize_obs(stats, obs, clip_obs) if normalize else obs
@@ -161,7 +164,7 @@ def _make_env_step(config: TrainConfig, env: Env, learn_obs_stats: bool = True):
         k_next = k_next.clone()
         hidden = rs.hidden if ppo.recurrent else None
         stats = rs.obs_stats
-        if normalize and learn_obs_stats:
+        if learn:
             stats = update_running_stats(stats, rs.obs)
         obs = seen(stats, rs.obs)
         out = policy_apply(ppo, params, obs, hidden, rs.episode_start)
