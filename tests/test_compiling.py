@@ -1,11 +1,23 @@
-"""compile_fn's guards: the arguments stay guarded, the closure and modules do not."""
+"""compile_fn's guards: the arguments stay guarded, the closure and modules do not; carries
+packed by dtype, and a scan that carries them in inductor's C++ loop."""
 
+import math
 from types import SimpleNamespace
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch._higher_order_ops.scan import scan
 
-from funcppo.compiling import compile_fn, keep_input_guards
+from funcppo.compiling import (
+    compile_fn,
+    keep_input_guards,
+    pack_by_dtype,
+    repack,
+    scan_cacheable,
+    unpack_by_dtype,
+)
 
 
 def entry(name: str, is_global: bool = False) -> SimpleNamespace:
@@ -67,3 +79,47 @@ def test_inductor_tanh_in_exp_form_matches_torch_tanh():
     got = compile_fn(torch.tanh, "tanh")(x)
     torch.testing.assert_close(got, torch.tanh(x), atol=1e-6, rtol=0, equal_nan=True)
     assert torch.equal(got[x.isinf()], torch.tanh(x[x.isinf()]))
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    st.lists(
+        st.tuples(
+            st.lists(st.integers(0, 3), max_size=3),
+            st.sampled_from([torch.float32, torch.int64, torch.bool, torch.float64]),
+        ),
+        min_size=1,
+        max_size=6,
+    )
+)
+def test_pack_by_dtype_gives_every_leaf_back(specs):
+    leaves = [torch.arange(math.prod(shape)).reshape(shape).to(dtype) for shape, dtype in specs]
+    vectors, layout = pack_by_dtype(leaves)
+    # One vector per dtype, in order of first appearance.
+    assert [v.dtype for v in vectors] == list(dict.fromkeys(d for _, d in specs))
+    back = unpack_by_dtype(vectors, layout)
+    for want, got in zip(leaves, back, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    again = repack([x + 1 if x.dtype != torch.bool else ~x for x in leaves], layout)
+    assert [v.shape for v in again] == [v.shape for v in vectors]
+
+
+def test_scan_in_cpp_carries_two_equal_outputs_once_packed():
+    # Two carries that inductor computes as one buffer: torch 2.13's C++ loop moves that
+    # buffer into both slots, which crashed the next iteration when the carries were separate.
+    def body(carry, x):
+        a, _ = unpack_by_dtype(carry, layout)
+        nxt = a * 0.5 + x
+        return repack([nxt, nxt.clone()], layout), [nxt.sum(0).clone()]
+
+    def run(a, xs):
+        return scan(body, pack_by_dtype([a, a.clone()])[0], xs)
+
+    a, xs = torch.ones(3), torch.arange(4.0)
+    _, layout = pack_by_dtype([a, a])
+    compiled = compile_fn(run, "packed_scan", "inductor", cpp_wrapper=True)
+    with scan_cacheable():
+        (carry,), (ys,) = compiled(a, xs)
+    (want_carry,), (want_ys,) = run(a, xs)
+    torch.testing.assert_close(carry, want_carry)
+    torch.testing.assert_close(ys, want_ys)

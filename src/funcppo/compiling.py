@@ -11,6 +11,7 @@ object, so each compiled function gets its own cache.
 from __future__ import annotations
 
 import itertools
+import math
 import re
 import types
 from collections.abc import Callable
@@ -29,8 +30,11 @@ __all__ = [
     "compile_fn",
     "fresh",
     "keep_input_guards",
+    "pack_by_dtype",
+    "repack",
     "scan_cacheable",
     "unaliased",
+    "unpack_by_dtype",
 ]
 
 _counter = itertools.count()
@@ -84,8 +88,11 @@ def compile_fn(
     ``cpp_wrapper``: inductor calls the graph's kernels from generated C++ instead of Python
     (``CPP_WRAPPER`` must be on too). The update's pieces take it: 1.11x on the MLP update,
     1.14x on the LSTM's, whose unrolled sequence makes hundreds of calls per step, for some
-    more seconds of cold compile (benchmarks/RESULTS.md). Not for a graph holding a ``scan``:
-    torch 2.13's C++ loop crashed inside the rollout.
+    more seconds of cold compile; and the rollout's scan, 1.38x, its loop body run without
+    Python (benchmarks/RESULTS.md). A scan under it must carry ``pack_by_dtype``'s vectors:
+    torch 2.13's C++ loop moves each carried output into its slot, so two carries that
+    inductor computes as one buffer (CartPole's observation is its float32 state) leave the
+    second slot empty and the next iteration crashes.
     """
 
     def trampoline(*args):
@@ -151,3 +158,33 @@ def unaliased(tree: Any) -> Any:
 def fresh(leaves: list[Tensor]) -> list[Tensor]:
     # A scan body may neither return its inputs nor two views of one buffer.
     return [x.clone() for x in leaves]
+
+
+def pack_by_dtype(leaves: list[Tensor]) -> tuple[list[Tensor], tuple]:
+    """``(vectors, layout)``: ``leaves`` flattened into one vector per dtype (in order of first
+    appearance), and what ``unpack_by_dtype`` needs to give them back.
+
+    A scan's carry packed this way holds one tensor per dtype, which no two carries can share
+    (see ``compile_fn``'s ``cpp_wrapper``). The layout is static: shapes and groups, no tensors.
+    """
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, x in enumerate(leaves):
+        groups.setdefault(x.dtype, []).append(i)
+    layout = (tuple(tuple(x.shape) for x in leaves), tuple(tuple(g) for g in groups.values()))
+    return repack(leaves, layout), layout
+
+
+def repack(leaves: list[Tensor], layout: tuple) -> list[Tensor]:
+    """``leaves`` of the shapes and dtypes ``layout`` was made from, packed the same way."""
+    return [torch.cat([leaves[i].reshape(-1) for i in group]) for group in layout[1]]
+
+
+def unpack_by_dtype(vectors: list[Tensor], layout: tuple) -> list[Tensor]:
+    """The leaves back from ``pack_by_dtype``'s vectors, each a view of its vector."""
+    shapes, groups = layout
+    leaves: list[Any] = [None] * len(shapes)
+    for group, vector in zip(groups, vectors, strict=True):
+        sizes = [math.prod(shapes[i]) for i in group]
+        for i, part in zip(group, torch.split(vector, sizes), strict=True):
+            leaves[i] = part.view(shapes[i])
+    return leaves

@@ -25,7 +25,15 @@ from torch._higher_order_ops.scan import scan
 from torch.func import vmap
 
 from funcppo import random as jr
-from funcppo.compiling import compile_fn, fresh, scan_cacheable, unaliased
+from funcppo.compiling import (
+    compile_fn,
+    fresh,
+    pack_by_dtype,
+    repack,
+    scan_cacheable,
+    unaliased,
+    unpack_by_dtype,
+)
 from funcppo.config import PPOConfig, anneal_left
 from funcppo.constants import CLIP_OBS
 from funcppo.distributed import DataParallel
@@ -226,7 +234,7 @@ def make_rollout(
     if not compile_:
         return _loop_rollout(_contiguous(env_step), num_steps, time_axis)
     scanned, drive = _scan_rollout(env_step, num_steps, time_axis)
-    scanned = compile_fn(scanned, "rollout", backend)
+    scanned = compile_fn(scanned, "rollout", backend, cpp_wrapper=True)
     return lambda rs: drive(scanned, rs)
 
 
@@ -248,8 +256,9 @@ def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[C
     ``drive(compiled, rs) -> (rs, batch)``, which calls the compiled one.
 
     The carry is the runner state without the train state (parameters are read, not carried)
-    as a flat list of tensors, the form a scan body takes and returns. ``batch``'s tree
-    structure comes from one eager step on the first call (a traced body cannot hand it out).
+    packed into one vector per dtype (``pack_by_dtype``), the form a scan body takes and
+    returns, and one that inductor's C++ loop can carry. ``batch``'s tree structure comes
+    from one eager step on the first call (a traced body cannot hand it out).
     """
     batch_spec: list[pytree.TreeSpec] = []
 
@@ -257,16 +266,20 @@ def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[C
         train = rs.train
         params = optree.tree_map(torch.clone, train.params)
         leaves, spec = pytree.tree_flatten(rs._replace(train=()))
+        packed, layout = pack_by_dtype(leaves)
 
         def body(carry: list[Tensor], _: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-            new, transition = env_step(params, pytree.tree_unflatten(carry, spec))
-            return fresh(pytree.tree_leaves(new._replace(train=()))), fresh(
+            state = pytree.tree_unflatten(unpack_by_dtype(carry, layout), spec)
+            new, transition = env_step(params, state)
+            return repack(pytree.tree_leaves(new._replace(train=())), layout), fresh(
                 pytree.tree_leaves(transition)
             )
 
         xs = torch.zeros(num_steps, device=rs.key.device)  # scan's length; the body ignores it
-        carry, ys = scan(body, fresh(leaves), xs)
+        carry, ys = scan(body, packed, xs)
         ys = [y.movedim(0, time_axis).contiguous() for y in ys]
+        # Fresh tensors, not views of the packed carry (the next call guards on strides).
+        carry = [x.clone() for x in unpack_by_dtype(carry, layout)]
         return pytree.tree_unflatten(carry, spec)._replace(train=train), ys
 
     def rollout(compiled: Callable, rs: RunnerState) -> tuple[RunnerState, Batch]:
