@@ -5,8 +5,14 @@ CartPole, the main job's shape (8 seeds vmapped, 4 envs x 128 steps per seed, Cl
 
 * ``loop``: ``torch.compile`` of one vmapped env step, called 128 times from Python (what
   ``make_train`` did before the scan);
-* ``scan``: ``make_train``'s rollout, the same step under ``scan``, compiled as one call;
+* ``scan``: ``make_train``'s rollout, the same step under ``scan``, compiled as one call
+  whose loop runs in inductor's C++ wrapper;
+* ``scan, python wrapper``: the same scan with the loop run by inductor's Python wrapper
+  (what ``make_train`` ran before session 10);
 * ``eager``: the Python loop over the uncompiled step (what ``--no-compile`` runs).
+
+The later calls alternate between the rollouts (one call of each per round), so that a slow
+moment of the machine falls on all of them.
 
     python benchmarks/rollout.py [--seeds 8] [--repeats 15]
 
@@ -35,22 +41,28 @@ from funcppo.train import (
     _contiguous,
     _init_runner,
     _make_env_step,
+    _scan_rollout,
     make_rollout,
 )
 
 NUM_ENVS, NUM_STEPS = 4, 128
 
 
-def timed(rollout, rs, repeats: int) -> tuple[float, float, object]:
-    start = time.perf_counter()
-    rs, batch = rollout(rs)
-    first = time.perf_counter() - start
-    times = []
-    for _ in range(repeats):
+def timed(contenders: dict, rs, repeats: int) -> tuple[dict, dict]:
+    """First call of each rollout (compile included), then ``repeats`` rounds alternating
+    between them; returns ``{name: (first, median)}`` and each rollout's last batch."""
+    firsts, states, batches = {}, {}, {}
+    for name, rollout in contenders.items():
         start = time.perf_counter()
-        rs, batch = rollout(rs)
-        times.append(time.perf_counter() - start)
-    return first, statistics.median(times), batch
+        states[name], batches[name] = rollout(rs)
+        firsts[name] = time.perf_counter() - start
+    times: dict[str, list[float]] = {name: [] for name in contenders}
+    for _ in range(repeats):
+        for name, rollout in contenders.items():
+            start = time.perf_counter()
+            states[name], batches[name] = rollout(states[name])
+            times[name].append(time.perf_counter() - start)
+    return {name: (firsts[name], statistics.median(times[name])) for name in contenders}, batches
 
 
 def main() -> None:
@@ -65,16 +77,16 @@ def main() -> None:
     init = _contiguous(vmap(lambda k: _init_runner(config, env, k), randomness="error"))
     rs = init(jr.split(jr.key(0), args.seeds))
     compiled_step = compile_fn(step, "env_step")
+    scanned, drive = _scan_rollout(step, NUM_STEPS, 1)
+    in_python = compile_fn(scanned, "rollout_python_wrapper", "inductor", cpp_wrapper=False)
     contenders = {
         "loop": make_rollout(compiled_step, NUM_STEPS, 1, False, "inductor"),
         "scan": make_rollout(step, NUM_STEPS, 1, True, "inductor"),
+        "scan, python wrapper": lambda rs: drive(in_python, rs),
         "eager": make_rollout(step, NUM_STEPS, 1, False, "inductor"),
     }
-    results, batches = {}, {}
-    for name, rollout in contenders.items():
-        first, median, batches[name] = timed(rollout, rs, args.repeats)
-        results[name] = (first, median)
-    for name in ("loop", "scan"):  # same keys, same numbers
+    results, batches = timed(contenders, rs, args.repeats)
+    for name in contenders:  # same keys, same numbers
         diff = (batches[name].obs - batches["eager"].obs).abs().max()
         assert diff < 1e-4, (name, float(diff))
     print(f"CartPole rollout, {args.seeds} seeds x {NUM_ENVS} envs x {NUM_STEPS} steps, 1 thread")
@@ -84,6 +96,8 @@ def main() -> None:
     for name, (first, median) in results.items():
         print(f"| {name} | {first:.1f} s | {median * 1e3:.1f} ms | {steps / median:,.0f} |")
     print(f"scan against loop: {results['loop'][1] / results['scan'][1]:.2f}x")
+    python = results["scan, python wrapper"][1]
+    print(f"scan's loop in C++ against Python: {python / results['scan'][1]:.2f}x")
 
 
 if __name__ == "__main__":
