@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import optree
 import torch
 from torch import Tensor
 from torch.func import vmap
@@ -64,14 +63,14 @@ def make_evaluate(
     chunks = -(-env.max_steps // steps)
     rollout = make_rollout(env_step, steps, time_axis, config.ppo.compile, backend)
 
-    def play(rs):
-        batches = []
+    def play(rs) -> tuple[Tensor, Tensor]:
+        """Episode ends and rewards of every step, time first: only these are read."""
+        done, rewards = [], []
         for _ in range(chunks):
             rs, batch = rollout(rs)
-            batches.append(batch)
-        if chunks == 1:
-            return batches[0]
-        return optree.tree_map(lambda *xs: torch.cat(xs, time_axis), *batches)
+            done.append((batch.terminated | batch.truncated).movedim(time_axis, 0))
+            rewards.append(batch.rewards.movedim(time_axis, 0))
+        return torch.cat(done), torch.cat(rewards)
 
     def evaluate(train_state: TrainState, key: Tensor) -> Tensor:
         shape = (2,) if num_seeds is None else (num_seeds, 2)
@@ -84,11 +83,9 @@ def make_evaluate(
                 f"train_state.obs_stats: expected {want} (config.normalize_obs="
                 f"{config.normalize_obs}), got {type(train_state.obs_stats).__name__}"
             )
-        batch = play(init(train_state, key))
-        done = (batch.terminated | batch.truncated).movedim(time_axis, 0)
+        done, rewards = play(init(train_state, key))
         # Steps of each env's first episode: those with no episode end before them.
         first = (done.long().cumsum(0) - done.long()) == 0
-        rewards = batch.rewards.movedim(time_axis, 0)
         return torch.where(first & done.any(0), rewards, 0.0).sum(0)
 
     return evaluate

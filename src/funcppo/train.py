@@ -279,7 +279,7 @@ def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[C
         carry, ys = scan(body, packed, xs)
         ys = [y.movedim(0, time_axis).contiguous() for y in ys]
         # Fresh tensors, not views of the packed carry (the next call guards on strides).
-        carry = [x.clone() for x in unpack_by_dtype(carry, layout)]
+        carry = fresh(unpack_by_dtype(carry, layout))
         return pytree.tree_unflatten(carry, spec)._replace(train=train), ys
 
     def rollout(compiled: Callable, rs: RunnerState) -> tuple[RunnerState, Batch]:
