@@ -22,6 +22,7 @@ from funcppo.train import (
     _make_env_step,
     make_rollout,
     make_train,
+    with_threads,
 )
 
 
@@ -399,6 +400,60 @@ def test_bad_train_config_names_the_field():
         cartpole_config(clip_obs=0)
     with pytest.raises(ValueError, match="obs_dim"):
         make_train(cartpole_config(ppo=cartpole_config().ppo.replace(obs_dim=3)))
+
+
+def test_with_threads_sets_the_count_for_the_call_and_restores_it():
+    seen = []
+
+    def count(fail=False):
+        seen.append(torch.get_num_threads())
+        if fail:
+            raise RuntimeError("boom")
+        return "done"
+
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    assert with_threads(count, other)() == "done"
+    assert torch.get_num_threads() == before
+    with pytest.raises(RuntimeError, match="boom"):
+        with_threads(count, other)(True)
+    assert torch.get_num_threads() == before
+    assert with_threads(count, before)() == "done"
+    assert seen == [other, other, before]
+
+
+def test_rollout_threads_reach_every_env_step_and_leave_the_run_unchanged():
+    config = cartpole_config()
+    env = config.make_env()
+    env_step = _make_env_step(config, env)
+    seen = []
+
+    def spy(params, rs):
+        seen.append(torch.get_num_threads())
+        return env_step(params, rs)
+
+    rs = _contiguous(lambda key: _init_runner(config, env, key))(jr.key(0))
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    _, batch = make_rollout(spy, 16, 0, False, "inductor", threads=other)(rs)
+    _, plain = make_rollout(spy, 16, 0, False, "inductor")(rs)
+    assert seen == [other] * 16 + [before] * 16
+    assert max_diff(batch, plain) == 0.0
+    s1, h1 = make_train(config, rollout_threads=other)(jr.key(0))
+    s2, h2 = make_train(config)(jr.key(0))
+    assert max_diff(s1.params, s2.params) == 0.0 and torch.equal(h1["loss"], h2["loss"])
+    for bad in (0, 1.0, True):
+        with pytest.raises(
+            ValueError, match=f"rollout_threads: expected None or an int >= 1, got {bad!r}"
+        ):
+            make_train(config, rollout_threads=bad)
+
+
+@pytest.mark.parametrize("flag", ["--threads", "--rollout-threads"])
+def test_cli_rejects_a_thread_count_below_one(tmp_path, capsys, flag):
+    with pytest.raises(SystemExit):
+        main(["train", "--env", "cartpole", "--out", str(tmp_path), flag, "0"])
+    assert f"{flag}: expected an int >= 1, got 0" in capsys.readouterr().err
 
 
 def test_curve_smoothing_is_a_trailing_mean_that_skips_nan():

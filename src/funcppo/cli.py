@@ -117,6 +117,14 @@ def _parser() -> argparse.ArgumentParser:
         help="torch intra-op threads (default 1, safe when other work shares the cores; on an "
         "idle 2-core CPU, 2 ran the 8-seed CartPole job 1.2x faster)",
     )
+    train.add_argument(
+        "--rollout-threads",
+        type=int,
+        default=None,
+        help="torch intra-op threads while a built-in env's rollout runs (default: --threads); "
+        "on an idle 2-core CPU, --threads 2 --rollout-threads 1 trained 8 CartPole seeds 1.1x "
+        "faster than 2 for both, and Lifecycle's 64 envs 0.8x as fast",
+    )
     return parser
 
 
@@ -350,7 +358,9 @@ def _run_train(args: argparse.Namespace, rank: int, world: int, dp: DataParallel
             f"{'compiling first (cached on disk after the first run)' if ppo.compile else 'eager'}",
             file=sys.stderr,
         )
-    train = make_train(config, num_seeds=len(seeds), data_parallel=dp)
+    train = make_train(
+        config, num_seeds=len(seeds), data_parallel=dp, rollout_threads=args.rollout_threads
+    )
     progress = Progress(config.num_updates, steps_per_update, ppo.compile)
     returns: list[list[float]] = []
     writer = _tensorboard(out) if rank == 0 else None
@@ -454,6 +464,9 @@ def main(argv: list[str] | None = None) -> int:
         parse_sweep(args.sweep, args.seeds)
     except ValueError as error:
         parser.error(str(error))
+    for flag, value in (("--threads", args.threads), ("--rollout-threads", args.rollout_threads)):
+        if value is not None and value < 1:
+            parser.error(f"{flag}: expected an int >= 1, got {value}")
     if args.env.startswith("gym:"):
         from funcppo.gym_train import run_gym_train
 

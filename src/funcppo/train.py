@@ -12,6 +12,7 @@ update runs on the rollout.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -44,7 +45,7 @@ from funcppo.normalize import init_running_stats, normalize_obs, update_running_
 from funcppo.state import Batch, Hyperparams, TrainState, init_train_state
 from funcppo.update import make_update_fn
 
-__all__ = ["RunnerState", "TrainConfig", "make_train"]
+__all__ = ["RunnerState", "TrainConfig", "make_train", "with_threads"]
 
 
 @dataclass(frozen=True)
@@ -227,15 +228,47 @@ def _stack(items: list, axis: int) -> Any:
 
 
 def make_rollout(
-    env_step: Callable, num_steps: int, time_axis: int, compile_: bool, backend: str
+    env_step: Callable,
+    num_steps: int,
+    time_axis: int,
+    compile_: bool,
+    backend: str,
+    threads: int | None = None,
 ) -> Callable[[RunnerState], tuple[RunnerState, Batch]]:
     """``rollout(rs) -> (rs, batch)``: ``num_steps`` of ``env_step(params, rs)``, the
-    transitions stacked on ``time_axis``; compiled as one scan, or driven from Python."""
+    transitions stacked on ``time_axis``; compiled as one scan, or driven from Python. With
+    ``threads``, torch's intra-op threads are set to it while the rollout runs."""
     if not compile_:
-        return _loop_rollout(_contiguous(env_step), num_steps, time_axis)
-    scanned, drive = _scan_rollout(env_step, num_steps, time_axis)
-    scanned = compile_fn(scanned, "rollout", backend, cpp_wrapper=True)
-    return lambda rs: drive(scanned, rs)
+        rollout = _loop_rollout(_contiguous(env_step), num_steps, time_axis)
+    else:
+        scanned, drive = _scan_rollout(env_step, num_steps, time_axis)
+        scanned = compile_fn(scanned, "rollout", backend, cpp_wrapper=True)
+        rollout = functools.partial(drive, scanned)
+    return rollout if threads is None else with_threads(rollout, threads)
+
+
+def with_threads(fn: Callable, threads: int) -> Callable:
+    """``fn`` run with ``threads`` intra-op threads (``torch.set_num_threads``), then the
+    caller's count back, also when ``fn`` raises.
+
+    A compiled kernel parallelises its loops over however many threads torch has when it
+    runs. A CartPole rollout is 128 steps of kernels over a few hundred numbers, where
+    waking a second thread costs more than it saves: 8 seeds trained 1.10x faster with the
+    rollout on one thread and the update on two than with both on two (benchmarks/RESULTS.md).
+    Lifecycle's 64 envs per seed went the other way (0.81x), so one thread is not a default.
+    """
+
+    def call(*args: Any) -> Any:
+        before = torch.get_num_threads()
+        if before == threads:
+            return fn(*args)
+        torch.set_num_threads(threads)
+        try:
+            return fn(*args)
+        finally:
+            torch.set_num_threads(before)
+
+    return call
 
 
 def _loop_rollout(env_step: Callable, num_steps: int, time_axis: int) -> Callable:
@@ -299,6 +332,7 @@ def make_train(
     backend: str = "inductor",
     data_parallel: DataParallel | None = None,
     compile_scope: str = "minibatch",
+    rollout_threads: int | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Tensor]]]:
     """``train(key, callback=None, hparams=None) -> (final TrainState, metrics history)``.
 
@@ -318,7 +352,16 @@ def make_train(
     ``compile_scope`` is the update's (``make_update_fn``): ``"scan"`` runs each update's
     minibatch steps as one compiled call (1.06x on 8 CartPole seeds in one A/B, 0.97x in
     another, benchmarks/RESULTS.md); the rollout is one compiled scan either way.
+
+    ``rollout_threads``: torch's intra-op threads while the rollout runs (``with_threads``);
+    None leaves the caller's setting for the rollout too.
     """
+    if rollout_threads is not None and (
+        isinstance(rollout_threads, bool)
+        or not isinstance(rollout_threads, int)
+        or rollout_threads < 1
+    ):
+        raise ValueError(f"rollout_threads: expected None or an int >= 1, got {rollout_threads!r}")
     env = config.make_env()
     ppo = config.ppo
     if data_parallel is not None and config.normalize_obs:
@@ -343,7 +386,9 @@ def make_train(
         # outputs there cost dynamo a tenth of the run's tracing.)
         init = _contiguous(init)
     time_axis = 0 if num_seeds is None else 1
-    rollout = make_rollout(env_step, config.num_steps, time_axis, ppo.compile, backend)
+    rollout = make_rollout(
+        env_step, config.num_steps, time_axis, ppo.compile, backend, rollout_threads
+    )
     update = make_update_fn(
         ppo,
         num_seeds=num_seeds,
