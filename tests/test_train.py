@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.func import vmap
 
+from funcppo import cli
 from funcppo import random as jr
 from funcppo.checkpoint import load_checkpoint
 from funcppo.cli import _smooth, main, parse_sweep
@@ -447,6 +448,21 @@ def test_rollout_threads_reach_every_env_step_and_leave_the_run_unchanged():
             ValueError, match=f"rollout_threads: expected None or an int >= 1, got {bad!r}"
         ):
             make_train(config, rollout_threads=bad)
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--env", "cartpole"], 1),
+        (["--env", "cartpole", "--rollout-threads", "2"], 2),
+        (["--env", "lifecycle"], None),
+    ],
+)
+def test_cli_rollout_threads_default_per_env(monkeypatch, argv, expected):
+    seen = []
+    monkeypatch.setattr(cli, "run_train", lambda args: seen.append(args.rollout_threads) or 0)
+    assert main(["train", *argv]) == 0
+    assert seen == [expected]
 
 
 @pytest.mark.parametrize("flag", ["--threads", "--rollout-threads"])

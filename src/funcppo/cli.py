@@ -121,9 +121,10 @@ def _parser() -> argparse.ArgumentParser:
         "--rollout-threads",
         type=int,
         default=None,
-        help="torch intra-op threads while a built-in env's rollout runs (default: --threads); "
-        "on an idle 2-core CPU, --threads 2 --rollout-threads 1 trained 8 CartPole seeds 1.1x "
-        "faster than 2 for both, and Lifecycle's 64 envs 0.8x as fast",
+        help="torch intra-op threads while a built-in env's rollout runs (default: 1 for "
+        "cartpole, else --threads); on an idle 2-core CPU, --threads 2 --rollout-threads 1 "
+        "trained 8 CartPole seeds 1.04-1.09x faster than 2 for both, and Lifecycle's 64 envs "
+        "0.81x as fast",
     )
     return parser
 
@@ -197,6 +198,12 @@ def _sweep_groups(sweep: tuple[str, list[float]]) -> list[tuple[float, torch.Ten
     """Each distinct swept value, in first-seen order, with the bool mask of its seeds."""
     values = sweep[1]
     return [(v, torch.tensor([x == v for x in values])) for v in dict.fromkeys(values)]
+
+
+# Per built-in env, --rollout-threads when not given. CartPole's rollout kernels are too small to
+# split: with --threads 2, one thread for its rollout trained 8 seeds 1.04-1.09x faster than two
+# (benchmarks/threads.py). Lifecycle's 64 envs per seed went the other way (0.81x): not listed.
+ROLLOUT_THREADS: dict[str, int] = {"cartpole": 1}
 
 
 def _ppo_config(env_name: str, env, compile_: bool) -> PPOConfig:
@@ -467,6 +474,8 @@ def main(argv: list[str] | None = None) -> int:
     for flag, value in (("--threads", args.threads), ("--rollout-threads", args.rollout_threads)):
         if value is not None and value < 1:
             parser.error(f"{flag}: expected an int >= 1, got {value}")
+    if args.rollout_threads is None:
+        args.rollout_threads = ROLLOUT_THREADS.get(args.env)
     if args.env.startswith("gym:"):
         from funcppo.gym_train import run_gym_train
 
