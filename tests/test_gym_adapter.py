@@ -99,7 +99,10 @@ def test_rollout_holds_real_transitions_and_bootstraps_from_final_obs(mode):
         # next_values: V of the final obs [length, episode] at episode ends, of the next obs else.
         nxt = torch.stack([t + 1, batch.obs[:, b, 1]], -1)
         want = policy_apply(agent.config, agent.state.params, nxt, None, None).value
-        assert torch.equal(batch.next_values[:, b], want)
+        # Not to the bit: the agent evaluated these rows in other batch shapes, and on an
+        # AVX-512 CPU MKL's sgemm rounds by shape (1-ulp differences). V of a wrong
+        # observation (the reset one) is off by orders of magnitude more.
+        torch.testing.assert_close(batch.next_values[:, b], want, rtol=1e-5, atol=1e-6)
 
 
 def test_next_step_mode_matches_same_step_mode_on_what_is_trained():
