@@ -28,10 +28,7 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
-import optree
 import torch
 
 from funcppo import compiling, networks
@@ -39,6 +36,7 @@ from funcppo import random as jr
 from funcppo.cli import _ppo_config
 from funcppo.envs import make_env
 from funcppo.train import TrainConfig, make_train
+from interleaved import print_table, run_rounds
 
 SHIPPED = dict(compiling.INDUCTOR_OPTIONS)
 ASSERTS = ("size_asserts", "alignment_asserts")
@@ -89,35 +87,13 @@ def main() -> None:
         "shipped"
     ]
     keys = jr.split(jr.key(0), args.seeds)
-    times: dict[str, list[float]] = {name: [] for name in trains}
-    first: dict[str, float] = {}
-    params = {}
-    for r in range(args.rounds):
-        for name, train in trains.items():
-            networks.THIN_MAX = VARIANTS[name][2]
-            seconds: list[float] = []
-            start = time.perf_counter()
-            state, _ = train(keys, callback=lambda u, m, s=seconds: s.append(m["update_seconds"]))
-            if r == 0:
-                first[name] = time.perf_counter() - start
-            times[name] += seconds[2:]
-            params[name] = state.params
+
+    def before(name: str) -> None:
+        networks.THIN_MAX = VARIANTS[name][2]
+
+    times, first, params = run_rounds(trains, keys, args.rounds, before)
     networks.THIN_MAX = VARIANTS["shipped"][2]
-    base = statistics.median(times["none"])
-    print("| variant | first round (s) | median update (ms) | vs none | max param diff |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, values in times.items():
-        diff = max(
-            float((a - b).abs().max())
-            for a, b in zip(
-                optree.tree_leaves(params[name]), optree.tree_leaves(params["none"]), strict=True
-            )
-        )
-        median = statistics.median(values)
-        print(
-            f"| {name} | {first[name]:.1f} | {1000 * median:.1f} | {base / median:.2f}x | "
-            f"{diff:.1e} |"
-        )
+    print_table("variant", "none", times, first, params)
 
 
 if __name__ == "__main__":

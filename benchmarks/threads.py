@@ -22,16 +22,14 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
-import time
 
-import optree
 import torch
 
 from funcppo import random as jr
 from funcppo.cli import PRESETS, _ppo_config
 from funcppo.envs import make_env
 from funcppo.train import TrainConfig, make_train
+from interleaved import print_table, run_rounds
 
 # name: (rollout threads, update threads)
 VARIANTS = {"1/1": (1, 1), "2/2": (2, 2), "rollout 1, update 2": (1, 2)}
@@ -58,35 +56,10 @@ def main() -> None:
         for name, (rollout, _) in VARIANTS.items()
     }
     keys = jr.split(jr.key(0), args.seeds)
-    times: dict[str, list[float]] = {name: [] for name in trains}
-    first: dict[str, float] = {}
-    params = {}
-    for r in range(args.rounds):
-        for name, train in trains.items():
-            torch.set_num_threads(VARIANTS[name][1])
-            seconds: list[float] = []
-            start = time.perf_counter()
-            state, _ = train(keys, callback=lambda u, m, s=seconds: s.append(m["update_seconds"]))
-            if r == 0:
-                first[name] = time.perf_counter() - start
-            times[name] += seconds[2:]
-            params[name] = state.params
-    base = statistics.median(times["2/2"])
-    print("| rollout / update threads | first round (s) | median update (ms) | vs 2/2 | ", end="")
-    print("max param diff |")
-    print("| --- | ---: | ---: | ---: | ---: |")
-    for name, values in times.items():
-        diff = max(
-            float((a - b).abs().max())
-            for a, b in zip(
-                optree.tree_leaves(params[name]), optree.tree_leaves(params["2/2"]), strict=True
-            )
-        )
-        median = statistics.median(values)
-        print(
-            f"| {name} | {first[name]:.1f} | {1000 * median:.1f} | {base / median:.2f}x | "
-            f"{diff:.1e} |"
-        )
+    times, first, params = run_rounds(
+        trains, keys, args.rounds, lambda name: torch.set_num_threads(VARIANTS[name][1])
+    )
+    print_table("rollout / update threads", "2/2", times, first, params)
 
 
 if __name__ == "__main__":
