@@ -253,9 +253,10 @@ def with_threads(fn: Callable, threads: int) -> Callable:
 
     A compiled kernel parallelises its loops over however many threads torch has when it
     runs. A CartPole rollout is 128 steps of kernels over a few hundred numbers, where
-    waking a second thread costs more than it saves: 8 seeds trained 1.10x faster with the
-    rollout on one thread and the update on two than with both on two (benchmarks/RESULTS.md).
-    Lifecycle's 64 envs per seed went the other way (0.81x), so one thread is not a default.
+    waking a second thread costs more than it saves: 8 seeds trained 1.04-1.09x faster with
+    the rollout on one thread and the update on two than with both on two
+    (benchmarks/threads.py, benchmarks/RESULTS.md). Lifecycle's 64 envs per seed went the other
+    way (0.81x), so ``make_train`` keeps the caller's count unless told.
     """
 
     def call(*args: Any) -> Any:
