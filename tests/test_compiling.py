@@ -14,10 +14,9 @@ from funcppo.compiling import (
     compile_fn,
     keep_input_guards,
     pack_by_dtype,
-    repack,
     scan_cacheable,
-    unpack_by_dtype,
 )
+from funcppo.flat import ravel_leaves, unravel_leaves
 
 
 def entry(name: str, is_global: bool = False) -> SimpleNamespace:
@@ -97,10 +96,10 @@ def test_pack_by_dtype_gives_every_leaf_back(specs):
     vectors, layout = pack_by_dtype(leaves)
     # One vector per dtype, in order of first appearance.
     assert [v.dtype for v in vectors] == list(dict.fromkeys(d for _, d in specs))
-    back = unpack_by_dtype(vectors, layout)
+    back = unravel_leaves(layout, vectors)
     for want, got in zip(leaves, back, strict=True):
         assert got.dtype == want.dtype and torch.equal(got, want)
-    again = repack([x + 1 if x.dtype != torch.bool else ~x for x in leaves], layout)
+    again = ravel_leaves(layout, [x + 1 if x.dtype != torch.bool else ~x for x in leaves])
     assert [v.shape for v in again] == [v.shape for v in vectors]
 
 
@@ -108,9 +107,9 @@ def test_scan_in_cpp_carries_two_equal_outputs_once_packed():
     # Two carries that inductor computes as one buffer: torch 2.13's C++ loop moves that
     # buffer into both slots, which crashed the next iteration when the carries were separate.
     def body(carry, x):
-        a, _ = unpack_by_dtype(carry, layout)
+        a, _ = unravel_leaves(layout, carry)
         nxt = a * 0.5 + x
-        return repack([nxt, nxt.clone()], layout), [nxt.sum(0).clone()]
+        return ravel_leaves(layout, [nxt, nxt.clone()]), [nxt.sum(0).clone()]
 
     def run(a, xs):
         return scan(body, pack_by_dtype([a, a.clone()])[0], xs)

@@ -11,7 +11,6 @@ object, so each compiled function gets its own cache.
 from __future__ import annotations
 
 import itertools
-import math
 import re
 import types
 from collections.abc import Callable
@@ -22,6 +21,7 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import Tensor
 
+from funcppo.flat import FlatLayout, ravel_leaves
 from funcppo.precompile import Precompiled, savable
 
 __all__ = [
@@ -31,10 +31,8 @@ __all__ = [
     "fresh",
     "keep_input_guards",
     "pack_by_dtype",
-    "repack",
     "scan_cacheable",
     "unaliased",
-    "unpack_by_dtype",
 ]
 
 _counter = itertools.count()
@@ -160,31 +158,23 @@ def fresh(leaves: list[Tensor]) -> list[Tensor]:
     return [x.clone() for x in leaves]
 
 
-def pack_by_dtype(leaves: list[Tensor]) -> tuple[list[Tensor], tuple]:
+def pack_by_dtype(leaves: list[Tensor]) -> tuple[list[Tensor], FlatLayout]:
     """``(vectors, layout)``: ``leaves`` flattened into one vector per dtype (in order of first
-    appearance), and what ``unpack_by_dtype`` needs to give them back.
+    appearance), and their layout, one group per dtype: ``flat.ravel_leaves(layout, leaves)``
+    packs leaves of the same shapes and dtypes again, ``flat.unravel_leaves(layout, vectors)``
+    gives them back as views (the parameters' flat groups, grouped by dtype instead of role).
 
     A scan's carry packed this way holds one tensor per dtype, which no two carries can share
-    (see ``compile_fn``'s ``cpp_wrapper``). The layout is static: shapes and groups, no tensors.
+    (see ``compile_fn``'s ``cpp_wrapper``). The layout is static: shapes and groups, no tensors
+    (no tree either: ``treedef`` and ``index`` are None).
     """
     groups: dict[torch.dtype, list[int]] = {}
     for i, x in enumerate(leaves):
         groups.setdefault(x.dtype, []).append(i)
-    layout = (tuple(tuple(x.shape) for x in leaves), tuple(tuple(g) for g in groups.values()))
-    return repack(leaves, layout), layout
-
-
-def repack(leaves: list[Tensor], layout: tuple) -> list[Tensor]:
-    """``leaves`` of the shapes and dtypes ``layout`` was made from, packed the same way."""
-    return [torch.cat([leaves[i].reshape(-1) for i in group]) for group in layout[1]]
-
-
-def unpack_by_dtype(vectors: list[Tensor], layout: tuple) -> list[Tensor]:
-    """The leaves back from ``pack_by_dtype``'s vectors, each a view of its vector."""
-    shapes, groups = layout
-    leaves: list[Any] = [None] * len(shapes)
-    for group, vector in zip(groups, vectors, strict=True):
-        sizes = [math.prod(shapes[i]) for i in group]
-        for i, part in zip(group, torch.split(vector, sizes), strict=True):
-            leaves[i] = part.view(shapes[i])
-    return leaves
+    layout = FlatLayout(
+        None,
+        None,
+        tuple(tuple(x.shape) for x in leaves),
+        tuple((str(dtype), tuple(idx)) for dtype, idx in groups.items()),
+    )
+    return ravel_leaves(layout, leaves), layout

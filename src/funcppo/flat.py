@@ -31,10 +31,12 @@ __all__ = [
     "flat_layout",
     "index_tree",
     "ravel",
+    "ravel_leaves",
     "ravel_tree",
     "rebuild",
     "tree_layout",
     "unravel",
+    "unravel_leaves",
     "unravel_tree",
 ]
 
@@ -87,12 +89,12 @@ def rebuild(index: Any, leaves: list) -> Any:
 # parameter-shaped parts go from leaves to groups and back without an intermediate tree.
 
 
-def _ravel_leaves(layout: FlatLayout, leaves: list) -> list[Tensor]:
+def ravel_leaves(layout: FlatLayout, leaves: list) -> list[Tensor]:
     """The groups' vectors, in group-name order, from the tree's leaves in flatten order."""
     return [torch.cat([leaves[i].reshape(-1) for i in idx]) for _, idx in layout.groups]
 
 
-def _unravel_leaves(layout: FlatLayout, vectors: list[Tensor]) -> list[Tensor]:
+def unravel_leaves(layout: FlatLayout, vectors: list[Tensor]) -> list[Tensor]:
     """The tree's leaves in flatten order, each a view of its group's vector."""
     leaves: list[Any] = [None] * len(layout.shapes)
     for (_, idx), vector in zip(layout.groups, vectors, strict=True):
@@ -103,13 +105,13 @@ def _unravel_leaves(layout: FlatLayout, vectors: list[Tensor]) -> list[Tensor]:
 
 def ravel(layout: FlatLayout, params: Any) -> dict[str, Tensor]:
     """``{group: [n_group]}``, each the group's leaves flattened and concatenated."""
-    vectors = _ravel_leaves(layout, optree.tree_leaves(params))
+    vectors = ravel_leaves(layout, optree.tree_leaves(params))
     return {name: v for (name, _), v in zip(layout.groups, vectors, strict=True)}
 
 
 def unravel(layout: FlatLayout, flat: dict[str, Tensor]) -> Any:
     """The parameter tree back from ``ravel``'s groups, each leaf a view of its group."""
-    return rebuild(layout.index, _unravel_leaves(layout, [flat[name] for name, _ in layout.groups]))
+    return rebuild(layout.index, unravel_leaves(layout, [flat[name] for name, _ in layout.groups]))
 
 
 class TreeLayout(NamedTuple):
@@ -158,7 +160,7 @@ def ravel_tree(tl: TreeLayout, tree: Any) -> Any:
     """``tree`` with every parameter-shaped subtree replaced by its groups."""
 
     # The vectors stand where ravel's dict would flatten: in sorted name order, the groups'.
-    convert = functools.partial(_ravel_leaves, tl.params)
+    convert = functools.partial(ravel_leaves, tl.params)
     leaves = optree.tree_leaves(tree)
     return rebuild(tl.flat_index, _convert_parts(tl, leaves, len(tl.params.shapes), convert))
 
@@ -166,6 +168,6 @@ def ravel_tree(tl: TreeLayout, tree: Any) -> Any:
 def unravel_tree(tl: TreeLayout, flat_tree: Any) -> Any:
     """The inverse of ``ravel_tree``."""
     # The groups come back from tree_leaves in sorted key order, the order of the groups.
-    convert = functools.partial(_unravel_leaves, tl.params)
+    convert = functools.partial(unravel_leaves, tl.params)
     leaves = optree.tree_leaves(flat_tree)
     return rebuild(tl.index, _convert_parts(tl, leaves, len(tl.params.groups), convert))

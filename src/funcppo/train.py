@@ -30,16 +30,15 @@ from funcppo.compiling import (
     compile_fn,
     fresh,
     pack_by_dtype,
-    repack,
     scan_cacheable,
     unaliased,
-    unpack_by_dtype,
 )
 from funcppo.config import PPOConfig, anneal_left
 from funcppo.constants import CLIP_OBS
 from funcppo.distributed import DataParallel
 from funcppo.distributions import factored_logprob, factored_sample
 from funcppo.envs import Env, make_env
+from funcppo.flat import ravel_leaves, unravel_leaves
 from funcppo.networks import init_hidden, policy_apply
 from funcppo.normalize import init_running_stats, normalize_obs, update_running_stats
 from funcppo.state import Batch, Hyperparams, TrainState, init_train_state
@@ -303,9 +302,9 @@ def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[C
         packed, layout = pack_by_dtype(leaves)
 
         def body(carry: list[Tensor], _: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-            state = pytree.tree_unflatten(unpack_by_dtype(carry, layout), spec)
+            state = pytree.tree_unflatten(unravel_leaves(layout, carry), spec)
             new, transition = env_step(params, state)
-            return repack(pytree.tree_leaves(new._replace(train=())), layout), fresh(
+            return ravel_leaves(layout, pytree.tree_leaves(new._replace(train=()))), fresh(
                 pytree.tree_leaves(transition)
             )
 
@@ -313,7 +312,7 @@ def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[C
         carry, ys = scan(body, packed, xs)
         ys = [y.movedim(0, time_axis).contiguous() for y in ys]
         # Fresh tensors, not views of the packed carry (the next call guards on strides).
-        carry = fresh(unpack_by_dtype(carry, layout))
+        carry = fresh(unravel_leaves(layout, carry))
         return pytree.tree_unflatten(carry, spec)._replace(train=train), ys
 
     def rollout(compiled: Callable, rs: RunnerState) -> tuple[RunnerState, Batch]:
