@@ -167,9 +167,13 @@ def test_states_have_row_major_strides_before_and_after_an_update(num_seeds):
 
 
 # Inductor's C++ code generation dominates compile time on CPU, so one test runs the default
-# path through inductor and the others trace with aot_eager: the same dynamo graph capture
-# (fullgraph, no graph break) and AOTAutograd, without code generation.
-@pytest.mark.parametrize(("scope", "backend"), [("minibatch", "inductor"), ("update", "aot_eager")])
+# path through inductor (the minibatch steps as one scan, looped in inductor's C++) and the
+# others trace with aot_eager: the same dynamo graph capture (fullgraph, no graph break) and
+# AOTAutograd, without code generation.
+@pytest.mark.parametrize(
+    ("scope", "backend"),
+    [("scan", "inductor"), ("minibatch", "aot_eager"), ("update", "aot_eager")],
+)
 def test_compiled_matches_eager_without_graph_breaks(scope, backend):
     config = small_config(target_kl=0.05, update_epochs=1)
     state, batch = make_case(config)

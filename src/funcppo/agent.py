@@ -86,7 +86,7 @@ class PPOAgent:
         clip_obs: float = CLIP_OBS,
         clip_reward: float = 10.0,
         device: torch.device | str | None = None,
-        compile_scope: str = "minibatch",
+        compile_scope: str = "scan",
         backend: str = "inductor",
     ) -> None:
         check_agent_args(config, num_envs, num_steps, clip_obs, clip_reward)

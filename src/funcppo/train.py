@@ -331,7 +331,7 @@ def make_train(
     num_seeds: int | None = None,
     backend: str = "inductor",
     data_parallel: DataParallel | None = None,
-    compile_scope: str = "minibatch",
+    compile_scope: str = "scan",
     rollout_threads: int | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Tensor]]]:
     """``train(key, callback=None, hparams=None) -> (final TrainState, metrics history)``.
@@ -349,9 +349,10 @@ def make_train(
     episodes, so the processes return the same state and metrics. ``config.num_envs`` is per
     process.
 
-    ``compile_scope`` is the update's (``make_update_fn``): ``"scan"`` runs each update's
-    minibatch steps as one compiled call (1.06x on 8 CartPole seeds in one A/B, 0.97x in
-    another, benchmarks/RESULTS.md); the rollout is one compiled scan either way.
+    ``compile_scope`` is the update's (``make_update_fn``): ``"scan"`` (default) runs each
+    update's minibatch steps as one compiled scan looped in C++ (1.07-1.13x over
+    ``"minibatch"``'s Python loop on 8 CartPole seeds' training loop, benchmarks/RESULTS.md);
+    the rollout is one compiled scan either way.
 
     ``rollout_threads``: torch's intra-op threads while the rollout runs (``with_threads``);
     None leaves the caller's setting for the rollout too.

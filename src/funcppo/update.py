@@ -10,8 +10,8 @@ minibatch's sequences, one autograd graph at a time; its metrics come back as on
 into one function and compiled as one graph (torch.compile unrolls the epoch and minibatch
 loops); with ``"minibatch"`` ``prepare``, the step and ``finish`` are compiled once each and a
 Python loop drives the step, which bounds compile time; with ``"scan"`` the steps run as one
-compiled ``scan`` over the step index (the gradient is taken inside its body), one call per
-update with compile time as bounded as the step's.
+compiled ``scan`` over the step index (the gradient is taken inside its body) and looped in
+inductor's C++, one call per update with compile time as bounded as the step's (the default).
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from funcppo.accumulation import (
     split_tree,
 )
 from funcppo.advantages import gae, normalize_advantages, per_head_advantages
-from funcppo.compiling import compile_fn, fresh, scan_cacheable, unaliased
+from funcppo.compiling import compile_fn, fresh, pack_by_dtype, scan_cacheable, unaliased
 from funcppo.config import PPOConfig
 from funcppo.constants import ADV_STD_FLOOR, KL_EARLY_STOP_FACTOR
 from funcppo.distributed import (
@@ -53,9 +53,11 @@ from funcppo.flat import (
     flat_layout,
     index_tree,
     ravel,
+    ravel_leaves,
     ravel_tree,
     tree_layout,
     unravel,
+    unravel_leaves,
     unravel_tree,
 )
 from funcppo.losses import LossCoefs, LossInfo, RatioStats, masked_mean, ppo_loss, ratio_diagnostic
@@ -492,18 +494,39 @@ _SCOPES = ("minibatch", "scan", "update")
 def _scanned_steps(step: Callable, num_steps: int) -> Callable:
     """``steps(carry, prep, hparams) -> (carry, infos [num_steps, n])``: the minibatch steps as
     one ``scan`` over the step index, which inductor lowers to one loop (compile time does not
-    grow with the number of steps; dynamo's guards run once per update, not once per step)."""
+    grow with the number of steps; dynamo's guards run once per update, not once per step).
+
+    The carry's parameter and optimizer-state vectors are carried as they are; its other
+    leaves (the optimizer's count, the stop flags and counters) are packed into one vector per
+    dtype (``pack_by_dtype``), so that no two carries can be one buffer, which inductor's C++
+    loop needs (see ``compile_fn``). Packing the vectors too cost 0.91x on 8 seeds: a copy of
+    every parameter and moment per step."""
 
     def steps(carry: Carry, prep: Prepared, hp: Any) -> tuple[Carry, Tensor]:
         leaves, spec = pytree.tree_flatten(carry)
+        vectors = {tuple(v.shape) for v in carry.params.values()}
+        big = [i for i, x in enumerate(leaves) if tuple(x.shape) in vectors]
+        small = [i for i in range(len(leaves)) if i not in big]
+        packed, layout = pack_by_dtype([leaves[i] for i in small])
+
+        def merged(c: list[Tensor]) -> list[Tensor]:
+            """The carry's leaves in flatten order from the scan's carries."""
+            out: list[Any] = [None] * len(leaves)
+            rest = unravel_leaves(layout, c[len(big) :])
+            for i, x in zip(big + small, c[: len(big)] + rest, strict=True):
+                out[i] = x
+            return out
 
         def body(c: list[Tensor], k: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-            new, info = step(pytree.tree_unflatten(c, spec), prep, hp, k)
-            return fresh(pytree.tree_leaves(new)), [info.clone()]
+            new, info = step(pytree.tree_unflatten(merged(c), spec), prep, hp, k)
+            new = pytree.tree_leaves(new)
+            rest = ravel_leaves(layout, [new[i] for i in small])
+            return fresh([new[i] for i in big]) + rest, [info.clone()]
 
         ks = torch.arange(num_steps, device=carry.stopped.device)
-        out, (infos,) = scan(body, fresh(leaves), ks)
-        return pytree.tree_unflatten(out, spec), infos
+        init = fresh([leaves[i] for i in big]) + packed
+        out, (infos,) = scan(body, init, ks)
+        return pytree.tree_unflatten(fresh(merged(out)), spec), infos
 
     return steps
 
@@ -512,7 +535,7 @@ def make_update_fn(
     config: PPOConfig,
     *,
     num_seeds: int | None = None,
-    compile_scope: str = "minibatch",
+    compile_scope: str = "scan",
     backend: str = "inductor",
     data_parallel: DataParallel | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
@@ -522,12 +545,13 @@ def make_update_fn(
       config: the PPO configuration; ``config.compile`` compiles with ``fullgraph=True``.
       num_seeds: when given, ``state`` and ``batch`` carry a leading seed axis of this size and
         the update is vmapped over it: S independent agents in one program.
-      compile_scope: ``"minibatch"`` (default) compiles ``prepare``, one minibatch step and
-        ``finish`` once each and loops in Python; ``"scan"`` compiles the steps as one scan
-        (one call and one guard check per update; data parallel and eager updates loop as
-        ``"minibatch"``); ``"update"`` compiles the whole update as one graph, with the epoch
-        and minibatch loops unrolled (compile time grows with ``update_epochs *
-        num_minibatches``: see benchmarks/RESULTS.md).
+      compile_scope: ``"scan"`` (default) compiles ``prepare`` and ``finish`` once each and
+        the minibatch steps as one scan, looped in inductor's C++: one call and one guard
+        check per update (data parallel and eager updates loop as ``"minibatch"``);
+        ``"minibatch"`` compiles one minibatch step and calls it from a Python loop (1.07-1.25x
+        slower here, MLP and LSTM, 1 and 8 seeds: benchmarks/RESULTS.md); ``"update"``
+        compiles the whole update as one graph, with the epoch and minibatch loops unrolled
+        (compile time grows with ``update_epochs * num_minibatches``).
       backend: the ``torch.compile`` backend (``"aot_eager"`` traces without code generation).
       data_parallel: a ``funcppo.distributed.DataParallel``: every process calls ``update``
         with the same state and its own batch of the same shape, and each minibatch step is
@@ -600,7 +624,8 @@ def make_update_fn(
         run = wrap(drive(shuffle, prepare, step, finish))
     elif compile_scope == "scan" and config.compile and dp is None:
         steps = _scanned_steps(seeded(step, step_dims), num_steps)
-        run = drive_scan(shuffle, wrap(prepare), compile_fn(steps, "update", backend), wrap(finish))
+        steps = compile_fn(steps, "update", backend, cpp_wrapper=True)
+        run = drive_scan(shuffle, wrap(prepare), steps, wrap(finish))
     else:
         run = drive(shuffle, wrap(prepare), wrap(step, step_dims), wrap(finish))
 
