@@ -359,12 +359,15 @@ def test_bad_batch_errors_name_the_argument():
 
 
 def test_vmapped_compiled_matches_vmapped_eager():
+    # The minibatch scope's loop over a vmapped step (the scan of vmapped steps: above).
     config = small_config(update_epochs=1)
     states = init_train_state(jr.split(jr.key(5), 2), config)
     batch = synthetic_batch(config, optree.tree_map(lambda x: x[0], states.params), jr.key(6), T, B)
     batches = optree.tree_map(lambda x: torch.stack([x, x]), batch, none_is_leaf=False)
     e_state, e_metrics = make_update_fn(config, num_seeds=2)(states, batches)
-    compiled = make_update_fn(config.replace(compile=True), num_seeds=2, backend="aot_eager")
+    compiled = make_update_fn(
+        config.replace(compile=True), num_seeds=2, compile_scope="minibatch", backend="aot_eager"
+    )
     c_state, c_metrics = compiled(states, batches)
     assert max_diff(c_state.params, e_state.params) < 1e-5
     assert torch.allclose(c_metrics["loss"], e_metrics["loss"], atol=1e-5)
