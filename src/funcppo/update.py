@@ -496,11 +496,11 @@ def _scanned_steps(step: Callable, num_steps: int) -> Callable:
     one ``scan`` over the step index, which inductor lowers to one loop (compile time does not
     grow with the number of steps; dynamo's guards run once per update, not once per step).
 
-    The carry's parameter and optimizer-state vectors are carried as they are; its other
-    leaves (the optimizer's count, the stop flags and counters) are packed into one vector per
-    dtype (``pack_by_dtype``), so that no two carries can be one buffer, which inductor's C++
-    loop needs (see ``compile_fn``). Packing the vectors too cost 0.91x on 8 seeds: a copy of
-    every parameter and moment per step."""
+    The carry's parameter and moment vectors (its leaves shaped as a parameter group) are
+    carried as they are; its other leaves (the optimizer's count, the stop flag and epoch, the
+    counters) are packed into one vector per dtype (``pack_by_dtype``), so that no two carries
+    can be one buffer, which inductor's C++ loop needs (see ``compile_fn``). Packing the
+    vectors too cost 0.91x on 8 seeds: a copy of every parameter and moment per step."""
 
     def steps(carry: Carry, prep: Prepared, hp: Any) -> tuple[Carry, Tensor]:
         leaves, spec = pytree.tree_flatten(carry)
@@ -548,7 +548,7 @@ def make_update_fn(
       compile_scope: ``"scan"`` (default) compiles ``prepare`` and ``finish`` once each and
         the minibatch steps as one scan, looped in inductor's C++: one call and one guard
         check per update (data parallel and eager updates loop as ``"minibatch"``);
-        ``"minibatch"`` compiles one minibatch step and calls it from a Python loop (1.07-1.25x
+        ``"minibatch"`` compiles one minibatch step and calls it from a Python loop (1.06-1.25x
         slower here, MLP and LSTM, 1 and 8 seeds: benchmarks/RESULTS.md); ``"update"``
         compiles the whole update as one graph, with the epoch and minibatch loops unrolled
         (compile time grows with ``update_epochs * num_minibatches``).
