@@ -90,11 +90,12 @@ def compile_fn(
     ``cpp_wrapper``: inductor calls the graph's kernels from generated C++ instead of Python
     (``CPP_WRAPPER`` must be on too). The update's pieces take it: 1.11x on the MLP update,
     1.14x on the LSTM's, whose unrolled sequence makes hundreds of calls per step, for some
-    more seconds of cold compile; and the rollout's scan, 1.48x, its loop body run without
-    Python (benchmarks/RESULTS.md). A scan under it must carry ``pack_by_dtype``'s vectors:
-    torch 2.13's C++ loop moves each carried output into its slot, so two carries that
-    inductor computes as one buffer (CartPole's observation is its float32 state) leave the
-    second slot empty and the next iteration crashes.
+    more seconds of cold compile; and the scans, the rollout's (1.48x) and the update's
+    minibatch steps (1.06-1.25x), their loop bodies run without Python (benchmarks/RESULTS.md).
+    No two carries of a scan under it may be one buffer: torch 2.13's C++ loop moves each
+    carried output into its slot, so two carries that inductor computes as one buffer
+    (CartPole's observation is its float32 state) leave the second slot empty and the next
+    iteration crashes. Carries that could coincide are packed with ``pack_by_dtype``.
     """
 
     def trampoline(*args):
