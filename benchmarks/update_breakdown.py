@@ -94,8 +94,10 @@ def main() -> None:
     # Precompiled files are keyed by funcppo's settings, not inductor's global ones: the
     # profiled build must not load the plain one's file (or replace it).
     os.environ.pop(PRECOMPILE_ENV, None)
-    if args.cold:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-cold-")
+    # Removed when the script ends (or by its finaliser).
+    cold = tempfile.TemporaryDirectory(prefix="inductor-cold-") if args.cold else None
+    if cold is not None:
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cold.name
     torch.set_num_threads(args.threads)
     print(
         f"device: cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores), "
