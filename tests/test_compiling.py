@@ -1,7 +1,11 @@
 """compile_fn's guards: the arguments stay guarded, the closure and modules do not; carries
-packed by dtype, and a scan that carries them in inductor's C++ loop."""
+packed by dtype, and a scan that carries them in inductor's C++ loop; inductor's options
+(tanh in its exp form, the CPU's instruction sets trusted unless the user decides)."""
 
 import math
+import os
+import subprocess
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -122,3 +126,22 @@ def test_scan_in_cpp_carries_two_equal_outputs_once_packed():
     (want_carry,), (want_ys,) = run(a, xs)
     torch.testing.assert_close(carry, want_carry)
     torch.testing.assert_close(ys, want_ys)
+
+
+@pytest.mark.parametrize(("env", "expected"), [(None, True), ("0", None), ("1", None)])
+def test_vector_instruction_sets_trusted_unless_the_user_decides(env, expected):
+    # A fresh interpreter: the options are fixed when funcppo.compiling is imported.
+    code = (
+        "import funcppo.compiling as c, torch._inductor.config as i; "
+        "print(c.INDUCTOR_OPTIONS.get('cpp.vec_isa_ok'), i.cpp.vec_isa_ok)"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "TORCHINDUCTOR_VEC_ISA_OK"}
+    if env is not None:
+        environ["TORCHINDUCTOR_VEC_ISA_OK"] = env
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+    )
+    option, user = out.stdout.split()
+    assert option == str(expected)
+    # Where the user decided, inductor's own setting carries their value.
+    assert user == ("None" if env is None else str(env == "1"))
