@@ -19,6 +19,7 @@ from funcppo.compiling import (
     keep_input_guards,
     pack_by_dtype,
     scan_cacheable,
+    scan_carry,
 )
 from funcppo.flat import ravel_leaves, unravel_leaves
 
@@ -126,6 +127,23 @@ def test_scan_in_cpp_carries_two_equal_outputs_once_packed():
     (want_carry,), (want_ys,) = run(a, xs)
     torch.testing.assert_close(carry, want_carry)
     torch.testing.assert_close(ys, want_ys)
+
+
+def test_scan_carry_keeps_the_chosen_leaves_and_packs_the_rest():
+    leaves = [torch.randn(5), torch.tensor(3), torch.randn(5), torch.tensor(True), torch.randn(2)]
+    pack, unpack = scan_carry(leaves, keep=lambda x: x.shape == (5,))
+    carry = pack(leaves)
+    # The two kept vectors first, as clones; then one vector per dtype of the rest, in order
+    # of first appearance: int64, bool, float32.
+    assert [tuple(c.shape) for c in carry] == [(5,), (5,), (1,), (1,), (2,)]
+    assert [c.dtype for c in carry[2:]] == [torch.int64, torch.bool, torch.float32]
+    assert all(c.data_ptr() != x.data_ptr() for c, x in zip(carry[:2], leaves[::2], strict=False))
+    for got, want in zip(unpack(carry), leaves, strict=True):
+        assert got.dtype == want.dtype and torch.equal(got, want)
+    # With nothing kept, the carry is pack_by_dtype's.
+    pack_all, _ = scan_carry(leaves)
+    for got, want in zip(pack_all(leaves), pack_by_dtype(leaves)[0], strict=True):
+        assert torch.equal(got, want)
 
 
 @pytest.mark.parametrize(("env", "expected"), [(None, True), ("0", None), ("1", None)])

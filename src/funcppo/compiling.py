@@ -21,7 +21,7 @@ import torch
 import torch._inductor.config as inductor_config
 from torch import Tensor
 
-from funcppo.flat import FlatLayout, ravel_leaves
+from funcppo.flat import FlatLayout, ravel_leaves, unravel_leaves
 from funcppo.precompile import Precompiled, savable
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "keep_input_guards",
     "pack_by_dtype",
     "scan_cacheable",
+    "scan_carry",
     "unaliased",
 ]
 
@@ -101,7 +102,7 @@ def compile_fn(
     No two carries of a scan under it may be one buffer: torch 2.13's C++ loop moves each
     carried output into its slot, so two carries that inductor computes as one buffer
     (CartPole's observation is its float32 state) leave the second slot empty and the next
-    iteration crashes. Carries that could coincide are packed with ``pack_by_dtype``.
+    iteration crashes. Carries that could coincide are packed by ``scan_carry``.
     """
 
     def trampoline(*args):
@@ -179,13 +180,44 @@ def pack_by_dtype(leaves: list[Tensor]) -> tuple[list[Tensor], FlatLayout]:
     (see ``compile_fn``'s ``cpp_wrapper``). The layout is static: shapes and groups, no tensors
     (no tree either: ``treedef`` and ``index`` are None).
     """
+    layout = _dtype_layout(leaves)
+    return ravel_leaves(layout, leaves), layout
+
+
+def _dtype_layout(leaves: list[Tensor]) -> FlatLayout:
     groups: dict[torch.dtype, list[int]] = {}
     for i, x in enumerate(leaves):
         groups.setdefault(x.dtype, []).append(i)
-    layout = FlatLayout(
+    return FlatLayout(
         None,
         None,
         tuple(tuple(x.shape) for x in leaves),
         tuple((str(dtype), tuple(idx)) for dtype, idx in groups.items()),
     )
-    return ravel_leaves(layout, leaves), layout
+
+
+def scan_carry(
+    leaves: list[Tensor], keep: Callable[[Tensor], bool] | None = None
+) -> tuple[Callable[[list[Tensor]], list[Tensor]], Callable[[list[Tensor]], list[Tensor]]]:
+    """``(pack, unpack)`` between a scan's carry and leaves shaped like ``leaves``.
+
+    ``pack(leaves)`` gives the carry: the leaves where ``keep`` holds as they are (cloned, since
+    a scan body may not return its inputs), then the others packed by dtype (``pack_by_dtype``),
+    so that no two carries can be one buffer (see ``compile_fn``'s ``cpp_wrapper``).
+    ``unpack(carry)`` gives the leaves back in their order, the packed ones as views.
+    """
+    kept = [i for i, x in enumerate(leaves) if keep is not None and keep(x)]
+    rest = [i for i in range(len(leaves)) if i not in kept]
+    layout = _dtype_layout([leaves[i] for i in rest])
+
+    def pack(xs: list[Tensor]) -> list[Tensor]:
+        return fresh([xs[i] for i in kept]) + ravel_leaves(layout, [xs[i] for i in rest])
+
+    def unpack(carry: list[Tensor]) -> list[Tensor]:
+        out: list[Any] = [None] * len(leaves)
+        parts = carry[: len(kept)] + unravel_leaves(layout, carry[len(kept) :])
+        for i, x in zip(kept + rest, parts, strict=True):
+            out[i] = x
+        return out
+
+    return pack, unpack

@@ -29,8 +29,8 @@ from funcppo import random as jr
 from funcppo.compiling import (
     compile_fn,
     fresh,
-    pack_by_dtype,
     scan_cacheable,
+    scan_carry,
     unaliased,
 )
 from funcppo.config import PPOConfig, anneal_left
@@ -38,7 +38,6 @@ from funcppo.constants import CLIP_OBS
 from funcppo.distributed import DataParallel
 from funcppo.distributions import factored_logprob, factored_sample
 from funcppo.envs import Env, make_env
-from funcppo.flat import ravel_leaves, unravel_leaves
 from funcppo.networks import init_hidden, policy_apply
 from funcppo.normalize import init_running_stats, normalize_obs, update_running_stats
 from funcppo.state import Batch, Hyperparams, TrainState, init_train_state
@@ -289,7 +288,7 @@ def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[C
     ``drive(compiled, rs) -> (rs, batch)``, which calls the compiled one.
 
     The carry is the runner state without the train state (parameters are read, not carried)
-    packed into one vector per dtype (``pack_by_dtype``), the form a scan body takes and
+    packed into one vector per dtype (``scan_carry``), the form a scan body takes and
     returns, and one that inductor's C++ loop can carry. ``batch``'s tree structure comes
     from one eager step on the first call (a traced body cannot hand it out).
     """
@@ -299,20 +298,20 @@ def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[C
         train = rs.train
         params = optree.tree_map(torch.clone, train.params)
         leaves, spec = pytree.tree_flatten(rs._replace(train=()))
-        packed, layout = pack_by_dtype(leaves)
+        pack, unpack = scan_carry(leaves)
 
         def body(carry: list[Tensor], _: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-            state = pytree.tree_unflatten(unravel_leaves(layout, carry), spec)
+            state = pytree.tree_unflatten(unpack(carry), spec)
             new, transition = env_step(params, state)
-            return ravel_leaves(layout, pytree.tree_leaves(new._replace(train=()))), fresh(
+            return pack(pytree.tree_leaves(new._replace(train=()))), fresh(
                 pytree.tree_leaves(transition)
             )
 
         xs = torch.zeros(num_steps, device=rs.key.device)  # scan's length; the body ignores it
-        carry, ys = scan(body, packed, xs)
+        carry, ys = scan(body, pack(leaves), xs)
         ys = [y.movedim(0, time_axis).contiguous() for y in ys]
         # Fresh tensors, not views of the packed carry (the next call guards on strides).
-        carry = fresh(unravel_leaves(layout, carry))
+        carry = fresh(unpack(carry))
         return pytree.tree_unflatten(carry, spec)._replace(train=train), ys
 
     def rollout(compiled: Callable, rs: RunnerState) -> tuple[RunnerState, Batch]:

@@ -35,7 +35,7 @@ from funcppo.accumulation import (
     split_tree,
 )
 from funcppo.advantages import gae, normalize_advantages, per_head_advantages
-from funcppo.compiling import compile_fn, fresh, pack_by_dtype, scan_cacheable, unaliased
+from funcppo.compiling import compile_fn, fresh, scan_cacheable, scan_carry, unaliased
 from funcppo.config import PPOConfig
 from funcppo.constants import ADV_STD_FLOOR, KL_EARLY_STOP_FACTOR
 from funcppo.distributed import (
@@ -53,11 +53,9 @@ from funcppo.flat import (
     flat_layout,
     index_tree,
     ravel,
-    ravel_leaves,
     ravel_tree,
     tree_layout,
     unravel,
-    unravel_leaves,
     unravel_tree,
 )
 from funcppo.losses import LossCoefs, LossInfo, RatioStats, masked_mean, ppo_loss, ratio_diagnostic
@@ -498,35 +496,22 @@ def _scanned_steps(step: Callable, num_steps: int) -> Callable:
 
     The carry's parameter and moment vectors (its leaves shaped as a parameter group) are
     carried as they are; its other leaves (the optimizer's count, the stop flag and epoch, the
-    counters) are packed into one vector per dtype (``pack_by_dtype``), so that no two carries
+    counters) are packed into one vector per dtype (``scan_carry``), so that no two carries
     can be one buffer, which inductor's C++ loop needs (see ``compile_fn``). Packing the
     vectors too cost 0.91x on 8 seeds: a copy of every parameter and moment per step."""
 
     def steps(carry: Carry, prep: Prepared, hp: Any) -> tuple[Carry, Tensor]:
         leaves, spec = pytree.tree_flatten(carry)
         vectors = {tuple(v.shape) for v in carry.params.values()}
-        big = [i for i, x in enumerate(leaves) if tuple(x.shape) in vectors]
-        small = [i for i in range(len(leaves)) if i not in big]
-        packed, layout = pack_by_dtype([leaves[i] for i in small])
-
-        def merged(c: list[Tensor]) -> list[Tensor]:
-            """The carry's leaves in flatten order from the scan's carries."""
-            out: list[Any] = [None] * len(leaves)
-            rest = unravel_leaves(layout, c[len(big) :])
-            for i, x in zip(big + small, c[: len(big)] + rest, strict=True):
-                out[i] = x
-            return out
+        pack, unpack = scan_carry(leaves, keep=lambda x: tuple(x.shape) in vectors)
 
         def body(c: list[Tensor], k: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-            new, info = step(pytree.tree_unflatten(merged(c), spec), prep, hp, k)
-            new = pytree.tree_leaves(new)
-            rest = ravel_leaves(layout, [new[i] for i in small])
-            return fresh([new[i] for i in big]) + rest, [info.clone()]
+            new, info = step(pytree.tree_unflatten(unpack(c), spec), prep, hp, k)
+            return pack(pytree.tree_leaves(new)), [info.clone()]
 
         ks = torch.arange(num_steps, device=carry.stopped.device)
-        init = fresh([leaves[i] for i in big]) + packed
-        out, (infos,) = scan(body, init, ks)
-        return pytree.tree_unflatten(fresh(merged(out)), spec), infos
+        out, (infos,) = scan(body, pack(leaves), ks)
+        return pytree.tree_unflatten(fresh(unpack(out)), spec), infos
 
     return steps
 
