@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import statistics
 import tempfile
 import time
 
@@ -35,7 +34,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from funcppo.precompile import PRECOMPILE_ENV
 from funcppo.update import make_update_fn
-from update_step import make_config, make_inputs
+from update_step import make_config, make_inputs, time_calls
 
 MATMULS = ("aoti_torch_cpu_mm_out", "aoti_torch_cpu_addmm_out", "aoti_torch_cpu_bmm_out")
 MATMULS += ("aten::mm", "aten::addmm", "aten::bmm")
@@ -50,15 +49,6 @@ PHASES = (
     ("compile_file", "C++ compiler runs"),
     ("PyCodeCache.load_by_key_path", "loading the compiled modules"),
 )
-
-
-def timed(update, state, batch, count: int) -> list[float]:
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        update(state, batch)
-        times.append(time.perf_counter() - start)
-    return times
 
 
 def breakdown(update, state, batch, count: int) -> dict[str, float]:
@@ -104,13 +94,12 @@ def main() -> None:
         f"torch {torch.__version__}, threads {torch.get_num_threads()}, "
         f"{'lstm' if args.lstm else 'mlp'}, default compile scope"
     )
+    cpu = torch.device("cpu")
     config = make_config(args.lstm, True)
-    state, batch = make_inputs(config, None, torch.device("cpu"))
+    state, batch = make_inputs(config, None, cpu)
 
     plain = make_update_fn(config)
-    start = time.perf_counter()
-    plain(state, batch)
-    first = time.perf_counter() - start
+    first, median = time_calls(plain, (state, batch), args.updates, cpu)
     print(f"first call (compile{', empty cache' if args.cold else ''}): {first:.1f} s")
     if args.cold:
         names, seconds = compile_times(repr="csv", aggregate=True)
@@ -121,10 +110,7 @@ def main() -> None:
 
     with inductor_config.patch({"cpp.enable_kernel_profile": True}):
         profiled = make_update_fn(config)
-        profiled(state, batch)
-    for update in (plain, profiled):
-        timed(update, state, batch, 3)
-    median = statistics.median(timed(plain, state, batch, args.updates))
+        time_calls(profiled, (state, batch), 3, cpu)  # compiled, then warmed
     print(f"median update, not profiled: {median * 1e3:.1f} ms")
     for label, ms in breakdown(profiled, state, batch, args.updates).items():
         print(f"  {label:52s} {ms:7.2f} ms")
