@@ -100,6 +100,16 @@ def test_validation_errors_name_the_argument(kwargs, argument):
         ActionSpec(**{**base, **kwargs})
 
 
+def test_head_that_no_op_uses_is_refused_by_name():
+    # Such a head could never be relevant, and the mask functions have no op to read it from.
+    with pytest.raises(
+        ValueError,
+        match=r"^causal: expected every head in some op's row, got "
+        r"head 'unused' in none",
+    ):
+        ActionSpec({"op": 2, "x": 3, "unused": 4}, "op", [[], ["x"]])
+
+
 def test_lifecycle_spec_rejects_no_slots():
     with pytest.raises(ValueError, match="num_slots"):
         lifecycle_spec(0)

@@ -74,6 +74,14 @@ class ActionSpec:
             unknown = sorted(row - set(names))
             if unknown:
                 raise ValueError(f"causal: row {op} names unknown heads {unknown}")
+        # A head that no op reads could never carry credit, and the mask functions OR over the
+        # ops that use a head, which needs at least one.
+        unused = [name for name in names if not any(name in row for row in rows)]
+        if unused:
+            raise ValueError(
+                f"causal: expected every head in some op's row, got head {unused[0]!r} in none "
+                f"(rows: {[sorted(row) for row in rows]})"
+            )
         conditioned = frozenset(op_conditioned)
         if op_head in conditioned or not conditioned <= set(names):
             raise ValueError(
