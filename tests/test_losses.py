@@ -109,7 +109,8 @@ def ref_losses(b, coefs):
     ent = [hec.get(h, 1.0) * ref_mean(b["entropies"][h], b["causal"][h]) for h in heads]
     floor = 0.0
     for h, f in (coefs.entropy_floor or {}).items():
-        floor += max(0.0, f - ref_mean(b["entropies"][h], b["availability"][h]))
+        if any(b["availability"][h]):  # a head with no available step adds nothing
+            floor += max(0.0, f - ref_mean(b["entropies"][h], b["availability"][h]))
     loss = (
         policy
         + coefs.vf_coef * value
@@ -386,6 +387,27 @@ def test_irrelevant_head_gets_exactly_zero_gradient(seed, scale):
     for h, g in zip(new, grads, strict=True):
         irrelevant = ~b["causal"][h]
         assert torch.equal(g[irrelevant], torch.zeros_like(g[irrelevant])), h
+
+
+def test_entropy_floor_of_a_head_never_available_adds_nothing():
+    # No step where the head could have mattered: no entropy to push, so no penalty either.
+    b = make_batch(3, shape=(6,))
+    b["availability"] = dict(b["availability"], slot=torch.zeros(6, dtype=torch.bool))
+    no_floor, _ = ppo_loss(**b, coefs=LossCoefs(entropy_floor_coef=0.5))
+    coefs = LossCoefs(entropy_floor={"slot": 0.6}, entropy_floor_coef=0.5)
+    loss, info = ppo_loss(**b, coefs=coefs)
+    assert info.entropy_floor_penalty.item() == 0.0
+    assert loss.item() == no_floor.item()
+    # As micro-batch shares, every share is 0 too (the whole minibatch has no available step).
+    parts = split_parts(b, [2, 4])
+    totals = share_totals(b, parts, ["slot"])
+    for part in parts:
+        assert ppo_loss(**part, coefs=coefs, totals=totals)[1].entropy_floor_penalty.item() == 0
+    # A head available somewhere keeps its floor.
+    b["availability"]["slot"][0] = True
+    _, info = ppo_loss(**b, coefs=coefs)
+    expected = 0.5 * max(0.0, 0.6 - b["entropies"]["slot"][0].item())
+    assert info.entropy_floor_penalty.item() == pytest.approx(expected)
 
 
 def test_clip_fraction_uses_joint_ratio():

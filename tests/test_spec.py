@@ -15,6 +15,7 @@ from funcppo.spec import (
     ActionSpec,
     availability_masks,
     causal_masks,
+    entropy_floor_masks,
     lifecycle_spec,
     resolve_masks,
 )
@@ -165,6 +166,10 @@ def test_mask_functions_match_reference_loops(seed, batch):
         assert_dicts_equal(causal_masks(spec, ops), ref_causal(spec, ops))
         assert_dicts_equal(availability_masks(spec, op_valid), ref_availability(spec, op_valid))
         assert_dicts_equal(resolve_masks(spec, masks, ops), ref_resolve(spec, masks, ops))
+        masks[spec.op_head] = op_valid
+        resolved, available = ref_resolve(spec, masks, ops), ref_availability(spec, op_valid)
+        expected = {n: available[n] & (resolved[n].sum(-1) > 1) for n in spec.names}
+        assert_dicts_equal(entropy_floor_masks(spec, masks, ops), expected)
 
 
 def test_mask_functions_by_hand():
@@ -181,6 +186,22 @@ def test_mask_functions_by_hand():
     resolved = resolve_masks(spec, masks, torch.tensor(2))
     assert resolved["slot"].tolist() == [False, True]
     assert resolved["kind"].tolist() == [True] * 4
+
+
+def test_entropy_floor_masks_by_hand():
+    # Step 0: only WAIT valid, so slot and kind unavailable. Step 1: MOVE valid (uses slot),
+    # taken MOVE, whose slot row has two valid slots. Step 2: MOVE valid but its row has one
+    # slot, so slot's entropy is 0 by construction and the step does not count.
+    spec = small_spec()
+    op_valid = torch.tensor([[True, False, False], [True, False, True], [False, False, True]])
+    two, one = [True, True], [False, True]
+    slot = torch.tensor([[two] * 3, [two] * 3, [two, two, one]])
+    kind = torch.ones(3, 4, dtype=torch.bool)
+    masks = {"op": op_valid, "slot": slot, "kind": kind}
+    floor = entropy_floor_masks(spec, masks, torch.tensor([0, 2, 2]))
+    assert floor["op"].tolist() == [False, True, False]  # op: one valid op at steps 0 and 2
+    assert floor["slot"].tolist() == [False, True, False]
+    assert floor["kind"].tolist() == [False, False, False]  # no valid op uses kind
 
 
 def mask_functions(spec, ops, op_valid, masks):

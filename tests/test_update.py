@@ -13,7 +13,7 @@ from funcppo.config import PPOConfig
 from funcppo.distributions import factored_entropy, factored_logprob
 from funcppo.losses import LossCoefs, ppo_loss
 from funcppo.networks import policy_apply
-from funcppo.spec import ActionSpec, availability_masks, causal_masks, resolve_masks
+from funcppo.spec import ActionSpec, causal_masks, entropy_floor_masks
 from funcppo.state import init_train_state
 from funcppo.synthetic import synthetic_batch
 from funcppo.update import make_update_fn
@@ -88,9 +88,7 @@ def reference_update(config, state, batch):
     adv = normalize_advantages(adv)
     op = batch.actions["op"]
     causal = causal_masks(SPEC, op)
-    resolved = resolve_masks(SPEC, batch.masks, op)
-    avail = availability_masks(SPEC, batch.masks["op"])
-    availability = {h: avail[h] & (resolved[h].sum(-1) > 1) for h in SPEC.names}
+    availability = entropy_floor_masks(SPEC, batch.masks, op)
     out = policy_apply(config, params, batch.obs, None, batch.episode_start)
     new_lp, _ = factored_logprob(SPEC, out.logits, batch.masks, batch.actions)
     ent = factored_entropy(SPEC, out.logits, batch.masks, batch.actions)
@@ -316,6 +314,29 @@ def test_head_grad_norm_is_nan_when_head_never_relevant():
     assert math.isnan(float(metrics["grad_norm/b"]))
     assert math.isfinite(float(metrics["grad_norm/op"]))
     assert float(metrics["relevant_fraction/c"]) == 0.0
+
+
+def only_ops_0_and_1(batch):
+    """``batch`` with op 2 masked out everywhere and every taken op 0: head c is then never
+    available (only op 2 uses it)."""
+    op_mask = batch.masks["op"].clone()
+    op_mask[..., 2] = False
+    op_mask[..., 0] = True
+    actions = dict(batch.actions, op=torch.zeros_like(batch.actions["op"]))
+    return batch._replace(actions=actions, masks=dict(batch.masks, op=op_mask))
+
+
+@pytest.mark.parametrize("accum", [1, 2])
+def test_entropy_floor_of_a_head_never_available_adds_nothing(accum):
+    config = small_config(update_epochs=1, grad_accum_steps=accum)
+    state, batch = make_case(config)
+    batch = only_ops_0_and_1(batch)
+    plain_state, plain = make_update_fn(config)(state, batch)
+    floored = config.replace(entropy_floor={"c": 0.5}, entropy_floor_coef=1.0)
+    floor_state, metrics = make_update_fn(floored)(state, batch)
+    assert float(metrics["entropy_floor_penalty"]) == 0.0
+    assert float(metrics["loss"]) == pytest.approx(float(plain["loss"]), abs=1e-6)
+    assert max_diff(floor_state.params, plain_state.params) < 1e-6
 
 
 def test_recurrent_update_runs_compiled_and_matches_eager():

@@ -110,8 +110,12 @@ class PPOConfig:
     Loss: ``ent_coef`` scales the sum over heads of ``head_ent_coef[h] * entropy_h`` (missing
     heads 1.0; seed 003 3.2 notes that the sum over heads multiplies the effective coefficient).
     ``entropy_floor`` maps heads to a floor in [0, 1] on their normalised entropy, penalised with
-    ``entropy_floor_coef``. ``value_clip`` is the value-clipping range (separate from
-    ``clip_coef``; seed 004 M2). ``weight_decay`` applies to the critic only (seed 003 3.1).
+    ``entropy_floor_coef * relu(floor_h - mean_h)``, where ``mean_h`` averages head h's entropy
+    over the minibatch's steps at which some valid op uses h and h has more than one valid
+    action (``funcppo.spec.entropy_floor_masks``; with one valid action the entropy is 0 by
+    construction); a head with no such step in a minibatch adds nothing. ``value_clip`` is the
+    value-clipping range (separate from ``clip_coef``; seed 004 M2). ``weight_decay`` applies to
+    the critic only (seed 003 3.1).
     ``grad_accum_steps`` splits each minibatch into that many micro-batches (seed 003 4.1).
     """
 

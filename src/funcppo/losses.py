@@ -51,7 +51,8 @@ class LossCoefs(NamedTuple):
 
     Defaults follow CleanRL's PPO where it has one. ``clip_vloss`` is static (a Python bool).
     ``head_ent_coef`` multiplies each head's entropy (None: 1.0 for every head, missing heads 1.0).
-    ``entropy_floor`` maps heads to a floor in [0, 1] on their normalised entropy (None: off).
+    ``entropy_floor`` maps heads to a floor in [0, 1] on their normalised entropy (None: off),
+    averaged over the steps ``ppo_loss``'s ``availability`` marks.
     """
 
     clip_coef: Coef = 0.2
@@ -315,14 +316,17 @@ def _entropy_floor_penalty(
     share = next(iter(entropies.values())).numel() / totals.num_samples
     gaps = []
     for h, floor in head_floor.items():
-        part = masked_mean(entropies[h], availability[h], totals.availability_count[h])
+        count = totals.availability_count[h]
+        part = masked_mean(entropies[h], availability[h], count)
         if totals.floor_entropy is None:
-            gaps.append(torch.relu(floor - part))
+            gap = torch.relu(floor - part)
         else:
             # Linearised at the whole-minibatch mean M_h: the shares sum to relu(floor_h - M_h)
             # and their gradients to its gradient, -1[floor_h > M_h] dM_h.
             active = floor > totals.floor_entropy[h]
-            gaps.append(torch.where(active, floor * share - part, torch.zeros_like(part)))
+            gap = torch.where(active, floor * share - part, torch.zeros_like(part))
+        # Without an available step the mean is an empty 0, not an entropy below the floor.
+        gaps.append(torch.where(count > 0, gap, torch.zeros_like(gap)))
     return torch.stack(gaps).sum()
 
 
@@ -348,8 +352,11 @@ def ppo_loss(
     - entropy_bonus = ``ent_coef * mean_h(head_ent_coef_h * masked_mean(H_h, causal_h))``,
       averaged over heads, not summed (seed 003, 3.2).
     - floor_penalty = ``entropy_floor_coef * sum_h relu(floor_h - masked_mean(H_h, avail_h))``
-      over the heads of ``coefs.entropy_floor`` (0 when it is None; then ``availability`` is
-      unused).
+      over the heads of ``coefs.entropy_floor`` whose ``availability`` has at least one step (a
+      head with none adds 0); 0 when ``coefs.entropy_floor`` is None, and then
+      ``availability`` is unused. ``make_update_fn`` passes
+      ``funcppo.spec.entropy_floor_masks``: the steps where some valid op uses the head and
+      the head has more than one valid action.
 
     Shapes: every per-head tensor and ``values``, ``old_values``, ``returns`` share ``[...]``;
     ``advantages`` are per head (0 where irrelevant, the op head carries the full advantage);

@@ -18,6 +18,7 @@ __all__ = [
     "ActionSpec",
     "availability_masks",
     "causal_masks",
+    "entropy_floor_masks",
     "lifecycle_spec",
     "resolve_masks",
 ]
@@ -149,9 +150,28 @@ def causal_masks(spec: ActionSpec, op_actions: Tensor) -> dict[str, Tensor]:
 def availability_masks(spec: ActionSpec, op_valid: Tensor) -> dict[str, Tensor]:
     """Which heads could have mattered: bool ``[...]`` per head, for ``op_valid`` ``[..., n_ops]``.
 
-    A head is available where some valid op uses it; the entropy floor applies only there.
+    A head is available where some valid op uses it. The entropy floor averages over the
+    available steps where the head also has more than one valid action
+    (:func:`entropy_floor_masks`).
     """
     return _uses(spec, op_valid.bool())
+
+
+def entropy_floor_masks(
+    spec: ActionSpec, masks: Mapping[str, Tensor], op_actions: Tensor
+) -> dict[str, Tensor]:
+    """Where the entropy floor averages each head's entropy: bool ``[...]`` per head.
+
+    A step counts for head h where h is available (:func:`availability_masks` of the op head's
+    mask: some valid op uses h) and h has more than one valid action in its mask, for an
+    op-conditioned head in the row of the taken op ``op_actions`` ``[...]`` (the row its
+    entropy is measured on). With one valid action the normalised entropy is 0 by construction
+    and no gradient can raise it; counting such steps would only lower the mean and push the
+    other steps harder.
+    """
+    available = availability_masks(spec, masks[spec.op_head])
+    resolved = resolve_masks(spec, masks, op_actions)
+    return {name: available[name] & (resolved[name].sum(-1) > 1) for name in spec.names}
 
 
 def resolve_masks(

@@ -61,7 +61,7 @@ from funcppo.flat import (
 from funcppo.losses import LossCoefs, LossInfo, RatioStats, masked_mean, ppo_loss, ratio_diagnostic
 from funcppo.networks import policy_apply, policy_init
 from funcppo.optim import apply_updates, global_norm, is_critic_path
-from funcppo.spec import availability_masks, causal_masks, resolve_masks
+from funcppo.spec import causal_masks, entropy_floor_masks
 from funcppo.state import Batch, TrainState, make_hyperparams, make_optimizer
 from funcppo.validation import check_batch
 
@@ -213,9 +213,6 @@ def _make_prepare(
             adv = normalize_advantages(adv, finite)
         op = batch.actions[spec.op_head]
         causal = causal_masks(spec, op)
-        resolved = resolve_masks(spec, batch.masks, op)
-        available = availability_masks(spec, batch.masks[spec.op_head])
-        availability = {h: available[h] & (resolved[h].sum(-1) > 1) for h in spec.names}
         per_step = {
             "obs": batch.obs,
             "actions": batch.actions,
@@ -225,7 +222,7 @@ def _make_prepare(
             "returns": returns,
             "advantages": per_head_advantages(adv, causal),
             "causal": causal,
-            "availability": availability,
+            "availability": entropy_floor_masks(spec, batch.masks, op),
             "finite": finite,
             "episode_start": batch.episode_start,
         }
