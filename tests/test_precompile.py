@@ -1,6 +1,9 @@
 """Precompiled functions: the key's fingerprint, and files written, read back and replaced."""
 
 import dataclasses
+import os
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -8,6 +11,7 @@ import pytest
 import torch
 
 from funcppo import precompile
+from funcppo.atomic import temporary_name
 from funcppo.compiling import compile_fn
 from funcppo.config import TENSOR_HYPERPARAMS
 from funcppo.precompile import PRECOMPILE_ENV, fingerprint
@@ -106,6 +110,43 @@ def test_unreadable_file_is_replaced(precompile_dir):
     path.write_bytes(b"not a compiled function")
     torch.testing.assert_close(compile_fn(fn, "tiny")(x), fn(x))
     assert path.stat().st_size > 100
+
+
+def test_written_file_follows_the_umask_and_clears_dead_writers_temporaries(precompile_dir):
+    fn = make_fn(settings(rate=2.5))
+    x = torch.arange(6.0)
+    before = os.umask(0o027)
+    try:
+        compile_fn(fn, "tiny")(x)
+        (path,) = precompile_dir.iterdir()
+        assert path.stat().st_mode & 0o777 == 0o640  # as torch.save's files, not mkstemp's 0600
+        dead = subprocess.Popen([sys.executable, "-c", "pass"])
+        dead.wait()
+        stale = precompile_dir / temporary_name(path, dead.pid)
+        stale.write_bytes(b"the part a killed writer wrote")
+        path.unlink()
+        torch.testing.assert_close(compile_fn(fn, "tiny")(x), fn(x))
+    finally:
+        os.umask(before)
+    assert [p.name for p in precompile_dir.iterdir()] == [path.name]
+
+
+class Killed(BaseException):
+    """A kill that Python sees (KeyboardInterrupt, SystemExit): no ``except Exception`` stops it."""
+
+
+def test_an_interrupted_write_leaves_no_temporary(precompile_dir, monkeypatch):
+    fsync = os.fsync
+
+    def killed_at_fsync(fd):
+        if os.readlink(f"/proc/self/fd/{fd}").startswith(f"{precompile_dir}{os.sep}"):
+            raise Killed  # written in full, not yet renamed
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", killed_at_fsync)
+    with pytest.raises(Killed):
+        compile_fn(make_fn(settings(rate=0.75)), "tiny")(torch.arange(4.0))
+    assert list(precompile_dir.iterdir()) == []
 
 
 def test_unknown_closure_is_compiled_as_usual(precompile_dir):

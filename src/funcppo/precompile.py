@@ -35,6 +35,8 @@ import optree
 import torch
 import torch.utils._pytree as pytree
 
+from funcppo.atomic import write_atomic
+
 __all__ = [
     "PRECOMPILE_ENV",
     "Precompiled",
@@ -300,7 +302,11 @@ class Precompiled:
         try:
             entry = self._make_savable().aot_compile((args, {}))
             directory.mkdir(parents=True, exist_ok=True)
-            entry.save_compiled_function(str(path))  # written to a temporary file, then renamed
+            # The bytes save_compiled_function would write, written by write_atomic: torch's
+            # own writer gives the file mode 0600 and leaves its temporary file behind when
+            # interrupted.
+            data = type(entry).serialize(entry).serialized_data
+            write_atomic(path, lambda file: file.write(data))
         except Exception as error:
             warnings.warn(
                 f"funcppo: {self._name} compiled as usual, not precompiled ({error!r:.200})",
