@@ -10,11 +10,12 @@ import torch
 from funcppo import random as jr
 from funcppo.advantages import gae, normalize_advantages, per_head_advantages
 from funcppo.config import PPOConfig
+from funcppo.constants import KL_EARLY_STOP_FACTOR
 from funcppo.distributions import factored_entropy, factored_logprob
 from funcppo.losses import LossCoefs, ppo_loss
 from funcppo.networks import policy_apply
 from funcppo.spec import ActionSpec, causal_masks, entropy_floor_masks
-from funcppo.state import init_train_state
+from funcppo.state import init_train_state, make_hyperparams
 from funcppo.synthetic import synthetic_batch
 from funcppo.update import make_update_fn
 
@@ -274,6 +275,50 @@ def test_kl_early_stopping_is_per_seed_and_before_the_step():
     assert metrics["stop_epoch"].tolist() == [0.0, 2.0]
     assert metrics["early_stopped"].tolist() == [1.0, 0.0]
     assert v_state.opt_state[1].count.tolist() == [1, 4]
+    assert v_state.step.tolist() == [1, 1]
+    # Seed 0's metrics are those of its one applied, on-policy step: ratio 1, KL 0; the
+    # evaluated-but-refused second step is left out.
+    assert float(metrics["approx_kl"][0]) < 1e-10
+    assert float(metrics["clip_fraction"][0]) == 0.0
+    assert metrics["ratio_max"][0].item() == pytest.approx(1.0, abs=1e-5)
+    single = make_update_fn(config)
+    for i in range(2):
+        s_state, s_metrics = single(optree.tree_map(lambda x, i=i: x[i], states), batch)
+        assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state), s_state) < 1e-5
+        for name, value in s_metrics.items():
+            assert torch.allclose(metrics[name][i], value, atol=1e-5, equal_nan=True), name
+
+
+def test_vmapped_seed_without_an_applied_step_keeps_its_step_and_reports_nan():
+    # Seed 0's data is non-finite (every step skipped), seed 1's target stops it after one
+    # applied step, seed 2 runs every step: vmapped, eager and compiled, as one at a time.
+    config = small_config(target_kl=1.0, learning_rate=0.05, update_epochs=1)
+    keys = torch.stack([jr.key(1)] * 3)
+    states = init_train_state(keys, config, target_kl=torch.tensor([1e9, 1e-9, 1e9]))
+    state0 = optree.tree_map(lambda x: x[0], states)
+    batch = synthetic_batch(config, state0.params, jr.key(2), T, B)
+    bad = batch._replace(obs=torch.full_like(batch.obs, math.nan))
+    batches = [bad, batch, batch]
+    stacked = optree.tree_map(lambda *xs: torch.stack(xs), *batches, none_is_leaf=False)
+    v_state, v_metrics = make_update_fn(config, num_seeds=3)(states, stacked)
+    assert v_state.step.tolist() == [0, 1, 1]
+    assert v_metrics["updates_applied"].tolist() == [0.0, 1.0, 2.0]
+    assert math.isnan(float(v_metrics["approx_kl"][0])) and float(v_metrics["approx_kl"][1]) < 1e-10
+    single = make_update_fn(config)
+    for i in range(3):
+        s_state, s_metrics = single(optree.tree_map(lambda x, i=i: x[i], states), batches[i])
+        assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state), s_state) < 1e-5
+        for name, value in s_metrics.items():
+            assert torch.allclose(v_metrics[name][i], value, atol=1e-5, equal_nan=True), name
+    torch._dynamo.reset()
+    compiled = make_update_fn(
+        config.replace(compile=True), num_seeds=3, compile_scope="scan", backend="aot_eager"
+    )
+    c_state, c_metrics = compiled(states, stacked)
+    assert c_state.step.tolist() == [0, 1, 1]
+    assert max_diff(c_state.params, v_state.params) < 1e-5
+    for name, value in v_metrics.items():
+        assert torch.allclose(c_metrics[name], value, atol=1e-5, equal_nan=True), name
 
 
 def test_finiteness_gate_leaves_params_untouched():
@@ -285,6 +330,56 @@ def test_finiteness_gate_leaves_params_untouched():
     assert max_diff(new_state.opt_state, state.opt_state) == 0.0
     assert float(metrics["nonfinite_skips"]) == 4.0
     assert float(metrics["updates_applied"]) == 0.0
+    # Nothing was applied, so it is no train step (annealing and checkpoints count them).
+    assert int(new_state.step) == 0
+    # A seed with no applied step reports NaN for every per-step metric, -1 for the worst head.
+    for name in ("loss", "approx_kl", "clip_fraction", "ratio_max", "ratio_min", "entropy"):
+        assert math.isnan(float(metrics[name])), name
+    assert float(metrics["ratio_worst_head"]) == -1.0
+
+
+def capture_steps(monkeypatch):
+    """Record every update's per-step metric rows ``[steps, columns]`` and their columns."""
+    import funcppo.update as update_module
+
+    real, seen = update_module._finish, []
+
+    def spy(config, layouts, step, key, carry, stats, infos):
+        seen.append((layouts.columns, torch.stack(infos)))
+        return real(config, layouts, step, key, carry, stats, infos)
+
+    monkeypatch.setattr(update_module, "_finish", spy)
+    return seen
+
+
+def test_metrics_after_a_kl_stop_average_the_applied_steps_only(monkeypatch):
+    config = small_config(learning_rate=0.05)
+    state, batch = make_case(config)
+    seen = capture_steps(monkeypatch)
+    _, free = make_update_fn(config)(state, batch)
+    columns, rows = seen[-1]
+    kl = rows[:, columns["info"].approx_kl]
+    assert float(free["updates_applied"]) == 4.0
+    # A target between the first two steps' KL and the third's: the third step stops the
+    # update, so two steps are applied, the same two as without a target.
+    assert float(kl[2]) > float(kl[:2].max())
+    target = (float(kl[:2].max()) + float(kl[2])) / 2 / KL_EARLY_STOP_FACTOR
+    stopping = config.replace(target_kl=target)
+    state = state._replace(hparams=make_hyperparams(stopping))
+    stopped_state, stopped = make_update_fn(stopping)(state, batch)
+    assert float(stopped["updates_applied"]) == 2.0 and float(stopped["early_stopped"]) == 1.0
+    assert int(stopped_state.step) == 1  # a stop after applied steps is a train step
+    info = columns["info"]
+    for name, column in (
+        ("approx_kl", info.approx_kl),
+        ("loss", columns["loss"]),
+        ("clip_fraction", info.clip_fraction),
+        ("grad_norm", columns["grad_norm"]),
+        ("kl/a", info.head_kl["a"]),
+    ):
+        expected = rows[:2, column].mean()
+        assert torch.allclose(stopped[name], expected, atol=1e-7, rtol=1e-6), name
+    assert float(stopped["ratio_max"]) == pytest.approx(float(rows[:2, info.ratio.max].max()))
 
 
 def test_finiteness_gate_skips_only_affected_minibatches():

@@ -103,7 +103,7 @@ def _make_layouts(config: PPOConfig) -> Layouts:
     heads = dict.fromkeys(config.spec.names, 0)
     info = LossInfo(**{f: dict(heads) if f.startswith("head_") else 0 for f in LossInfo._fields})
     info = info._replace(ratio=RatioStats(*[0] * len(RatioStats._fields)))
-    step_info = {"loss": 0, "info": info, "grad_norm": 0, "head_grad_norm": heads, "finite": 0}
+    step_info = {"loss": 0, "info": info, "grad_norm": 0, "head_grad_norm": heads, "applied": 0}
     treedef = optree.tree_structure(step_info)
     return Layouts(layout, opt_layout, treedef, index_tree(treedef))
 
@@ -378,7 +378,7 @@ def _make_minibatch_step(config: PPOConfig, layouts: Layouts, dp: DataParallel |
             "info": info,
             "grad_norm": grad_norm,
             "head_grad_norm": head_grad_norm,
-            "finite": finite,
+            "applied": apply,
         }
         return carry, pack(step_info)
 
@@ -406,6 +406,11 @@ def _finish(
 ) -> tuple[dict[str, Any], Any, Tensor, Tensor, dict[str, Tensor]]:
     """``(params, opt_state, step, key, metrics)`` after the minibatch steps.
 
+    The per-step metrics summarise the applied steps only: a step refused by the KL early stop
+    or skipped as non-finite changed nothing, so it is not reported. Without an applied step
+    they are NaN (``ratio_worst_head`` -1) and ``step`` stays where it was: an update that
+    changed nothing is not a train step.
+
     It takes only what it reads: compiled, dynamo interprets vmap's walk over every leaf of
     the arguments and results in Python, which made this piece the slowest to trace.
     """
@@ -413,14 +418,14 @@ def _finish(
     rows = torch.stack(infos)
     cols = layouts.columns
     info = cols["info"]
-    finite = (rows[:, cols["finite"]] != 0).unsqueeze(-1)
-    # Means over the applied-or-attempted finite steps and finite entries; NaN where none.
-    ok = finite & torch.isfinite(rows)
+    applied = (rows[:, cols["applied"]] != 0).unsqueeze(-1)
+    # Means over the applied steps' finite entries; NaN where none.
+    ok = applied & torch.isfinite(rows)
     count = ok.sum(0)
     mean = torch.where(ok, rows, 0.0).sum(0) / count.clamp(min=1)
     mean = torch.where(count > 0, mean, torch.nan)
-    top = torch.where(finite, rows, -torch.inf).amax(0)
-    bottom = torch.where(finite, rows, torch.inf).amin(0)
+    top = torch.where(applied, rows, -torch.inf).amax(0)
+    bottom = torch.where(applied, rows, torch.inf).amin(0)
     named = {
         "loss": cols["loss"],
         "grad_norm": cols["grad_norm"],
@@ -441,8 +446,10 @@ def _finish(
     ):
         named.update({f"{name}/{h}": i for h, i in heads.items()})
     metrics = {k: mean[i] for k, i in named.items()}
-    metrics["ratio_max"] = top[info.ratio.max]
-    metrics["ratio_min"] = bottom[info.ratio.min]
+    # NaN, never an infinite extreme, where no step was applied.
+    ratio_max, ratio_min = top[info.ratio.max], bottom[info.ratio.min]
+    metrics["ratio_max"] = torch.where(ratio_max.isfinite(), ratio_max, torch.nan)
+    metrics["ratio_min"] = torch.where(ratio_min.isfinite(), ratio_min, torch.nan)
     head_max = {h: top[i] for h, i in info.head_ratio_max.items()}
     head_min = {h: bottom[i] for h, i in info.head_ratio_min.items()}
     for h in config.spec.names:
@@ -465,7 +472,8 @@ def _finish(
     fresh = lambda tree: optree.tree_map(torch.clone, tree)  # noqa: E731
     params = fresh(unravel(layouts.params, carry.params))
     opt_state = fresh(unravel_tree(layouts.opt_state, carry.opt_state))
-    return params, opt_state, step + 1, jr.fold_in(key, 1), metrics
+    counted = step + (carry.applied > 0).to(step.dtype)
+    return params, opt_state, counted, jr.fold_in(key, 1), metrics
 
 
 def _initial_carry(config: PPOConfig, state: TrainState, flat: tuple) -> Carry:
@@ -541,6 +549,14 @@ def make_update_fn(
         gradients and metrics per step). Advantages are normalised, and explained variance and
         mask statistics computed, over all processes' steps, so the update equals that of one
         process given every batch (the result every process returns).
+
+    ``state.step`` advances by one when the update applied at least one minibatch step: an
+    update whose every step was skipped as non-finite leaves it unchanged, as it leaves the
+    parameters and optimizer state (a KL early stop after an applied step counts). The
+    per-step metrics (loss, KL, clip fractions, ratios, entropies, gradient norms) average or
+    bound the applied steps only, never one refused by the KL stop; without an applied step
+    they are NaN and ``ratio_worst_head`` (an index in head order) is -1. ``updates_applied``,
+    ``nonfinite_skips``, ``early_stopped`` and ``stop_epoch`` count what happened.
 
     The returned function validates shapes, dtypes and devices on the host before running.
     """
