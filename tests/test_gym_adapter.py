@@ -184,6 +184,51 @@ def test_empty_mask_row_and_bad_actions_are_errors():
         env.step(good | {"a0": torch.tensor([0.0, 1.0])})
 
 
+class OneTooMany(gym.ObservationWrapper):
+    """Appends a 0 to every observation and keeps the wrapped env's observation space: a lie."""
+
+    def observation(self, obs):
+        return np.append(obs, np.float32(0))
+
+
+class OneTooManyVec(gym.vector.VectorObservationWrapper):
+    def observations(self, obs):
+        return np.concatenate([obs, np.zeros((len(obs), 1), obs.dtype)], axis=1)
+
+
+class LongLastObs(Clock):
+    """A Clock whose episode-ending observation has one entry too many."""
+
+    def step(self, action):
+        obs, *rest = super().step(action)
+        return (np.append(obs, np.float32(0)) if rest[1] or rest[2] else obs), *rest
+
+
+def test_a_wrong_observation_size_names_the_env_and_the_shapes():
+    single = GymAdapter(OneTooMany(gym.make("CartPole-v1")))
+    with pytest.raises(
+        ValueError, match=r"observation from env CartPole-v1: expected shape \(4,\), got \(5,\)"
+    ):
+        single.reset()
+    vec = GymAdapter(OneTooManyVec(gym.make_vec("CartPole-v1", 2, vectorization_mode="sync")))
+    with pytest.raises(
+        ValueError,
+        match=r"observation from env CartPole-v1: expected shape \(4,\) per env \(batch "
+        r"\(2, 4\)\), got \(2, 5\)",
+    ):
+        vec.reset()
+    same = GymAdapter(gym.vector.SyncVectorEnv([LongLastObs] * 2, autoreset_mode=SAME))
+    same.reset()
+    actions = {"action": torch.zeros(2, dtype=torch.int64)}
+    same.step(actions)
+    same.step(actions)
+    with pytest.raises(
+        ValueError,
+        match=r"info\['final_obs'\]\[0\] from env LongLastObs: expected shape \(2,\), got \(3,\)",
+    ):
+        same.step(actions)
+
+
 def mean_return(history, last=4):
     returns = [m["episode_return"] for m in history[-last:] if not math.isnan(m["episode_return"])]
     return sum(returns) / len(returns)

@@ -2,7 +2,8 @@
 
 Action spaces: ``Discrete(n)`` becomes one head ``"action"``; ``MultiDiscrete(nvec)`` becomes
 heads ``"a0", "a1", ...``, with ``a0`` the op head and every head causally relevant to every
-op (nothing in the space says otherwise). Observations: any ``Box``, flattened to float32.
+op (nothing in the space says otherwise). Observations: any ``Box``, flattened to float32;
+one whose size is not the space's is a ValueError naming the env and both shapes.
 
 Masks follow sb3-contrib's MaskablePPO, so environments written for it work unchanged: from
 ``info["action_mask"]`` when the env reports one, else from an ``action_masks()`` method, else
@@ -69,6 +70,15 @@ def gym_action_spec(space: Any) -> ActionSpec:
     return _action_layout(space)[0]
 
 
+def _env_name(env: Any) -> str:
+    """The registered id of ``env``, else the class of the (first) env inside it."""
+    spec = getattr(env, "spec", None)
+    if getattr(spec, "id", None):
+        return spec.id
+    inner = env.envs[0] if hasattr(env, "envs") else env
+    return type(getattr(inner, "unwrapped", inner)).__name__
+
+
 class GymAdapter:
     """A gymnasium env as ``num_envs`` rows of tensors: ``obs``, ``masks``, ``step``.
 
@@ -102,8 +112,10 @@ class GymAdapter:
                 f"observation_space: expected a Box, got {obs_space!r}; wrap the env in "
                 "gymnasium.wrappers.FlattenObservation"
             )
-        self.obs_dim = int(np.prod(obs_space.shape))
+        self.obs_shape = tuple(int(n) for n in obs_space.shape)
+        self.obs_dim = int(np.prod(self.obs_shape))
         self.spec, self._nvec, self._start = _action_layout(act_space)
+        self._name = _env_name(env)
         self._mask_source: str | None = None
         self._pending_reset = np.zeros(self.num_envs, dtype=bool)
         self._obs: Tensor | None = None
@@ -112,9 +124,26 @@ class GymAdapter:
     def _next_step_mode(self) -> bool:
         return self.is_vector and self.autoreset_mode.name == "NEXT_STEP"
 
+    def _obs_rows(self, obs: Any, what: str = "observation", one: bool = False) -> np.ndarray:
+        """``obs`` as a new float32 ``[num_envs, obs_dim]`` array (``one``: one env's, as
+        ``[1, obs_dim]``); a wrong size is a ValueError naming ``what``, the env and shapes."""
+        rows = 1 if one else self.num_envs
+        try:
+            array = np.array(obs, dtype=np.float32)
+        except (TypeError, ValueError):
+            array = None
+        if array is None or array.size != rows * self.obs_dim:
+            got = type(obs).__name__ if array is None else array.shape
+            batch = ""
+            if self.is_vector and not one:
+                batch = f" per env (batch {(rows, *self.obs_shape)})"
+            raise ValueError(
+                f"{what} from env {self._name}: expected shape {self.obs_shape}{batch}, got {got}"
+            )
+        return array.reshape(rows, self.obs_dim)
+
     def _obs_tensor(self, obs: Any) -> Tensor:
-        array = np.asarray(obs, dtype=np.float32).reshape(self.num_envs, self.obs_dim)
-        return torch.from_numpy(array.copy()).to(self.device)
+        return torch.from_numpy(self._obs_rows(obs)).to(self.device)
 
     def _raw_masks(self, info: dict) -> Any:
         """Per-row masks as the env gives them, or None when it gives none."""
@@ -218,7 +247,7 @@ class GymAdapter:
         truncated = np.asarray(truncated, dtype=bool).reshape(self.num_envs)
         reward = np.asarray(reward, dtype=np.float32).reshape(self.num_envs)
         done = terminated | truncated
-        final = np.asarray(obs, dtype=np.float32).reshape(self.num_envs, self.obs_dim).copy()
+        final = self._obs_rows(obs)
         valid = np.ones(self.num_envs, dtype=bool)
         if not self.is_vector:
             start = done.copy()
@@ -235,7 +264,7 @@ class GymAdapter:
             for i in np.flatnonzero(done):
                 if not has_final[i]:
                     raise ValueError(f"info['final_obs']: missing for env {i}, which is done")
-                final[i] = np.asarray(info["final_obs"][i], dtype=np.float32).reshape(-1)
+                final[i] = self._obs_rows(info["final_obs"][i], f"info['final_obs'][{i}]", True)[0]
         self._obs = self._obs_tensor(obs)
         self._masks = self._mask_tensors(info, self._pending_reset)
         d = self.device
