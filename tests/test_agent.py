@@ -471,10 +471,12 @@ def test_predict_bad_input_names_the_argument():
     lstm = PPOAgent(PPOConfig(obs_dim=4, spec=SLOTS, recurrent=True, lstm_size=8, **SMALL), 2, 16)
     obs = torch.zeros(3, 4)
     cases = [
-        (mlp, (torch.zeros(3, 5),), {}, r"obs: expected float \(B, 4\), got torch.float32 \(3, 5"),
-        (mlp, (torch.zeros(4),), {}, r"obs: expected float \(B, 4\), got torch.float32 \(4,\)"),
+        (mlp, (torch.zeros(3, 5),), {},
+         r"obs: expected float \(4,\) or \(B, 4\), got torch.float32 \(3, 5"),
+        (mlp, (torch.zeros(5),), {},
+         r"obs: expected float \(4,\) or \(B, 4\), got torch.float32 \(5,\)"),
         (mlp, (torch.zeros(3, 4, dtype=torch.int64),), {}, r"obs: .* got torch.int64 \(3, 4\)"),
-        (mlp, ("x",), {}, r"obs: expected float \(B, 4\), got str"),
+        (mlp, ("x",), {}, r"obs: expected float \(4,\) or \(B, 4\), got str"),
         (mlp, (obs, [1]), {}, r"masks: expected a dict over heads, got list"),
         (mlp, (obs, {"op": torch.ones(3, 3, dtype=bool)}), {}, r"masks: expected heads"),
         (mlp, (obs, masks_for([[T, T, T]] * 2, [[[T] * 4] * 3] * 2)), {},
@@ -494,6 +496,52 @@ def test_predict_bad_input_names_the_argument():
     # A numpy batch works as a tensor does.
     actions, hidden = lstm.predict(np.zeros((3, 4), dtype=np.float32), deterministic=True)
     assert actions["op"].shape == (3,) and hidden.h.shape == (3, 8)
+
+
+@pytest.mark.parametrize("recurrent", [False, True])
+def test_predict_takes_one_unbatched_observation(recurrent):
+    # One observation [obs_dim] is a batch of one whose batch axis every input and output
+    # leaves out: masks per head [size] ([n_ops, size] op-conditioned), hidden [lstm_size],
+    # episode_start a bool, actions 0-d.
+    config = PPOConfig(obs_dim=4, spec=SLOTS, recurrent=recurrent, lstm_size=8, **SMALL)
+    one_agent, batch_agent = PPOAgent(config, 2, 16, seed=4), PPOAgent(config, 2, 16, seed=4)
+    obs = torch.randn(4, generator=torch.Generator().manual_seed(0))
+    masks = {name: m[1] for name, m in HAND_MASKS.items()}
+    hidden = LSTMState(torch.ones(8), -torch.ones(8)) if recurrent else None
+    batched_hidden = None if hidden is None else LSTMState(*(x[None] for x in hidden))
+    for deterministic in (True, False, False):
+        got, got_hidden = one_agent.predict(obs, masks, hidden, deterministic, episode_start=False)
+        want, want_hidden = batch_agent.predict(
+            obs[None], {name: m[None] for name, m in masks.items()}, batched_hidden,
+            deterministic, episode_start=torch.tensor([False]),
+        )  # fmt: skip
+        for name in SLOTS.names:
+            assert got[name].shape == () and got[name].dtype == torch.int64
+            assert torch.equal(got[name], want[name][0])
+        assert bool(masks["op"][got["op"]]) and bool(masks["slot"][got["op"], got["slot"]])
+        if recurrent:
+            assert_trees_equal(got_hidden, LSTMState(*(x[0] for x in want_hidden)))
+        else:
+            assert got_hidden is None
+    # A gymnasium observation as it comes (float32 numpy [obs_dim]), every action valid.
+    actions, _ = one_agent.predict(np.zeros(4, dtype=np.float32))
+    assert actions["op"].shape == () and actions["slot"].shape == ()
+    cases = [
+        ((obs, HAND_MASKS),
+         r"masks\['op'\]: expected shape \(3,\) for one observation \(obs \(4,\)\), got \(3, 3\)"),
+        ((obs, dict(masks, slot=masks["slot"][0])),
+         r"masks\['slot'\]: expected shape \(3, 4\) for one observation .* got \(4,\)"),
+    ]  # fmt: skip
+    if recurrent:
+        cases.append(((obs, None, batched_hidden),
+                      r"hidden: expected float \(8,\), got torch.float32 \(1, 8\)"))  # fmt: skip
+    for args, message in cases:
+        with pytest.raises(ValueError, match=message):
+            one_agent.predict(*args)
+    with pytest.raises(
+        ValueError, match=r"episode_start: expected bool \(\), got torch.bool \(1,\)"
+    ):
+        one_agent.predict(obs, episode_start=torch.tensor([True]))
 
 
 @settings(max_examples=30, deadline=None)

@@ -14,7 +14,7 @@ import torch
 
 from funcppo.agent import PPOAgent
 from funcppo.config import PPOConfig
-from funcppo.gym_adapter import GymAdapter, gym_action_spec
+from funcppo.gym_adapter import GymAdapter, env_action, gym_action_spec
 from funcppo.networks import policy_apply
 
 NEXT, SAME = gym.vector.AutoresetMode.NEXT_STEP, gym.vector.AutoresetMode.SAME_STEP
@@ -227,6 +227,86 @@ def test_a_wrong_observation_size_names_the_env_and_the_shapes():
         match=r"info\['final_obs'\]\[0\] from env LongLastObs: expected shape \(2,\), got \(3,\)",
     ):
         same.step(actions)
+
+
+class Recorder(gym.Env):
+    """Keeps every action it is given; obs are zeros, episodes never end."""
+
+    def __init__(self, action_space):
+        self.observation_space = gym.spaces.Box(-1, 1, (4,), np.float32)
+        self.action_space, self.taken = action_space, []
+
+    def reset(self, *, seed=None, options=None):
+        super().reset(seed=seed)
+        return np.zeros(4, np.float32), {}
+
+    def step(self, action):
+        assert self.action_space.contains(action), action
+        self.taken.append(np.asarray(action).tolist())
+        return np.zeros(4, np.float32), 0.0, False, False, {}
+
+
+MULTI = gym.spaces.MultiDiscrete([3, 4], start=[1, -2])
+DISCRETE = gym.spaces.Discrete(3, start=5)
+
+
+def test_env_action_adds_the_start_offsets_batched_and_unbatched():
+    out = env_action(MULTI, {"a0": torch.tensor([0, 2]), "a1": torch.tensor([3, 0])})
+    assert out.dtype == np.int64 and out.tolist() == [[1, 1], [3, -2]]
+    one = env_action(MULTI, {"a0": torch.tensor(2), "a1": torch.tensor(0)})
+    assert one.shape == (2,) and one.tolist() == [3, -2] and MULTI.contains(one)
+    assert env_action(DISCRETE, {"action": torch.tensor([0, 2])}).tolist() == [5, 7]
+    one = env_action(DISCRETE, {"action": torch.tensor(2)})
+    assert one == 7 and np.ndim(one) == 0 and DISCRETE.contains(one)
+    # Arrays and ints are taken as tensors are.
+    assert env_action(gym.spaces.Discrete(2), {"action": np.array([1, 0])}).tolist() == [1, 0]
+    assert env_action(gym.spaces.Discrete(2), {"action": 1}) == 1
+    cases = [
+        ({"a0": torch.tensor([0, 3]), "a1": torch.tensor([0, 0])},
+         r"actions\['a0'\]: expected values in \[0, 3\), got 3 at index \(1,\)"),
+        ({"a0": torch.tensor([0, 1])}, r"actions: expected a dict with heads \['a0', 'a1'\]"),
+        ({"a0": torch.tensor([0.0]), "a1": torch.tensor([0])},
+         r"actions\['a0'\]: expected integers, got torch.float32 \(1,\)"),
+        ({"a0": torch.tensor([0, 1]), "a1": torch.tensor(0)},
+         r"actions\['a1'\]: expected shape \(2,\) \(that of actions\['a0'\]\), got \(\)"),
+        ({"a0": torch.zeros(2, 2, dtype=torch.int64), "a1": torch.zeros(2, 2, dtype=torch.int64)},
+         r"actions\['a0'\]: expected shape \(\) or \(B,\), got \(2, 2\)"),
+    ]  # fmt: skip
+    for actions, message in cases:
+        with pytest.raises(ValueError, match=message):
+            env_action(MULTI, actions)
+
+
+@pytest.mark.parametrize("space", [MULTI, DISCRETE])
+def test_the_adapter_and_predict_give_the_env_its_own_action_values(space):
+    # The adapter's actions and env_action of predict's one-observation actions reach the
+    # env as the same values, start offsets added.
+    single = Recorder(space)
+    adapter = GymAdapter(single, seed=0)
+    vec = GymAdapter(gym.vector.SyncVectorEnv([lambda: Recorder(space)] * 2), seed=0)
+    agent = PPOAgent(PPOConfig(obs_dim=4, spec=adapter.spec, **SMALL), 1, 8)
+    names = adapter.spec.names
+    top = {name: torch.tensor([size - 1]) for name, size in adapter.spec.heads}
+    adapter.reset()
+    vec.reset()
+    adapter.step(top)
+    vec.step({name: torch.cat([torch.zeros(1, dtype=torch.int64), a]) for name, a in top.items()})
+    low = np.asarray(space.start)
+    high = low + np.array(adapter.spec.sizes) - 1
+    if len(names) == 1:
+        low, high = low.item(), high.item()
+    else:
+        low, high = low.tolist(), high.tolist()
+    assert single.taken == [high]
+    assert [e.taken for e in vec.env.envs] == [[low], [high]]
+    obs, _ = single.reset()
+    actions, _ = agent.predict(obs, deterministic=True)
+    assert all(actions[name].shape == () for name in names)
+    single.step(env_action(space, actions))
+    want = [
+        int(actions[name]) + s for name, s in zip(names, np.atleast_1d(space.start), strict=True)
+    ]
+    assert single.taken[-1] == (want[0] if len(names) == 1 else want)
 
 
 def mean_return(history, last=4):

@@ -171,7 +171,8 @@ class PPOAgent:
         *,
         episode_start: Any = None,
     ) -> tuple[dict[str, Tensor], LSTMState | None]:
-        """Evaluation actions for ``obs`` ``[B, obs_dim]`` (any ``B``) under ``masks``.
+        """Evaluation actions for ``obs`` ``[B, obs_dim]`` (any ``B``), or for one observation
+        ``[obs_dim]``, under ``masks``.
 
         Records nothing: no rollout step, and the carried LSTM state, the normalisers (``obs``
         is normalised with the current statistics, left as they are) and the keys ``act``
@@ -182,7 +183,11 @@ class PPOAgent:
         Returns ``(actions, hidden)``: head -> int64 ``[B]``, and the LSTM state after this
         step (None for an MLP config), to pass back with the next observation. ``hidden`` None
         starts from zeros; ``episode_start`` bool ``[B]`` (None: all False) zeroes it where
-        ``obs`` starts an episode. An evaluation loop over a ``GymAdapter`` ``env``::
+        ``obs`` starts an episode. For one observation every input and output lacks the batch
+        axis, as SB3's ``predict``: masks per head ``[size]`` (``[n_ops, size]`` op-conditioned),
+        ``hidden`` ``[lstm_size]``, ``episode_start`` a bool, actions int64 ``[]``;
+        ``funcppo.gym_adapter.env_action`` turns them into a gymnasium env's action.
+        An evaluation loop over a ``GymAdapter`` ``env``::
 
             actions, hidden = agent.predict(env.obs, env.masks, None, True)
             while ...:
@@ -192,7 +197,7 @@ class PPOAgent:
         """
         if deterministic not in (True, False):
             raise ValueError(f"deterministic: expected a bool, got {deterministic!r}")
-        obs, masks, hidden, episode_start = checked_policy_inputs(
+        obs, masks, hidden, episode_start, one = checked_policy_inputs(
             self.config, obs, masks, hidden, episode_start, self.device
         )
         if self.obs_stats is not None:
@@ -201,9 +206,13 @@ class PPOAgent:
         if not deterministic:
             key = jr.fold_in(jr.fold_in(self.state.key, PREDICT_STREAM), self._predict_count)
             self._predict_count += 1
-        return predict_actions(
+        actions, hidden = predict_actions(
             self.config, self.state.params, obs, masks, hidden, episode_start, key
         )
+        if one:
+            actions = {name: a[0] for name, a in actions.items()}
+            hidden = None if hidden is None else LSTMState(*(x[0] for x in hidden))
+        return actions, hidden
 
     @torch.no_grad()
     def observe(self, step: EnvStep) -> None:

@@ -57,13 +57,16 @@ def checked_tensor(name: str, x: Any, shape: tuple, kind: str, device) -> Tensor
     return x.to(device=device, dtype=torch.float32 if kind == "float" else torch.bool)
 
 
-def checked_obs(name: str, obs: Any, obs_dim: int, device) -> Tensor:
-    """Float ``[B, obs_dim]`` observations for any batch size ``B >= 1``, as float32."""
-    expected = f"float (B, {obs_dim})"
+def checked_obs(name: str, obs: Any, obs_dim: int, device) -> tuple[Tensor, bool]:
+    """Float ``[B, obs_dim]`` observations for any batch size ``B >= 1``, or one observation
+    ``[obs_dim]``: float32 ``[B, obs_dim]`` (``B`` = 1 for one), and whether it was one."""
+    expected = f"float ({obs_dim},) or (B, {obs_dim})"
     obs = _as_tensor(name, obs, expected)
-    if obs.ndim != 2 or obs.shape[0] < 1 or obs.shape[1] != obs_dim or not obs.is_floating_point():
+    one = obs.ndim == 1
+    batched = obs.ndim == 2 and obs.shape[0] >= 1
+    if not (one or batched) or obs.shape[-1] != obs_dim or not obs.is_floating_point():
         raise ValueError(f"{name}: expected {expected}, got {describe(obs)}")
-    return obs.to(device=device, dtype=torch.float32)
+    return obs.to(device=device, dtype=torch.float32).reshape(-1, obs_dim), one
 
 
 def checked_masks(config: PPOConfig, masks: Any, batch: int, device) -> dict[str, Tensor]:
@@ -88,14 +91,45 @@ def checked_hidden(config: PPOConfig, hidden: Any, batch: int, device) -> LSTMSt
     return LSTMState(*(checked_tensor("hidden", x, want, "float", device) for x in hidden))
 
 
+def _one_masks(config: PPOConfig, masks: Any) -> Any:
+    """One observation's masks (head -> ``[size]``, ``[n_ops, size]`` op-conditioned) as a
+    batch of one; anything else is left to ``checked_masks``."""
+    if not isinstance(masks, dict):
+        return masks
+    spec, batched = config.spec, {}
+    for name, m in masks.items():
+        m = _as_tensor(f"masks[{name!r}]", m, "a bool tensor")
+        if name in spec.names:
+            size = spec.size(name)
+            want = (spec.n_ops, size) if name in spec.op_conditioned else (size,)
+            if tuple(m.shape) != want:
+                raise ValueError(
+                    f"masks[{name!r}]: expected shape {want} for one observation "
+                    f"(obs {(config.obs_dim,)}), got {tuple(m.shape)}"
+                )
+        batched[name] = m[None]
+    return batched
+
+
 def checked_policy_inputs(
     config: PPOConfig, obs: Any, masks: Any, hidden: Any, episode_start: Any, device
-) -> tuple[Tensor, dict[str, Tensor], LSTMState | None, Tensor]:
+) -> tuple[Tensor, dict[str, Tensor], LSTMState | None, Tensor, bool]:
     """``obs`` ``[B, obs_dim]`` for any ``B``, its masks (None: all valid), the LSTM state
     (None: zeros; None for an MLP config) and ``episode_start`` bool ``[B]`` (None: all False),
-    checked and on ``device``."""
-    obs = checked_obs("obs", obs, config.obs_dim, device)
+    checked and on ``device``, and False. One observation ``[obs_dim]`` comes with inputs that
+    lack the batch axis too (masks per head ``[size]``, hidden ``[lstm_size]``, episode_start
+    ``[]``); they are returned as a batch of one, and True."""
+    obs, one = checked_obs("obs", obs, config.obs_dim, device)
     b = obs.shape[0]
+    if one:
+        masks = _one_masks(config, masks)
+        if episode_start is not None:
+            episode_start = checked_tensor("episode_start", episode_start, (), "bool", device)
+            episode_start = episode_start.reshape(1)
+        if hidden is not None and config.recurrent:
+            want = (config.lstm_size,)
+            checked = (checked_tensor("hidden", x, want, "float", device) for x in hidden)
+            hidden = LSTMState(*(x[None] for x in checked))
     masks = checked_masks(config, masks, b, device)
     if episode_start is None:
         episode_start = torch.zeros(b, dtype=torch.bool, device=device)
@@ -104,7 +138,7 @@ def checked_policy_inputs(
         hidden = init_hidden(config, b, device)
     else:
         hidden = checked_hidden(config, hidden, b, device)
-    return obs, masks, hidden, episode_start
+    return obs, masks, hidden, episode_start, one
 
 
 def checked_step(step: EnvStep, num_envs: int, obs_dim: int, device) -> EnvStep:

@@ -18,6 +18,10 @@ NEXT_STEP (the default) returns the last observation as ``obs`` and resets on th
 so the agent never trains on it. Either way a truncated step bootstraps from the last
 observation (``EnvStep.final_obs``). DISABLED is refused.
 
+Actions: ``env_action`` turns the agent's head -> int actions (batched, or one observation's
+from ``PPOAgent.predict``) into the action space's own values, ``start`` offsets added; the
+adapter's ``step`` goes through it too.
+
 gymnasium is an optional dependency (``pip install funcppo[gym]``), imported when an adapter
 is made.
 """
@@ -32,10 +36,11 @@ import torch
 from torch import Tensor
 
 from funcppo.agent import EnvStep
+from funcppo.agent_checks import describe
 from funcppo.envs.base import check_actions
 from funcppo.spec import ActionSpec
 
-__all__ = ["GymAdapter", "gym_action_spec"]
+__all__ = ["GymAdapter", "env_action", "gym_action_spec"]
 
 
 def _gym():
@@ -70,6 +75,46 @@ def gym_action_spec(space: Any) -> ActionSpec:
     return _action_layout(space)[0]
 
 
+def env_action(space: Any, actions: Mapping[str, Any]) -> np.ndarray:
+    """The value that ``space`` takes for the agent's ``actions`` (head -> int ``[]`` or ``[B]``,
+    tensors or arrays): each head's index plus the space's ``start``.
+
+    ``space`` is one env's ``Discrete`` or 1-d ``MultiDiscrete`` (a vector env's
+    ``single_action_space``). Returns int64: for ``Discrete`` a scalar, or ``[B]``; for
+    ``MultiDiscrete(nvec)`` ``[len(nvec)]``, or ``[B, len(nvec)]``. An index outside
+    ``[0, size)`` of its head is a ValueError.
+    """
+    spec, _, start = _action_layout(space)
+    if not isinstance(actions, Mapping) or set(actions) != set(spec.names):
+        got = sorted(actions) if isinstance(actions, Mapping) else type(actions).__name__
+        raise ValueError(f"actions: expected a dict with heads {list(spec.names)}, got {got}")
+    first, cols = spec.names[0], []
+    for name, size in spec.heads:
+        value = actions[name]
+        x = value.detach().cpu().numpy() if isinstance(value, Tensor) else np.asarray(value)
+        got = describe(value) if isinstance(value, Tensor) else f"{x.dtype} {x.shape}"
+        if x.dtype.kind not in "iu":
+            raise ValueError(f"actions[{name!r}]: expected integers, got {got}")
+        if x.ndim > 1:
+            raise ValueError(f"actions[{name!r}]: expected shape () or (B,), got {x.shape}")
+        if cols and x.shape != cols[0].shape:
+            raise ValueError(
+                f"actions[{name!r}]: expected shape {cols[0].shape} (that of "
+                f"actions[{first!r}]), got {x.shape}"
+            )
+        bad = (x < 0) | (x >= size)
+        if bad.any():
+            where = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ValueError(
+                f"actions[{name!r}]: expected values in [0, {size}), got {int(x[where])} at "
+                f"index {where}"
+            )
+        cols.append(x.astype(np.int64))
+    values = np.stack(cols, axis=-1) + start
+    # One head is the Discrete case: its value, not a length-1 row; [()] makes a 0-d a scalar.
+    return values[..., 0][()] if len(cols) == 1 else values
+
+
 def _env_name(env: Any) -> str:
     """The registered id of ``env``, else the class of the (first) env inside it."""
     spec = getattr(env, "spec", None)
@@ -86,6 +131,9 @@ class GymAdapter:
       env: a ``gymnasium.Env`` (one row) or ``gymnasium.vector.VectorEnv``.
       seed: passed to the first ``reset``.
       device: where the returned tensors live (None: CPU).
+
+    Attributes: ``num_envs``; ``obs_shape``, one env's observation shape, and ``obs_dim``, its
+    size; ``spec``, the ``ActionSpec``; ``action_space``, one env's action space.
     """
 
     def __init__(self, env: Any, seed: int | None = None, device=None) -> None:
@@ -114,7 +162,8 @@ class GymAdapter:
             )
         self.obs_shape = tuple(int(n) for n in obs_space.shape)
         self.obs_dim = int(np.prod(self.obs_shape))
-        self.spec, self._nvec, self._start = _action_layout(act_space)
+        self.action_space = act_space
+        self.spec, self._nvec, _ = _action_layout(act_space)
         self._name = _env_name(env)
         self._mask_source: str | None = None
         self._pending_reset = np.zeros(self.num_envs, dtype=bool)
@@ -223,20 +272,8 @@ class GymAdapter:
 
     def _env_actions(self, actions: Mapping[str, Tensor]) -> Any:
         check_actions(self.spec, self.num_envs, actions)
-        for name, size in self.spec.heads:
-            values = actions[name]
-            bad = (values < 0) | (values >= size)
-            if bool(bad.any()):
-                i = int(torch.nonzero(bad)[0, 0])
-                raise ValueError(
-                    f"actions[{name!r}]: expected values in [0, {size}), got {int(values[i])} "
-                    f"at env {i}"
-                )
-        cols = np.stack([actions[n].cpu().numpy() for n in self.spec.names], axis=1)
-        cols = cols + self._start
-        if len(self.spec.names) == 1:
-            cols = cols[:, 0]
-        return cols if self.is_vector else cols[0]
+        values = env_action(self.action_space, actions)
+        return values if self.is_vector else values[0]
 
     def step(self, actions: Mapping[str, Tensor]) -> EnvStep:
         """Apply ``actions`` (head -> int64 ``[num_envs]``) and report an ``EnvStep``."""
