@@ -117,6 +117,53 @@ def test_next_step_mode_matches_same_step_mode_on_what_is_trained():
     torch.testing.assert_close(batches[NEXT].next_values, batches[SAME].next_values)
 
 
+def by_hand_stats(rows):
+    """Mean and population variance of ``rows`` ``[n, ...]`` merged into the normaliser's start
+    (mean 0, var 1, count 1e-4) in one step of Chan et al.'s formula, in float64."""
+    rows = np.asarray(rows, dtype=np.float64)
+    n, eps = rows.shape[0], 1e-4
+    m, v, total = rows.mean(0), rows.var(0), n + eps
+    return m * n / total, (eps + v * n + m**2 * eps * n / total) / total, total
+
+
+def test_normalisers_count_exactly_the_steps_trained_on():
+    # Clock ignores its actions, so an agent without normalisers on a twin env collects the
+    # same rows: its rollouts hold the raw observations that the normalising agent trains on.
+    # NEXT_STEP adds an ignored step after every episode end, and columns run past num_steps
+    # while others catch up; neither kind of step is trained on, so neither may be counted.
+    gamma, seen = 0.9, {}
+    for mode in (NEXT, SAME):
+        env, twin = GymAdapter(clock_vec(mode, 3), seed=0), GymAdapter(clock_vec(mode, 3), seed=0)
+        plain, trained = agent_for(twin, gamma=gamma), []
+        agent = PPOAgent(plain.config, 3, 8, normalize_obs=True, normalize_reward=True)
+        for u in range(2):
+            agent.collect(env)
+            plain.collect(twin)
+            trained.append(plain.rollout().obs.reshape(-1, 2))
+            discarded = agent.update()["discarded_steps"]
+            assert plain.update()["discarded_steps"] == discarded
+            if u == 0:
+                seen[mode] = (agent.obs_stats, agent.reward_scale.stats)
+        assert mode == SAME or discarded > 0  # the case that needs the care
+        rows = torch.cat(trained).numpy()
+        mean, var, count = by_hand_stats(rows)
+        torch.testing.assert_close(agent.obs_stats.mean, torch.from_numpy(mean), rtol=1e-12, atol=0)
+        torch.testing.assert_close(agent.obs_stats.var, torch.from_numpy(var), rtol=1e-12, atol=0)
+        assert float(agent.obs_stats.count) == pytest.approx(count, rel=1e-15)
+        # A row at time t of its episode trained on reward t + 1 after rewards 1..t, so its
+        # discounted return is sum_j gamma^(t-j) (j + 1).
+        t = rows[:, 0].astype(int)
+        returns = [sum(gamma ** (k - j) * (j + 1) for j in range(k + 1)) for k in t]
+        mean, var, count = by_hand_stats(returns)
+        stats = agent.reward_scale.stats
+        torch.testing.assert_close(stats.mean, torch.tensor(mean), rtol=1e-12, atol=0)
+        torch.testing.assert_close(stats.var, torch.tensor(var), rtol=1e-12, atol=0)
+        assert float(stats.count) == pytest.approx(count, rel=1e-15)
+    # The same episodes give the same statistics in either mode (merged in other groupings).
+    for a, b in zip(seen[NEXT], seen[SAME], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
 class Masked(gym.Env):
     """MultiDiscrete([4, 5]); obs one-hot of a target for a0. a1 has two valid values per step,
     not in the obs. Reward 1 when a0 hits the target and a1 is valid; an invalid a1 ends the

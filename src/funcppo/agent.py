@@ -12,7 +12,9 @@ Steps that are no transition (gymnasium's NEXT_STEP autoreset: the step after an
 resets the env and ignores the action) carry ``valid=False`` and are left out: each env column
 of the rollout holds its first ``num_steps`` real transitions, and any extra ones a column
 collected while waiting for the others are dropped (counted in ``discarded_steps``), so the
-update only ever sees on-policy data.
+update only ever sees on-policy data. Neither kind enters the normalisers' statistics either
+(a dropped step's reward still adds to its episode's running return): they count exactly the
+steps trained on, so both autoreset modes give the same statistics for the same episodes.
 """
 
 from __future__ import annotations
@@ -110,6 +112,8 @@ class PPOAgent:
         self.reward_scale = init_reward_scale(num_envs, d) if normalize_reward else None
         self.hidden = init_hidden(config, num_envs, d)
         self.episode_start = torch.ones(num_envs, dtype=torch.bool, device=d)
+        # The last EnvStep's next_valid: False where the env will ignore the next action.
+        self._next_valid = torch.ones(num_envs, dtype=torch.bool, device=d)
         self.episode_return = torch.zeros(num_envs, dtype=torch.float64, device=d)
         self.episode_length = torch.zeros(num_envs, dtype=torch.float64, device=d)
         self.metrics: dict[str, Any] = {}
@@ -134,6 +138,11 @@ class PPOAgent:
         """True when every env column holds ``num_steps`` transitions."""
         return int(self._counts.min()) >= self.num_steps
 
+    def _trained(self, valid: Tensor) -> Tensor:
+        """Bool ``[num_envs]``: which of this step's rows the rollout keeps, given ``valid``:
+        real transitions in columns that still lack ``num_steps`` of them."""
+        return valid & (self._counts < self.num_steps).to(valid.device)
+
     @torch.no_grad()
     def act(self, obs: Any, masks: dict[str, Any] | None = None, hidden: Any = None):
         """Sample one action per head for ``obs`` ``[num_envs, obs_dim]`` under ``masks``.
@@ -147,9 +156,13 @@ class PPOAgent:
         masks = checked_masks(self.config, masks, self.num_envs, self.device)
         if hidden is not None:
             self.hidden = checked_hidden(self.config, hidden, self.num_envs, self.device)
+        raw_obs = obs
         if self.obs_stats is not None:
-            self.obs_stats = update_running_stats(self.obs_stats, obs)
-            obs = normalize_obs(self.obs_stats, obs, self.settings["clip_obs"])
+            # As SB3, the policy sees obs normalised by statistics that include it. Which rows
+            # will be trained on is known for sure only in observe, which merges them for good;
+            # the env's last next_valid says it ahead, so both merges agree.
+            seen = update_running_stats(self.obs_stats, obs, self._trained(self._next_valid))
+            obs = normalize_obs(seen, obs, self.settings["clip_obs"])
         key = jr.fold_in(jr.fold_in(self.state.key, ACT_STREAM), self._act_count)
         self._act_count += 1
         out = policy_apply(self.config, self.state.params, obs, self.hidden, self.episode_start)
@@ -158,7 +171,7 @@ class PPOAgent:
         # The transition so far; observe fills in what the environment answers.
         row = Batch(obs, actions, masks, logprobs, out.value, None, None, None, None,
                     self.episode_start, self.hidden)  # fmt: skip
-        self._pending = (row, out.hidden)
+        self._pending = (row, out.hidden, raw_obs)
         return actions
 
     @torch.no_grad()
@@ -222,8 +235,10 @@ class PPOAgent:
         step = checked_step(step, self.num_envs, self.config.obs_dim, self.device)
         reward, valid, final = step.reward, step.valid, step.final_obs
         done = step.terminated | step.truncated
-        (row, next_hidden), self._pending = self._pending, None
+        (row, next_hidden, raw_obs), self._pending = self._pending, None
+        trained = self._trained(valid)
         if self.obs_stats is not None:
+            self.obs_stats = update_running_stats(self.obs_stats, raw_obs, trained)
             final = normalize_obs(self.obs_stats, final, self.settings["clip_obs"])
         # V of the observation reached, under the post-step LSTM state: the bootstrap value.
         no = torch.zeros_like(valid)
@@ -231,7 +246,9 @@ class PPOAgent:
         train_reward = reward
         if self.reward_scale is not None:
             gamma = self.config.gamma
-            self.reward_scale = update_reward_scale(self.reward_scale, reward, done, gamma, valid)
+            self.reward_scale = update_reward_scale(
+                self.reward_scale, reward, done, gamma, valid, trained
+            )
             train_reward = scale_reward(self.reward_scale, reward, self.settings["clip_reward"])
         self._rows.append(
             row._replace(
@@ -244,6 +261,7 @@ class PPOAgent:
         self._valid.append(valid)
         self._counts += valid.long().cpu()
         self.hidden, self.episode_start = next_hidden, step.episode_start
+        self._next_valid = step.next_valid
         self.episode_return, self.episode_length, ended = step_episodes(
             self.episode_return, self.episode_length, reward, done, valid
         )

@@ -143,16 +143,18 @@ def checked_policy_inputs(
 
 def checked_step(step: EnvStep, num_envs: int, obs_dim: int, device) -> EnvStep:
     """``step`` with every field but ``masks`` a checked tensor ``[num_envs, ...]`` on ``device``
-    and the defaults filled in: ``final_obs`` = ``obs``, ``valid`` all True, ``episode_start``
-    = terminated or truncated."""
+    and the defaults filled in: ``final_obs`` = ``obs``, ``valid`` and ``next_valid`` all True,
+    ``episode_start`` = terminated or truncated."""
     b, rows = (num_envs,), (num_envs, obs_dim)
     obs = checked_tensor("step.obs", step.obs, rows, "float", device)
     reward = checked_tensor("step.reward", step.reward, b, "float", device)
     terminated = checked_tensor("step.terminated", step.terminated, b, "bool", device)
     truncated = checked_tensor("step.truncated", step.truncated, b, "bool", device)
-    valid = torch.ones(b, dtype=torch.bool, device=device)
+    valid = next_valid = torch.ones(b, dtype=torch.bool, device=device)
     if step.valid is not None:
         valid = checked_tensor("step.valid", step.valid, b, "bool", device)
+    if step.next_valid is not None:
+        next_valid = checked_tensor("step.next_valid", step.next_valid, b, "bool", device)
     start = terminated | truncated if step.episode_start is None else step.episode_start
     start = checked_tensor("step.episode_start", start, b, "bool", device)
     final = obs
@@ -160,7 +162,7 @@ def checked_step(step: EnvStep, num_envs: int, obs_dim: int, device) -> EnvStep:
         final = checked_tensor(
             "step.final_obs", step.final_obs, (num_envs, obs_dim), "float", device
         )
-    return EnvStep(obs, reward, terminated, truncated, step.masks, final, valid, start)
+    return EnvStep(obs, reward, terminated, truncated, step.masks, final, valid, start, next_valid)
 
 
 def check_agent_args(

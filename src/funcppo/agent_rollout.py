@@ -35,6 +35,9 @@ class EnvStep(NamedTuple):
         truncated step bootstraps (None: ``obs``).
       valid: bool ``[B]``, False where the step was no transition (None: all True).
       episode_start: bool ``[B]``, True where ``obs`` starts an episode (None: done).
+      next_valid: bool ``[B]``, False where the env will ignore the next action and reset
+        instead, so the next step comes back with ``valid`` False (None: all True); the
+        agent then leaves ``obs`` out of its observation statistics.
     """
 
     obs: Any
@@ -45,6 +48,7 @@ class EnvStep(NamedTuple):
     final_obs: Any = None
     valid: Any = None
     episode_start: Any = None
+    next_valid: Any = None
 
 
 def zero_rollout(

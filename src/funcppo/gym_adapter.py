@@ -14,9 +14,10 @@ is accepted too.
 Episode ends: a single env is reset here, and a vector env resets itself in one of gymnasium
 1.x's autoreset modes. SAME_STEP reports the last observation in ``info["final_obs"]``.
 NEXT_STEP (the default) returns the last observation as ``obs`` and resets on the next
-``step``, ignoring its action: that step is no transition and comes back with ``valid=False``,
-so the agent never trains on it. Either way a truncated step bootstraps from the last
-observation (``EnvStep.final_obs``). DISABLED is refused.
+``step``, ignoring its action: the step that ends an episode says so in
+``EnvStep.next_valid``, and the ignored one comes back with ``valid=False``, so the agent
+neither trains on it nor counts its observation in its statistics. Either way a truncated step
+bootstraps from the last observation (``EnvStep.final_obs``). DISABLED is refused.
 
 Actions: ``env_action`` turns the agent's head -> int actions (batched, or one observation's
 from ``PPOAgent.predict``) into the action space's own values, ``start`` offsets added; the
@@ -314,4 +315,5 @@ class GymAdapter:
             final_obs=torch.from_numpy(final).to(d),
             valid=torch.from_numpy(valid).to(d),
             episode_start=torch.from_numpy(start).to(d),
+            next_valid=torch.from_numpy(~self._pending_reset).to(d),
         )

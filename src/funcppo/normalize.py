@@ -132,19 +132,22 @@ def update_reward_scale(
     done: Tensor,
     gamma: float | Tensor,
     weight: Tensor | None = None,
+    count: Tensor | None = None,
 ) -> RewardScaleState:
     """One env step: ``R = gamma * R + r``, merge ``R`` into the stats, then ``R = 0`` where done.
 
     ``reward`` float ``[num_envs]``, ``done`` bool ``[num_envs]`` (terminated or truncated),
     ``weight`` bool ``[num_envs]`` (None: all): rows with weight False or a non-finite reward
-    leave their ``R`` as it was and stay out of the stats. This is SB3 ``VecNormalize``'s order
-    (update, then reset), so scale the reward of this step with the returned state.
+    leave their ``R`` as it was and stay out of the stats. ``count`` bool ``[num_envs]`` (None:
+    all): rows with count False advance their ``R`` but stay out of the stats (a real step that
+    is not trained on). This is SB3 ``VecNormalize``'s order (update, then reset), so scale the
+    reward of this step with the returned state.
     """
     ok = torch.isfinite(reward)
     if weight is not None:
         ok = ok & weight
     returns = torch.where(ok, state.returns * gamma + reward.to(torch.float64), state.returns)
-    stats = update_running_stats(state.stats, returns, ok)
+    stats = update_running_stats(state.stats, returns, ok if count is None else ok & count)
     return RewardScaleState(returns=torch.where(done, 0.0, returns), stats=stats)
 
 
