@@ -1,11 +1,12 @@
+import hashlib
 import json
 import os
-import pickle
 import signal
 import subprocess
 import sys
 import textwrap
 import time
+import traceback
 from pathlib import Path
 
 import optree
@@ -15,6 +16,7 @@ import torch
 from funcppo import random as jr
 from funcppo.checkpoint import (
     CHECKPOINT_VERSION,
+    CheckpointError,
     config_from_dict,
     config_to_dict,
     load_checkpoint,
@@ -64,6 +66,30 @@ def assert_states_equal(a, b):
     assert sa == sb and pa == pb
     for path, x, y in zip(pa, la, lb, strict=True):
         assert x.dtype == y.dtype and torch.equal(x, y), path
+
+
+def _digest(x):
+    """The checksum the format documents: sha256 of dtype, shape and the bytes, in order."""
+    x = x.detach().contiguous()
+    digest = hashlib.sha256(f"{x.dtype} {list(x.shape)}".encode())
+    digest.update(x.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _reseal(raw):
+    """``raw`` with checksums that match its contents, as a writer of the format makes them."""
+    meta = {k: raw[k] for k in ("format", "version", "config", "architecture", "batch_shape")}
+    checksums = {
+        "meta": hashlib.sha256(json.dumps(meta, sort_keys=True).encode()).hexdigest(),
+        "state": {name: _digest(x) for name, x in raw["state"].items()},
+        "extra": {name: _digest(x) for name, x in raw["extra"].items()},
+    }
+    return raw | {"checksums": checksums}
+
+
+def _shown(error):
+    """Everything a traceback of ``error`` prints: its message and any chained exceptions."""
+    return "".join(traceback.format_exception(error))
 
 
 @pytest.mark.parametrize("kind", sorted(CONFIGS))
@@ -138,26 +164,69 @@ def test_pickle_payload_is_refused_and_never_runs(tmp_path):
     marker = tmp_path / "pwned"
     path = tmp_path / "evil.pt"
     torch.save({"version": CHECKPOINT_VERSION, "payload": _Payload(marker)}, path)
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(CheckpointError, match="not a funcppo checkpoint") as error:
         load_checkpoint(path)
     assert not marker.exists()
+    assert "weights_only" not in _shown(error.value)  # never the advice to unpickle it
     # The payload is live: an unsafe load would have run it.
     torch.load(path, weights_only=False)
     assert marker.exists()
 
 
-def test_config_mismatch_names_the_field(tmp_path):
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"obs_dim": 8}, r"config.obs_dim: the checkpoint's architecture has 4, this config 8"),
+        ({"torso_sizes": (8, 8)}, r"config.torso_sizes: .* has \[8\], this config \[8, 8\]"),
+        ({"activation": "relu"}, r"config.activation: .* has 'tanh', this config 'relu'"),
+        ({"shared_torso": True}, r"config.shared_torso: .* has False, this config True"),
+        ({"recurrent": True}, r"config.recurrent: .* has False, this config True"),
+        ({"spec": ActionSpec({"op": 3, "a": 2, "b": 4}, "op", ({"a"}, {"a", "b"}, {"b"}))},
+         r"config.spec.op_conditioned: .* has \['b'\], this config \[\]"),
+    ],
+)  # fmt: skip
+def test_another_architecture_is_refused_naming_the_field(tmp_path, change, message):
     config = mlp_config()
     save_checkpoint(tmp_path / "c.pt", init_train_state(jr.key(0), config), config)
-    with pytest.raises(ValueError, match=r"config.obs_dim: checkpoint has 4, expected 8"):
-        load_checkpoint(tmp_path / "c.pt", config.replace(obs_dim=8))
-    with pytest.raises(ValueError, match=r"config.torso_sizes: checkpoint has \[8\], expected"):
-        load_checkpoint(tmp_path / "c.pt", config.replace(torso_sizes=(8, 8)))
-    with pytest.raises(ValueError, match=r"config.learning_rate"):
-        load_checkpoint(tmp_path / "c.pt", config.replace(learning_rate=1e-3))
-    # compile does not change results: it may differ, and the caller's config comes back.
-    _, got, _ = load_checkpoint(tmp_path / "c.pt", config.replace(compile=True))
-    assert got.compile is True
+    with pytest.raises(ValueError, match=message + r".*must match"):
+        load_checkpoint(tmp_path / "c.pt", config.replace(**change))
+
+
+def test_another_lstm_size_is_refused(tmp_path):
+    config = lstm_config()
+    save_checkpoint(tmp_path / "c.pt", init_train_state(jr.key(0), config), config)
+    with pytest.raises(ValueError, match=r"config.lstm_size: .* has 8, this config 16"):
+        load_checkpoint(tmp_path / "c.pt", config.replace(lstm_size=16))
+
+
+@pytest.mark.parametrize("seeds", [None, 2])
+def test_run_time_settings_may_differ_and_hparams_follow_the_config(tmp_path, seeds):
+    """Fine-tuning with another learning rate, another number of epochs or a compiled update
+    loads; the state's hyperparameters take the new config's values where it changed them and
+    keep the stored ones (a sweep's per-seed values) where it did not."""
+    config = mlp_config(target_kl=0.02)
+    keys = jr.key(0) if seeds is None else jr.split(jr.key(0), seeds)
+    lrs = {} if seeds is None else {"learning_rate": torch.tensor([1e-3, 2e-3])}
+    state = _perturb(init_train_state(keys, config, **lrs))
+    save_checkpoint(tmp_path / "c.pt", state, config)
+    runtime = {"update_epochs": 3, "num_minibatches": 4, "bptt_len": 2, "compile": True}
+    runtime |= {"adam_eps": 1e-8, "weight_decay": 0.1, "norm_adv": False, "lstm_size": 32}
+    loaded, got, _ = load_checkpoint(tmp_path / "c.pt", config.replace(**runtime))
+    assert got == config.replace(**runtime)
+    assert_states_equal(loaded, state)  # no hyperparameter changed: every stored value kept
+    tuned = config.replace(learning_rate=5e-4, clip_coef=0.1, target_kl=None, **runtime)
+    loaded, _, _ = load_checkpoint(tmp_path / "c.pt", tuned)
+    hp = loaded.hparams
+    assert torch.equal(hp.learning_rate, torch.full_like(state.hparams.learning_rate, 5e-4))
+    assert torch.equal(hp.clip_coef, torch.full_like(state.hparams.clip_coef, 0.1))
+    assert torch.equal(hp.target_kl, torch.full_like(state.hparams.target_kl, float("inf")))
+    assert torch.equal(hp.gamma, state.hparams.gamma)  # unchanged: the stored value
+    assert_states_equal(loaded._replace(hparams=state.hparams), state)
+    # The update takes the loaded state under the config it was loaded with.
+    if seeds is None:
+        batch = synthetic_batch(mlp_config(), state.params, jr.key(5), 8, 4)
+        new, _ = make_update_fn(tuned.replace(compile=False))(loaded, batch)
+        assert int(new.step) == int(state.step) + 1
 
 
 def test_tensor_shape_mismatch_names_the_leaf(tmp_path):
@@ -166,20 +235,21 @@ def test_tensor_shape_mismatch_names_the_leaf(tmp_path):
     raw = torch.load(tmp_path / "c.pt", weights_only=True)
     good = raw["state"]["params['torso']['w0']"]
     raw["state"]["params['torso']['w0']"] = torch.zeros(5, 8)
-    torch.save(raw, tmp_path / "bad.pt")
+    torch.save(_reseal(raw), tmp_path / "bad.pt")
     with pytest.raises(
-        ValueError, match=r"state\[\"params\['torso'\]\['w0'\]\"\].*\[4, 8\].*\[5, 8\]"
+        CheckpointError,
+        match=r"bad.pt: state\[\"params\['torso'\]\['w0'\]\"\].*\[4, 8\].*\[5, 8\]",
     ):
         load_checkpoint(tmp_path / "bad.pt")
     raw["state"]["params['torso']['w0']"] = good
     raw["state"]["step"] = raw["state"]["step"].float()
-    torch.save(raw, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"state\['step'\]: expected torch.int64"):
+    torch.save(_reseal(raw), tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"state\['step'\]: expected torch.int64"):
         load_checkpoint(tmp_path / "bad.pt")
     raw["state"]["step"] = raw["step"]
     del raw["state"]["key"]
-    torch.save(raw, tmp_path / "bad.pt")
-    with pytest.raises(ValueError, match=r"state\['key'\]: missing"):
+    torch.save(_reseal(raw), tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match=r"state\['key'\]: missing"):
         load_checkpoint(tmp_path / "bad.pt")
 
 
@@ -196,7 +266,9 @@ def test_versions_are_refused_with_the_way_to_upgrade(tmp_path):
     save_checkpoint(tmp_path / "c.pt", state, config)
     raw = torch.load(tmp_path / "c.pt", weights_only=True)
     torch.save(raw | {"version": CHECKPOINT_VERSION + 1}, tmp_path / "new.pt")
-    with pytest.raises(ValueError, match=r"version 2.*upgrade funcppo"):
+    with pytest.raises(
+        CheckpointError, match=rf"version {CHECKPOINT_VERSION + 1}.*upgrade funcppo"
+    ):
         load_checkpoint(tmp_path / "new.pt")
     old = tmp_path / "old.pt"
     torch.save({"params": state.params, "step": state.step, "config": "TrainConfig(...)"}, old)
@@ -210,7 +282,7 @@ def test_versions_are_refused_with_the_way_to_upgrade(tmp_path):
     assert torch.equal(upgraded.step, state.step)
     fresh = init_train_state(jr.split(jr.key(0), 2), config)
     assert_states_equal(upgraded.opt_state, fresh.opt_state)
-    with pytest.raises(ValueError, match="expected a version 0"):
+    with pytest.raises(ValueError, match=rf"old.pt: already version {CHECKPOINT_VERSION}"):
         upgrade_checkpoint(old, config)
 
 
@@ -256,3 +328,174 @@ def test_a_save_killed_midway_leaves_the_previous_file(tmp_path):
     assert len(leftovers) == 1 and leftovers[0].name.startswith(".c.pt.")
     loaded, _, _ = load_checkpoint(path, config)
     assert_states_equal(loaded, old)
+    # The killed writer's full-size temporary goes with the next save of the same file.
+    save_checkpoint(path, old, config)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt", "flag"]
+
+
+def _saved(tmp_path, name="c.pt", seeds=None):
+    config = mlp_config()
+    keys = jr.key(0) if seeds is None else jr.split(jr.key(0), seeds)
+    state = _perturb(init_train_state(keys, config))
+    extra = {"env_mean": torch.linspace(-1, 1, 16, dtype=torch.float64)}
+    save_checkpoint(tmp_path / name, state, config, extra)
+    return tmp_path / name, state, config
+
+
+@pytest.mark.parametrize(
+    ("entry", "where"),
+    [("params['torso']['w0']", "state"), ("opt_state[1].mu['critic']['w0']", "state"),
+     ("env_mean", "extra")],
+)  # fmt: skip
+def test_flipped_bytes_in_a_tensor_are_refused_naming_the_entry(tmp_path, entry, where):
+    path, _, config = _saved(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    data = path.read_bytes()
+    at = data.find(raw[where][entry].numpy().tobytes())
+    assert at > 0 and data.count(raw[where][entry].numpy().tobytes()) == 1
+    flipped = bytearray(data)
+    flipped[at + 8 : at + 24] = bytes(b ^ 0xFF for b in flipped[at + 8 : at + 24])
+    path.write_bytes(bytes(flipped))
+    torch.load(path, weights_only=True)  # torch alone reads the damaged file without a word
+    with pytest.raises(CheckpointError, match="checksum") as error:
+        load_checkpoint(path, config)
+    assert str(path) in str(error.value) and f"{where}[{entry!r}]" in str(error.value)
+
+
+def test_changed_metadata_or_a_removed_entry_is_refused(tmp_path):
+    path, _, _ = _saved(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    stored = json.loads(raw["config"])
+    torch.save(raw | {"config": json.dumps(stored | {"gamma": 0.5})}, tmp_path / "meta.pt")
+    with pytest.raises(CheckpointError, match=r"meta.pt: .*metadata.*checksum"):
+        load_checkpoint(tmp_path / "meta.pt")
+    raw["extra"].pop("env_mean")
+    torch.save(raw, tmp_path / "gone.pt")
+    with pytest.raises(CheckpointError, match=r"gone.pt: extra\['env_mean'\]: missing"):
+        load_checkpoint(tmp_path / "gone.pt")
+    raw = torch.load(path, weights_only=True)
+    torch.save(raw | {"step": raw["step"] + 1}, tmp_path / "step.pt")
+    with pytest.raises(CheckpointError, match=r"step.pt: step: .*state\['step'\]"):
+        load_checkpoint(tmp_path / "step.pt")
+    raw.pop("checksums")
+    torch.save(raw, tmp_path / "bare.pt")
+    with pytest.raises(CheckpointError, match=r"bare.pt: checksums: missing"):
+        load_checkpoint(tmp_path / "bare.pt")
+
+
+@pytest.mark.parametrize(
+    "entry", ["params['heads']['op']['w']", "opt_state[1].nu['torso']['b0']", "hparams.gamma"]
+)
+def test_non_finite_values_are_refused_naming_the_entry(tmp_path, entry):
+    path, state, config = _saved(tmp_path)
+    raw = torch.load(path, weights_only=True)
+    raw["state"][entry] = raw["state"][entry].clone()
+    raw["state"][entry].view(-1)[0] = float("nan")
+    torch.save(_reseal(raw), tmp_path / "nan.pt")  # intact, so only the values are at fault
+    with pytest.raises(CheckpointError, match=r"nan.pt: state\[.*non-finite") as error:
+        load_checkpoint(tmp_path / "nan.pt", config)
+    assert f"state[{entry!r}]: 1 non-finite" in str(error.value)
+    # save refuses such a state too: the file could never be loaded.
+    names = dict(zip(_names(state), optree.tree_leaves(state, none_is_leaf=False), strict=True))
+    bad = optree.tree_unflatten(
+        optree.tree_structure(state, none_is_leaf=False),
+        [raw["state"][n] if n == entry else x for n, x in names.items()],
+    )
+    with pytest.raises(ValueError, match=r"state\[.*1 non-finite"):
+        save_checkpoint(tmp_path / "never.pt", bad, config)
+    assert not (tmp_path / "never.pt").exists()
+    # target_kl None is stored as +inf: infinite, yet valid.
+    no_kl = mlp_config(target_kl=None)
+    save_checkpoint(tmp_path / "inf.pt", init_train_state(jr.key(0), no_kl), no_kl)
+    assert float(load_checkpoint(tmp_path / "inf.pt")[0].hparams.target_kl) == float("inf")
+
+
+def _names(state):
+    accessors, _, _ = optree.tree_flatten_with_accessor(state, none_is_leaf=False)
+    return [a.codify("").removeprefix(".") for a in accessors]
+
+
+def test_version_1_files_load_unverified_and_upgrade(tmp_path):
+    """Version 1 wrote the same dict without checksums: it loads as it is (nothing to verify
+    it against), and ``upgrade_checkpoint`` rewrites it with them, no config needed."""
+    path, state, config = _saved(tmp_path, seeds=2)
+    raw = torch.load(path, weights_only=True)
+    v1 = {k: v for k, v in raw.items() if k != "checksums"} | {"version": 1}
+    v1["architecture"] = json.dumps({"obs_dim": 4, "heads": [["op", 3]]})  # version 1's fields
+    torch.save(v1, tmp_path / "v1.pt")
+    loaded, got, extra = load_checkpoint(tmp_path / "v1.pt", config)
+    assert_states_equal(loaded, state)
+    assert got == config and torch.equal(extra["env_mean"], raw["extra"]["env_mean"])
+    upgrade_checkpoint(tmp_path / "v1.pt")
+    upgraded = torch.load(tmp_path / "v1.pt", weights_only=True)
+    assert upgraded["version"] == CHECKPOINT_VERSION and "checksums" in upgraded
+    assert_states_equal(load_checkpoint(tmp_path / "v1.pt")[0], state)
+    with pytest.raises(ValueError, match=r"config: expected a PPOConfig to upgrade a version 0"):
+        old = tmp_path / "old.pt"
+        torch.save({"params": state.params, "step": state.step}, old)
+        upgrade_checkpoint(old)
+    with pytest.raises(ValueError, match=r"v1.pt: already version"):
+        upgrade_checkpoint(tmp_path / "v1.pt")
+
+
+def _truncations(data):
+    return {f"cut{n}": data[:n] for n in (1, 100, len(data) // 2, len(data) - 30, len(data) - 1)}
+
+
+def test_unreadable_files_get_one_clear_error(tmp_path):
+    path, _, _ = _saved(tmp_path)
+    data = path.read_bytes()
+    files = {"empty": b"", "random": os.urandom(4096), "text": b"hello\n", "zeros": bytes(512)}
+    files |= _truncations(data)
+    for name, content in files.items():
+        (tmp_path / f"{name}.pt").write_bytes(content)
+    torch.save([torch.zeros(3)], tmp_path / "list.pt")
+    torch.save({"weights": torch.zeros(3)}, tmp_path / "dict.pt")
+    for name in [*files, "list", "dict"]:
+        bad = tmp_path / f"{name}.pt"
+        with pytest.raises(CheckpointError) as error:
+            load_checkpoint(bad)
+        message = str(error.value)
+        assert message.startswith(f"{bad}: "), (name, message)
+        assert "not a funcppo checkpoint or is damaged" in message, (name, message)
+        assert "weights_only" not in _shown(error.value), name
+    missing = tmp_path / "missing.pt"
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt") as error:
+        load_checkpoint(missing)
+    assert error.value.filename == str(missing)
+    with pytest.raises(FileNotFoundError, match=r"missing\.pt"):
+        upgrade_checkpoint(missing)
+
+
+def test_saved_file_follows_the_umask(tmp_path):
+    config = mlp_config()
+    state = init_train_state(jr.key(0), config)
+    before = os.umask(0o027)
+    try:
+        save_checkpoint(tmp_path / "c.pt", state, config)
+        torch.save({}, tmp_path / "torch.pt")
+    finally:
+        os.umask(before)
+    assert (tmp_path / "c.pt").stat().st_mode & 0o777 == 0o640
+    assert (tmp_path / "torch.pt").stat().st_mode & 0o777 == 0o640
+
+
+class _Killed(BaseException):
+    pass
+
+
+def test_an_interrupted_save_leaves_the_old_file_and_no_temporary(tmp_path, monkeypatch):
+    path, state, config = _saved(tmp_path)
+    fsync = os.fsync
+
+    def killed_at_fsync(fd):
+        if not os.path.isdir(f"/proc/self/fd/{fd}"):
+            raise _Killed  # the temporary is written in full, not yet renamed
+        fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", killed_at_fsync)
+    with pytest.raises(_Killed):
+        save_checkpoint(path, _perturb(state, seed=2), config)
+    monkeypatch.undo()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
+    assert_states_equal(load_checkpoint(path, config)[0], state)

@@ -1,16 +1,27 @@
-"""Checkpoints that hold tensors and JSON only, written atomically and checked on load.
+"""Checkpoints that hold tensors and JSON only, written atomically and verified on load.
 
 A file is a plain dict that ``torch.load(path, weights_only=True)`` reads without unpickling any
 Python object: ``"state"`` maps the name of every TrainState leaf (``"params['torso']['w0']"``,
 ``"opt_state[1].mu['value']['b']"``, ``"step"``, ...) to its tensor, stacked seeds keeping their
 leading axis; ``"config"`` and ``"architecture"`` are JSON strings; ``"extra"`` holds the
-caller's named tensors; ``"step"`` repeats the step tensor for quick inspection.
+caller's named tensors; ``"step"`` repeats the step tensor for quick inspection. ``"checksums"``
+(``funcppo.checkpoint_file``) holds a sha256 of every tensor and one of the other fields.
 
-Loading rebuilds the pytree structure from the stored config (``init_train_state`` makes a
+Loading verifies every checksum first: a file damaged on disk or in transit, or no checkpoint
+at all, is refused with a ``CheckpointError`` that names the file and the damaged entry, and so
+is a state with NaN or infinite weights or optimizer moments (every update from it would be
+skipped). The pytree structure is rebuilt from the config (``init_train_state`` makes a
 template whose leaves are replaced), so no structure is ever unpickled, and every leaf's name,
-shape and dtype is checked against that template. Seed 003 6.3: the architecture is stored
-and validated, never inferred from weights. Seed 004 M4: an old format is refused with the way
-to upgrade it, and ``upgrade_checkpoint`` does it.
+shape and dtype is checked against that template.
+
+The architecture (``ARCHITECTURE``) is stored, never inferred from weights, and must match the
+config a caller loads with; every other field may differ, so a checkpoint is evaluated with a
+compiled update or fine-tuned with another learning rate. The loaded state's hyperparameters
+(``TrainState.hparams``) take the caller's config's value for each one that the config changes
+from the stored config, and keep the stored values (a sweep's per-seed ones) for the rest.
+
+Version 1 files, written before checksums, load unverified; ``upgrade_checkpoint`` rewrites
+them, and the old CLI's version 0 files, as the current version.
 """
 
 from __future__ import annotations
@@ -18,8 +29,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import tempfile
-from pathlib import Path
 from typing import Any
 
 import optree
@@ -27,14 +36,26 @@ import torch
 from torch import Tensor
 
 from funcppo import random as jr
-from funcppo.config import PPOConfig
+from funcppo.atomic import write_atomic
+from funcppo.checkpoint_file import (
+    CHECKPOINT_VERSION,
+    FORMAT,
+    CheckpointError,
+    check_fields,
+    checksums,
+    read_checkpoint_file,
+    verify_checksums,
+)
+from funcppo.config import TENSOR_HYPERPARAMS, PPOConfig
 from funcppo.networks import check_params
 from funcppo.normalize import init_running_stats
 from funcppo.spec import ActionSpec
-from funcppo.state import TrainState, init_train_state
+from funcppo.state import TrainState, init_train_state, make_hyperparams
 
 __all__ = [
+    "ARCHITECTURE",
     "CHECKPOINT_VERSION",
+    "CheckpointError",
     "config_from_dict",
     "config_to_dict",
     "load_checkpoint",
@@ -42,11 +63,18 @@ __all__ = [
     "upgrade_checkpoint",
 ]
 
-CHECKPOINT_VERSION = 1
-_FORMAT = "funcppo.checkpoint"
-# Fields that may differ between the stored config and the caller's: they do not change the
-# computation's result (compiling or not gives the same update).
-_FREE_FIELDS = frozenset({"compile"})
+# The config fields that set the network's parameters and what it computes from them: a
+# checkpoint loads only under a config that agrees on each (lstm_size for an LSTM only,
+# shared_torso for an MLP only, as each is ignored otherwise).
+ARCHITECTURE = (
+    "obs_dim",
+    "spec",
+    "torso_sizes",
+    "activation",
+    "recurrent",
+    "lstm_size",
+    "shared_torso",
+)
 
 
 def _spec_to_dict(spec: ActionSpec) -> dict[str, Any]:
@@ -97,14 +125,15 @@ def config_from_dict(data: dict[str, Any]) -> PPOConfig:
 
 
 def _architecture(config: PPOConfig) -> dict[str, Any]:
-    """What sets the parameter shapes (seed 003 6.3: stored, not inferred)."""
+    """The ``ARCHITECTURE`` fields as JSON-able values (stored, not inferred)."""
     return {
         "obs_dim": config.obs_dim,
-        "heads": [[name, size] for name, size in config.spec.heads],
+        "spec": _spec_to_dict(config.spec),
         "torso_sizes": list(config.torso_sizes),
+        "activation": config.activation,
         "recurrent": config.recurrent,
         "lstm_size": config.lstm_size if config.recurrent else None,
-        "shared_torso": config.shared_torso,
+        "shared_torso": None if config.recurrent else config.shared_torso,
     }
 
 
@@ -117,63 +146,52 @@ def _flatten(state: TrainState) -> dict[str, Tensor]:
     return {_leaf_name(a): leaf for a, leaf in zip(accessors, leaves, strict=True)}
 
 
-def _template(
-    config: PPOConfig, batch_shape: tuple[int, ...], device, names: Any = ()
-) -> TrainState:
-    """The TrainState a file for ``config`` holds; with observation statistics where ``names``
-    (the stored leaf names) has them (``make_train`` with ``normalize_obs``)."""
+def _template(config: PPOConfig, batch_shape: tuple[int, ...], names: Any = ()) -> TrainState:
+    """The TrainState (on the CPU) a file for ``config`` holds; with observation statistics
+    where ``names`` (the stored leaf names) has them (``make_train`` with ``normalize_obs``)."""
     if len(batch_shape) > 1:
         raise ValueError(f"state.step: expected shape [] or [S], got {list(batch_shape)}")
-    base = jr.key(0, device)
+    base = jr.key(0)
     keys = jr.split(base, batch_shape[0]) if batch_shape else base
     template = init_train_state(keys, config)
     if any(name.startswith("obs_stats.") for name in names):
-        stats = init_running_stats((config.obs_dim,), device)
+        stats = init_running_stats((config.obs_dim,))
         stats = optree.tree_map(lambda x: x.expand(*batch_shape, *x.shape).clone(), stats)
         template = template._replace(obs_stats=stats)
     return template
 
 
-def _check_leaves(tensors: dict[str, Any], template: TrainState, where: str) -> None:
+def _check_leaves(tensors: dict[str, Any], template: TrainState, where: str, error=ValueError):
     """Every template leaf present with the same shape and dtype, and nothing else."""
     expected = _flatten(template)
     extra = sorted(set(tensors) - set(expected))
     if extra:
-        raise ValueError(f"{where}[{extra[0]!r}]: not a leaf of the TrainState for this config")
+        raise error(f"{where}[{extra[0]!r}]: not a leaf of the TrainState for this config")
     for name, want in expected.items():
         if name not in tensors:
-            raise ValueError(f"{where}[{name!r}]: missing; expected shape {list(want.shape)}")
+            raise error(f"{where}[{name!r}]: missing; expected shape {list(want.shape)}")
         got = tensors[name]
         if not isinstance(got, Tensor):
-            raise ValueError(f"{where}[{name!r}]: expected a tensor, got {type(got).__name__}")
+            raise error(f"{where}[{name!r}]: expected a tensor, got {type(got).__name__}")
         if got.shape != want.shape or got.dtype != want.dtype:
-            raise ValueError(
+            raise error(
                 f"{where}[{name!r}]: expected {want.dtype} {list(want.shape)}, "
                 f"got {got.dtype} {list(got.shape)}"
             )
 
 
-def _atomic_save(obj: dict[str, Any], path: Path) -> None:
-    """Write to a temporary file beside ``path``, fsync, rename over ``path``, fsync the dir.
-
-    A crash at any point leaves either the old file or the new one at ``path``, never a mix.
-    """
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+def _check_finite(tensors: dict[str, Tensor], where: str, error=ValueError) -> None:
+    """No NaN anywhere and no infinity outside the hyperparameters (``target_kl`` None is
+    stored as +inf): a NaN weight or moment makes every later update non-finite, so skipped."""
+    for name, x in tensors.items():
+        if not x.is_floating_point():
+            continue
+        count = int((x.isnan() if name.startswith("hparams.") else ~x.isfinite()).sum())
+        if count:
+            raise error(
+                f"{where}[{name!r}]: {count} non-finite values (NaN or infinite) among "
+                f"{x.numel()}; a state with them cannot train"
+            )
 
 
 def save_checkpoint(
@@ -184,8 +202,10 @@ def save_checkpoint(
 ) -> None:
     """Write ``state`` (one agent or S stacked seeds) and ``config`` atomically to ``path``.
 
-    ``state`` is checked against ``config`` first, so a file that cannot be loaded is never
-    written. ``extra`` holds any named tensors the caller wants back (e.g. env statistics).
+    ``state`` is checked against ``config`` first, and refused with non-finite weights or
+    moments, so a file that cannot be loaded is never written. ``extra`` holds any named
+    tensors the caller wants back (e.g. env statistics). The file's mode is 0o666 less the
+    umask, as ``torch.save`` gives.
     """
     if not isinstance(state, TrainState):
         raise ValueError(f"state: expected a TrainState, got {type(state).__name__}")
@@ -195,9 +215,10 @@ def save_checkpoint(
             raise ValueError(f"extra: expected str -> Tensor, got {name!r}: {type(value).__name__}")
     tensors = {name: leaf.detach() for name, leaf in _flatten(state).items()}
     batch_shape = tuple(state.step.shape)
-    _check_leaves(tensors, _template(config, batch_shape, "cpu", tensors), "state")
+    _check_leaves(tensors, _template(config, batch_shape, tensors), "state")
+    _check_finite(tensors, "state")
     obj = {
-        "format": _FORMAT,
+        "format": FORMAT,
         "version": CHECKPOINT_VERSION,
         "config": json.dumps(config_to_dict(config), sort_keys=True),
         "architecture": json.dumps(_architecture(config), sort_keys=True),
@@ -206,43 +227,69 @@ def save_checkpoint(
         "step": tensors["step"],
         "extra": {name: value.detach() for name, value in extra.items()},
     }
-    _atomic_save(obj, Path(path))
-
-
-def _check_version(raw: Any, path: str | os.PathLike) -> None:
-    if not isinstance(raw, dict):
-        raise ValueError(f"{path}: expected a dict checkpoint, got {type(raw).__name__}")
-    if "version" not in raw and {"params", "step"} <= set(raw):
-        raise ValueError(
-            f"{path}: version 0 checkpoint (the bare CLI format: params and step only, no "
-            f"optimizer state or config); this loader reads version {CHECKPOINT_VERSION}. "
-            "Upgrade it with funcppo.checkpoint.upgrade_checkpoint(path, config)."
-        )
-    version = raw.get("version")
-    if raw.get("format") != _FORMAT or not isinstance(version, int):
-        raise ValueError(f"{path}: not a funcppo checkpoint (no format/version fields)")
-    if version != CHECKPOINT_VERSION:
-        raise ValueError(
-            f"{path}: checkpoint version {version}, this funcppo reads version "
-            f"{CHECKPOINT_VERSION}; "
-            + (
-                "upgrade funcppo to read it."
-                if version > CHECKPOINT_VERSION
-                else "upgrade it with funcppo.checkpoint.upgrade_checkpoint."
-            )
-        )
+    obj["checksums"] = checksums(obj)
+    write_atomic(path, lambda file: torch.save(obj, file))
 
 
 def _check_config(stored: PPOConfig, config: PPOConfig) -> None:
-    """Name the first field where ``config`` differs from the stored one."""
+    """Name the first ``ARCHITECTURE`` field (or part of the spec) where ``config`` differs."""
     if not isinstance(config, PPOConfig):
         raise ValueError(f"config: expected a PPOConfig, got {type(config).__name__}")
-    have, want = config_to_dict(stored), config_to_dict(config)
-    for name in want:
-        if name not in _FREE_FIELDS and have.get(name) != want[name]:
+    have, want = _architecture(stored), _architecture(config)
+    pairs = [(name, have[name], want[name]) for name in ARCHITECTURE if name != "spec"]
+    pairs[1:1] = [(f"spec.{k}", have["spec"][k], want["spec"][k]) for k in want["spec"]]
+    for name, mine, yours in pairs:
+        if mine != yours:
             raise ValueError(
-                f"config.{name}: checkpoint has {have.get(name)!r}, expected {want[name]!r}"
+                f"config.{name}: the checkpoint's architecture has {mine!r}, this config "
+                f"{yours!r}; the architecture ({', '.join(ARCHITECTURE)}) must match, the "
+                "other fields may differ"
             )
+
+
+def _follow_config(state: TrainState, stored: PPOConfig, config: PPOConfig) -> TrainState:
+    """``state`` with each hyperparameter that ``config`` changes from ``stored`` set to the
+    config's value (for every seed); the others keep the stored values."""
+    new = make_hyperparams(config)
+    changed = {
+        name: getattr(new, name).expand_as(getattr(state.hparams, name)).clone()
+        for name in TENSOR_HYPERPARAMS
+        if getattr(config, name) != getattr(stored, name)
+    }
+    return state._replace(hparams=state.hparams._replace(**changed))
+
+
+def _from_file(
+    raw: dict[str, Any], path: str | os.PathLike, config: PPOConfig | None
+) -> tuple[TrainState, PPOConfig, dict[str, Tensor]]:
+    """The checked ``(state, config, extra)``, on the CPU, of the file dict ``raw``."""
+    where = os.fspath(path)
+    version = check_fields(raw, path)
+    if version >= 2:
+        verify_checksums(raw, path)
+    try:
+        stored = config_from_dict(json.loads(raw["config"]))
+    except (ValueError, TypeError, KeyError) as error:
+        raise CheckpointError(f"{where}: config: unreadable ({error})") from None
+    # Version 1 stored fewer architecture fields, and nothing vouches for them: not compared.
+    if version >= 2 and json.loads(raw["architecture"]) != _architecture(stored):
+        raise CheckpointError(f"{where}: architecture does not match the stored config")
+    if config is not None:
+        _check_config(stored, config)
+    tensors = raw["state"]
+    try:
+        template = _template(config or stored, tuple(raw["batch_shape"]), tensors)
+    except ValueError as error:
+        raise CheckpointError(f"{where}: {error}") from None
+    _check_leaves(tensors, template, f"{where}: state", CheckpointError)
+    if not torch.equal(raw["step"], tensors["step"]):
+        raise CheckpointError(f"{where}: step: differs from state['step'] (damaged?)")
+    _check_finite(tensors, f"{where}: state", CheckpointError)
+    accessors, _, treespec = optree.tree_flatten_with_accessor(template, none_is_leaf=False)
+    state = optree.tree_unflatten(treespec, [tensors[_leaf_name(a)] for a in accessors])
+    if config is None:
+        return state, stored, dict(raw["extra"])
+    return _follow_config(state, stored, config), config, dict(raw["extra"])
 
 
 def load_checkpoint(
@@ -253,51 +300,55 @@ def load_checkpoint(
     """Read a checkpoint written by ``save_checkpoint``: ``(state, config, extra)`` on ``device``.
 
     Loads with ``weights_only=True``, so a file carrying pickled objects is refused before any
-    of its code runs. With ``config`` given, every stored field but ``compile`` must match it
-    (the error names the field) and ``config`` is returned; otherwise the stored config is.
-    ``device`` None means CPU.
+    of its code runs. A missing file raises FileNotFoundError; one that is no checkpoint, is
+    damaged (a checksum fails) or holds non-finite weights, a ``CheckpointError`` naming the
+    file and the entry. With ``config`` given, its ``ARCHITECTURE`` fields must match the
+    stored ones (the error names the field), the others may differ, and ``config`` is
+    returned, the state's hyperparameters following it where it changes them (see the
+    module's docstring); otherwise the stored config is. ``device`` None means CPU.
     """
     device = torch.device("cpu") if device is None else torch.device(device)
-    raw = torch.load(path, map_location=device, weights_only=True)
-    _check_version(raw, path)
-    stored = config_from_dict(json.loads(raw["config"]))
-    architecture = json.loads(raw["architecture"])
-    if architecture != _architecture(stored):
-        raise ValueError(f"{path}: architecture does not match the stored config")
-    if config is not None:
-        _check_config(stored, config)
-    config = stored if config is None else config
-    tensors = raw["state"]
-    template = _template(config, tuple(raw["batch_shape"]), device, tensors)
-    _check_leaves(tensors, template, "state")
-    accessors, _, treespec = optree.tree_flatten_with_accessor(template, none_is_leaf=False)
-    leaves = [tensors[_leaf_name(a)] for a in accessors]
-    state = optree.tree_unflatten(treespec, leaves)
-    return state, config, dict(raw["extra"])
+    state, config, extra = _from_file(read_checkpoint_file(path), path, config)
+    state = optree.tree_map(lambda x: x.to(device), state, none_is_leaf=False)
+    return state, config, {name: x.to(device) for name, x in extra.items()}
 
 
 def upgrade_checkpoint(
     path: str | os.PathLike,
-    config: PPOConfig,
+    config: PPOConfig | None = None,
     out_path: str | os.PathLike | None = None,
     seed: int = 0,
 ) -> None:
-    """Rewrite a version 0 file (the old CLI's ``{"params", "step", "config"}``) as version 1.
+    """Rewrite an older file as the current version, atomically to ``out_path`` (default: over
+    ``path``).
 
-    Version 0 kept no optimizer state, no RNG key, no hyperparameters and only a ``repr`` of
-    the config, so ``config`` must be given (the params are checked against it); the upgraded
-    state has fresh AdamW moments (count 0), hyperparameters from ``config`` and keys from
-    ``seed``. Written atomically to ``out_path`` (default: over ``path``).
+    Version 1 (no checksums) is read unverified, as ``load_checkpoint`` reads it, and written
+    with checksums; ``config``, when given, applies as it does in ``load_checkpoint``.
+    Version 0 (the old CLI's ``{"params", "step", "config"}``) kept no optimizer state, no RNG
+    key, no hyperparameters and only a ``repr`` of the config, so ``config`` must be given (the
+    params are checked against it); the upgraded state has fresh AdamW moments (count 0),
+    hyperparameters from ``config`` and keys from ``seed``.
     """
-    raw = torch.load(path, map_location="cpu", weights_only=True)
-    if not isinstance(raw, dict) or "version" in raw or not {"params", "step"} <= set(raw):
-        raise ValueError(f"{path}: expected a version 0 checkpoint (params and step, no version)")
+    out_path = path if out_path is None else out_path
+    raw = read_checkpoint_file(path)
+    if "version" in raw or not {"params", "step"} <= set(raw):
+        if check_fields(raw, path) == CHECKPOINT_VERSION:
+            raise ValueError(
+                f"{os.fspath(path)}: already version {CHECKPOINT_VERSION}; nothing to upgrade"
+            )
+        save_checkpoint(out_path, *_from_file(raw, path, config))
+        return
+    if not isinstance(config, PPOConfig):
+        raise ValueError(
+            "config: expected a PPOConfig to upgrade a version 0 checkpoint, got "
+            f"{'None' if config is None else type(config).__name__}"
+        )
     step = raw["step"]
     if not isinstance(step, Tensor) or step.dim() > 1:
-        raise ValueError(f"{path}: step: expected a tensor of shape [] or [S]")
+        raise ValueError(f"{os.fspath(path)}: step: expected a tensor of shape [] or [S]")
     check_params(raw["params"], config, batch_dims=step.dim())
     base = jr.key(seed)
     keys = jr.split(base, step.shape[0]) if step.dim() else base
     template = init_train_state(keys, config)
     state = template._replace(params=raw["params"], step=step.to(template.step.dtype))
-    save_checkpoint(path if out_path is None else out_path, state, config)
+    save_checkpoint(out_path, state, config)
