@@ -14,7 +14,7 @@ import torch
 
 from funcppo.agent import PPOAgent
 from funcppo.config import PPOConfig
-from funcppo.gym_adapter import GymAdapter, env_action, gym_action_spec
+from funcppo.gym_adapter import GymAdapter, env_action, gym_action_spec, head_masks
 from funcppo.networks import policy_apply
 
 NEXT, SAME = gym.vector.AutoresetMode.NEXT_STEP, gym.vector.AutoresetMode.SAME_STEP
@@ -217,6 +217,33 @@ def test_masks_from_info_and_from_action_masks_agree():
         via_method.step(actions)
     vec = GymAdapter(gym.vector.SyncVectorEnv([lambda: Masked(True)] * 3), seed=0)
     assert vec.masks["a1"].shape == (3, 5) and bool((vec.masks["a1"].sum(-1) == 2).all())
+
+
+def test_head_masks_split_an_sb3_contrib_mask_for_predict():
+    # MaskablePPO's predict(obs, action_masks=env.action_masks()) as funcppo's.
+    env = Masked()
+    obs, _ = env.reset(seed=1)
+    adapter = GymAdapter(Masked(), seed=1)
+    masks = head_masks(env.action_space, env.action_masks())
+    assert {name: m.shape for name, m in masks.items()} == {"a0": (4,), "a1": (5,)}
+    for name in ("a0", "a1"):
+        assert torch.equal(masks[name], adapter.masks[name][0])
+    as_tuple = head_masks(env.action_space, (env.action_masks()[:4], env.action_masks()[4:]))
+    assert_masks_equal(as_tuple, masks)
+    batch = head_masks(env.action_space, np.stack([env.action_masks()] * 3))
+    assert batch["a1"].shape == (3, 5) and torch.equal(batch["a1"][2], masks["a1"])
+    agent = PPOAgent(PPOConfig(obs_dim=4, spec=adapter.spec, **SMALL), 1, 8)
+    for _ in range(10):
+        actions, _ = agent.predict(obs, masks)
+        assert bool(masks["a1"][actions["a1"]])
+    env.step(env_action(env.action_space, actions))
+    with pytest.raises(ValueError, match=r"mask: expected 9 entries \(sum of the action space's "
+                       r"sizes \[4, 5\]\) in its last axis, got shape \(8,\)"):  # fmt: skip
+        head_masks(env.action_space, env.action_masks()[:8])
+
+
+def assert_masks_equal(a, b):
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_empty_mask_row_and_bad_actions_are_errors():

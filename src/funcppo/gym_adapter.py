@@ -9,7 +9,8 @@ Masks follow sb3-contrib's MaskablePPO, so environments written for it work unch
 ``info["action_mask"]`` when the env reports one, else from an ``action_masks()`` method, else
 all actions are valid. A mask is one flat bool vector of length ``sum(nvec)`` (``n`` for
 ``Discrete``); a tuple of per-component vectors (gymnasium's ``MultiDiscrete.sample`` form)
-is accepted too.
+is accepted too. ``head_masks`` turns such a mask into the agent's per-head masks, for
+``PPOAgent.predict`` outside the adapter.
 
 Episode ends: a single env is reset here, and a vector env resets itself in one of gymnasium
 1.x's autoreset modes. SAME_STEP reports the last observation in ``info["final_obs"]``.
@@ -41,7 +42,7 @@ from funcppo.agent_checks import describe
 from funcppo.envs.base import check_actions
 from funcppo.spec import ActionSpec
 
-__all__ = ["GymAdapter", "env_action", "gym_action_spec"]
+__all__ = ["GymAdapter", "env_action", "gym_action_spec", "head_masks"]
 
 
 def _gym():
@@ -114,6 +115,36 @@ def env_action(space: Any, actions: Mapping[str, Any]) -> np.ndarray:
     values = np.stack(cols, axis=-1) + start
     # One head is the Discrete case: its value, not a length-1 row; [()] makes a 0-d a scalar.
     return values[..., 0][()] if len(cols) == 1 else values
+
+
+def _flat_mask(mask: Any, nvec: np.ndarray, what: str) -> np.ndarray:
+    """A flat mask ``[..., sum(nvec)]`` (or a tuple of per-component vectors) as bool."""
+    if isinstance(mask, (tuple, list)):
+        mask = np.concatenate([np.asarray(m).reshape(-1) for m in mask])
+    mask = np.asarray(mask)
+    total = int(nvec.sum())
+    if mask.ndim == 0 or mask.shape[-1] != total:
+        raise ValueError(
+            f"{what}: expected {total} entries (sum of the action space's sizes "
+            f"{nvec.tolist()}) in its last axis, got shape {mask.shape}"
+        )
+    return mask != 0
+
+
+def head_masks(space: Any, mask: Any) -> dict[str, Tensor]:
+    """An sb3-contrib action mask for ``space`` (one env's ``Discrete`` or 1-d
+    ``MultiDiscrete``) as head -> bool masks, the form ``PPOAgent.predict`` takes.
+
+    ``mask`` is flat, ``[sum(nvec)]`` (an env's ``action_masks()``), or ``[B, sum(nvec)]`` for a
+    batch; or one observation's tuple of per-component vectors. Returns head -> ``[size]``, or
+    ``[B, size]``.
+    """
+    spec, nvec, _ = _action_layout(space)
+    flat = _flat_mask(mask, nvec, "mask")
+    parts = np.split(flat, np.cumsum(nvec)[:-1], axis=-1)
+    return {
+        name: torch.from_numpy(part.copy()) for name, part in zip(spec.names, parts, strict=True)
+    }
 
 
 def _env_name(env: Any) -> str:
@@ -233,15 +264,9 @@ class GymAdapter:
         flat = np.ones((self.num_envs, total), dtype=bool)
         if raw is not None:
             for i, row in enumerate(raw):
-                if isinstance(row, (tuple, list)):
-                    row = np.concatenate([np.asarray(r).reshape(-1) for r in row])
-                row = np.asarray(row).reshape(-1)
-                if row.shape != (total,):
-                    raise ValueError(
-                        f"action mask of env {i}: expected {total} entries (sum of the action "
-                        f"space's sizes {self._nvec.tolist()}), got shape {row.shape}"
-                    )
-                flat[i] = row != 0
+                if not isinstance(row, (tuple, list)):
+                    row = np.asarray(row).reshape(-1)
+                flat[i] = _flat_mask(row, self._nvec, f"action mask of env {i}")
         flat[ignored] = True
         parts = np.split(flat, np.cumsum(self._nvec)[:-1], axis=1)
         return {
