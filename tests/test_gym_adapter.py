@@ -16,6 +16,7 @@ from funcppo.agent import PPOAgent
 from funcppo.config import PPOConfig
 from funcppo.gym_adapter import GymAdapter, env_action, gym_action_spec, head_masks
 from funcppo.networks import policy_apply
+from funcppo.normalize import normalize_obs
 
 NEXT, SAME = gym.vector.AutoresetMode.NEXT_STEP, gym.vector.AutoresetMode.SAME_STEP
 SMALL = {"torso_sizes": (8,), "compile": False, "update_epochs": 1, "num_minibatches": 2}
@@ -162,6 +163,23 @@ def test_normalisers_count_exactly_the_steps_trained_on():
     # The same episodes give the same statistics in either mode (merged in other groupings).
     for a, b in zip(seen[NEXT], seen[SAME], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=0)
+
+
+def test_act_normalises_by_the_statistics_that_count_the_step():
+    # In NEXT_STEP mode act cannot see whether a row will be trained on; the env's next_valid
+    # tells it, so each trained row is normalised by the statistics that observe commits.
+    env = GymAdapter(clock_vec(NEXT, 3), seed=0)
+    agent = PPOAgent(agent_for(env).config, 3, 8, normalize_obs=True)
+    kept = [[] for _ in range(3)]  # each column's trained rows, normalised after observe
+    while not agent.ready:
+        raw = env.obs
+        step = env.step(agent.act(raw, env.masks))
+        agent.observe(step)
+        seen = normalize_obs(agent.obs_stats, raw, 10.0)
+        for b in range(3):
+            if step.valid[b] and len(kept[b]) < 8:
+                kept[b].append(seen[b])
+    assert torch.equal(agent.rollout().obs, torch.stack([torch.stack(k) for k in kept], 1))
 
 
 class Masked(gym.Env):
