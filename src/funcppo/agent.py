@@ -112,8 +112,9 @@ class PPOAgent:
         self.reward_scale = init_reward_scale(num_envs, d) if normalize_reward else None
         self.hidden = init_hidden(config, num_envs, d)
         self.episode_start = torch.ones(num_envs, dtype=torch.bool, device=d)
-        # The last EnvStep's next_valid: False where the env will ignore the next action.
-        self._next_valid = torch.ones(num_envs, dtype=torch.bool, device=d)
+        # The last EnvStep's next_valid: False where the env will ignore the next action. Public
+        # as episode_start is: both describe the env's state, not the rollout's.
+        self.next_valid = torch.ones(num_envs, dtype=torch.bool, device=d)
         self.episode_return = torch.zeros(num_envs, dtype=torch.float64, device=d)
         self.episode_length = torch.zeros(num_envs, dtype=torch.float64, device=d)
         self.metrics: dict[str, Any] = {}
@@ -161,7 +162,7 @@ class PPOAgent:
             # As SB3, the policy sees obs normalised by statistics that include it. Which rows
             # will be trained on is known for sure only in observe, which merges them for good;
             # the env's last next_valid says it ahead, so both merges agree.
-            seen = update_running_stats(self.obs_stats, obs, self._trained(self._next_valid))
+            seen = update_running_stats(self.obs_stats, obs, self._trained(self.next_valid))
             obs = normalize_obs(seen, obs, self.settings["clip_obs"])
         key = jr.fold_in(jr.fold_in(self.state.key, ACT_STREAM), self._act_count)
         self._act_count += 1
@@ -261,7 +262,7 @@ class PPOAgent:
         self._valid.append(valid)
         self._counts += valid.long().cpu()
         self.hidden, self.episode_start = next_hidden, step.episode_start
-        self._next_valid = step.next_valid
+        self.next_valid = step.next_valid
         self.episode_return, self.episode_length, ended = step_episodes(
             self.episode_return, self.episode_length, reward, done, valid
         )
