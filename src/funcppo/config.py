@@ -16,7 +16,7 @@ from typing import Any, NoReturn
 from funcppo.constants import ADAM_EPS
 from funcppo.spec import ActionSpec, lifecycle_spec
 
-__all__ = ["PPOConfig", "anneal_left", "esper_config"]
+__all__ = ["TENSOR_HYPERPARAMS", "PPOConfig", "anneal_left", "check_hparam", "esper_config"]
 
 HeadFloats = tuple[tuple[str, float], ...]
 
@@ -93,6 +93,37 @@ TENSOR_HYPERPARAMS = (
     "target_kl",
 )
 
+_INF = math.inf
+# The float fields' ranges: name -> (low, high, low_open, high_open).
+_RANGES = {
+    "gamma": (0.0, 1.0, True, False),
+    "gae_lambda": (0.0, 1.0, False, False),
+    "clip_coef": (0.0, _INF, True, True),
+    "value_clip": (0.0, _INF, True, True),
+    "vf_coef": (0.0, _INF, False, True),
+    "ent_coef": (0.0, _INF, False, True),
+    "entropy_floor_coef": (0.0, _INF, False, True),
+    "max_grad_norm": (0.0, _INF, True, False),
+    "learning_rate": (0.0, _INF, True, True),
+    "adam_eps": (0.0, _INF, True, True),
+    "weight_decay": (0.0, _INF, False, True),
+}
+
+
+def check_hparam(name: str, value: Any, label: str | None = None) -> float:
+    """``value`` as a float, checked against the range of tensor hyperparameter ``name`` (one of
+    ``TENSOR_HYPERPARAMS``) that ``PPOConfig`` enforces; the error names ``label`` (default
+    ``name``). ``target_kl`` may be None or +inf, both stored as +inf: no target."""
+    label = name if label is None else label
+    if name == "target_kl":
+        if value is None or (isinstance(value, (int, float)) and value == _INF):
+            return _INF
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+            _fail(label, "None or a number in (0.0, inf]", value)
+        return float(value)
+    _check_float(label, value, *_RANGES[name])
+    return float(value)
+
 
 @dataclass(frozen=True)
 class PPOConfig:
@@ -117,6 +148,14 @@ class PPOConfig:
     value-clipping range (separate from ``clip_coef``; seed 004 M2). ``weight_decay`` applies to
     the critic only (seed 003 3.1).
     ``grad_accum_steps`` splits each minibatch into that many micro-batches (seed 003 4.1).
+
+    Hyperparameters as tensors: the fields in ``TENSOR_HYPERPARAMS`` (``learning_rate``,
+    ``ent_coef``, ``clip_coef``, ``vf_coef``, ``gamma``, ``gae_lambda``, ``max_grad_norm``,
+    ``target_kl``) seed a train state's ``hparams`` (``funcppo.state.init_train_state``), and
+    the update reads them from the state, never from the config: per seed under vmap, and
+    changeable without a recompile (``funcppo.state.with_hparams``). ``make_update_fn(config)``
+    refuses a state whose values differ from these unless told to take the state's
+    (``hparams="state"``, as ``make_train`` and ``PPOAgent`` do for sweeps and schedules).
     """
 
     obs_dim: int
@@ -165,29 +204,14 @@ class PPOConfig:
         for name in ("lstm_size", "bptt_len", "update_epochs", "num_minibatches"):
             _check_int(name, getattr(self, name), 1)
         _check_int("grad_accum_steps", self.grad_accum_steps, 1)
-        inf = math.inf
-        # name: (low, high, low_open, high_open)
-        ranges = {
-            "gamma": (0.0, 1.0, True, False),
-            "gae_lambda": (0.0, 1.0, False, False),
-            "clip_coef": (0.0, inf, True, True),
-            "value_clip": (0.0, inf, True, True),
-            "vf_coef": (0.0, inf, False, True),
-            "ent_coef": (0.0, inf, False, True),
-            "entropy_floor_coef": (0.0, inf, False, True),
-            "max_grad_norm": (0.0, inf, True, False),
-            "learning_rate": (0.0, inf, True, True),
-            "adam_eps": (0.0, inf, True, True),
-            "weight_decay": (0.0, inf, False, True),
-        }
-        for name, (low, high, low_open, high_open) in ranges.items():
+        for name, bounds in _RANGES.items():
             value = getattr(self, name)
-            _check_float(name, value, low, high, low_open, high_open)
+            _check_float(name, value, *bounds)
             object.__setattr__(self, name, float(value))
         if self.target_kl is not None:
-            _check_float("target_kl", self.target_kl, 0.0, inf, True, True)
+            _check_float("target_kl", self.target_kl, 0.0, _INF, True, True)
             object.__setattr__(self, "target_kl", float(self.target_kl))
-        coefs = _head_floats("head_ent_coef", self.head_ent_coef, self.spec, 0.0, inf)
+        coefs = _head_floats("head_ent_coef", self.head_ent_coef, self.spec, 0.0, _INF)
         floors = _head_floats("entropy_floor", self.entropy_floor, self.spec, 0.0, 1.0)
         object.__setattr__(self, "head_ent_coef", coefs)
         object.__setattr__(self, "entropy_floor", floors)

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from funcppo import random as jr
-from funcppo.config import PPOConfig
+from funcppo.config import PPOConfig, check_hparam
 from funcppo.networks import policy_init
 from funcppo.optim import adamw, is_critic_path
 
@@ -20,13 +20,19 @@ __all__ = [
     "init_train_state",
     "make_hyperparams",
     "make_optimizer",
+    "with_hparams",
 ]
 
 
 class Hyperparams(NamedTuple):
     """Hyperparameters that may differ per seed: 0-d tensors, vmapped with the state.
 
-    A sweep passes ``[S]`` tensors to ``init_train_state`` and runs S settings in one program.
+    These fields of ``PPOConfig`` (``config.TENSOR_HYPERPARAMS``) travel with the state, and the
+    update reads them from ``state.hparams`` only: the config's values of them seed a new state
+    (``make_hyperparams``, ``init_train_state``) and are otherwise only compared with the
+    state's (``make_update_fn``'s ``hparams`` argument). Change a state's values with
+    ``with_hparams``. A sweep passes ``[S]`` tensors to ``init_train_state`` and runs S
+    settings in one program. ``target_kl`` is +inf where there is no target.
     """
 
     learning_rate: Tensor
@@ -84,22 +90,65 @@ class Batch(NamedTuple):
     hidden: Any = None
 
 
+def _check_fields(argument: str, names) -> None:
+    unknown = sorted(set(names) - set(Hyperparams._fields))
+    if unknown:
+        raise ValueError(
+            f"{argument}: expected fields of Hyperparams {list(Hyperparams._fields)}, "
+            f"got unknown {unknown}"
+        )
+
+
+def _checked_values(name: str, value: Any) -> Any:
+    """``value`` (a number, None, or a tensor of any shape) with every element checked against
+    ``name``'s range in ``PPOConfig``; None becomes +inf for ``target_kl``."""
+    if not isinstance(value, Tensor):
+        return check_hparam(name, value)
+    if not value.is_floating_point() and value.dtype not in (torch.int32, torch.int64):
+        raise ValueError(f"{name}: expected a float tensor, got {value.dtype}")
+    flat = value.detach().reshape(-1).tolist()  # host side, once per change
+    for i, v in enumerate(flat):
+        check_hparam(name, v, name if value.dim() == 0 else f"{name}[{i}]")
+    return value
+
+
 def make_hyperparams(config: PPOConfig, device: torch.device | str | None = None, **overrides):
     """Hyperparams from the config, with any field overridden by a float or a tensor.
 
-    ``target_kl`` of None is stored as +inf: early stopping then never fires.
+    Overrides pass the config's own range checks (a ValueError names the field). ``target_kl``
+    of None is stored as +inf: early stopping then never fires.
     """
-    unknown = sorted(set(overrides) - set(Hyperparams._fields))
-    if unknown:
-        raise ValueError(f"overrides: expected fields of Hyperparams, got unknown {unknown}")
-    values = {
-        name: getattr(config, name) if getattr(config, name) is not None else float("inf")
-        for name in Hyperparams._fields
-    }
-    values.update(overrides)
+    _check_fields("overrides", overrides)
+    values = {name: check_hparam(name, getattr(config, name)) for name in Hyperparams._fields}
+    values.update({name: _checked_values(name, v) for name, v in overrides.items()})
     return Hyperparams(
         **{k: torch.as_tensor(v, dtype=torch.float32, device=device) for k, v in values.items()}
     )
+
+
+def with_hparams(state: TrainState, **changes: Any) -> TrainState:
+    """``state`` with the named hyperparameters (fields of ``Hyperparams``) replaced.
+
+    Each value is a number (None for ``target_kl``: no target), a 0-d tensor, or for stacked
+    states an ``[S]`` tensor (one value per seed); numbers and 0-d tensors apply to every seed.
+    Every value passes the range check ``PPOConfig`` gives its field, and an unknown field or
+    a wrong shape is a ValueError naming it. The new tensors are fresh and dense, with the
+    dtype and device of the ones they replace. ``state`` itself is unchanged.
+    """
+    _check_fields("changes", changes)
+    old, new = state.hparams, {}
+    for name, value in changes.items():
+        ref = getattr(old, name)
+        value = _checked_values(name, value)
+        value = torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
+        if value.dim() > 0 and value.shape != ref.shape:
+            raise ValueError(
+                f"{name}: expected a float or a tensor of shape () or {tuple(ref.shape)} (one per "
+                f"seed), got shape {tuple(value.shape)}"
+            )
+        # Fresh and dense: compiled functions guard on strides (an expanded tensor has 0).
+        new[name] = value.expand_as(ref).clone()
+    return state._replace(hparams=old._replace(**new))
 
 
 def make_optimizer(config: PPOConfig, hparams: Hyperparams):
