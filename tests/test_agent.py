@@ -278,8 +278,8 @@ def test_bad_input_names_the_argument(tmp_path):
         ValueError, match="agent/normalize_obs: checkpoint has False, this agent True"
     ):
         other.load(tmp_path / "a.pt")
-    with pytest.raises(ValueError, match=r"config\.learning_rate"):
-        PPOAgent(config_for(env, learning_rate=1.0), 2, 16).load(tmp_path / "a.pt")
+    with pytest.raises(ValueError, match=r"config\.torso_sizes: .*must match"):
+        PPOAgent(config_for(env, torso_sizes=(4,)), 2, 16).load(tmp_path / "a.pt")
 
 
 def test_act_takes_an_explicit_lstm_state():
@@ -584,14 +584,11 @@ def test_agent_carry_round_trips_and_names_a_bad_entry():
     with pytest.raises(ValueError, match=r"c.pt: extra\['agent/hidden_h'\]: missing"):
         carry_from_extra("c.pt", {k: v for k, v in extra.items() if k != "agent/hidden_h"},
                          settings, carry)  # fmt: skip
-    with pytest.raises(ValueError, match=r"agent/num_envs: checkpoint has 2, this agent 3"):
-        carry_from_extra("c.pt", extra, settings | {"num_envs": 3}, carry)
     bad = extra | {"obs_stats/mean": torch.zeros(4, dtype=torch.float64)}
     with pytest.raises(
         ValueError, match=r"extra\['obs_stats/mean'\]: expected torch.float64 \[3\]"
     ):
         carry_from_extra("c.pt", bad, settings, carry)
-    with pytest.raises(
-        ValueError, match=r"c.pt: extra\[.*'reward_scale/returns'.*\]: not expected"
-    ):
-        carry_from_extra("c.pt", extra, settings, carry._replace(reward_scale=None))
+    # Saved with reward scaling, loaded into an agent without: the statistics are not needed.
+    unscaled = carry._replace(reward_scale=None)
+    assert_trees_equal(carry_from_extra("c.pt", extra, settings, unscaled), unscaled)

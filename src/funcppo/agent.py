@@ -26,7 +26,12 @@ import torch
 from torch import Tensor
 
 from funcppo import random as jr
-from funcppo.agent_checkpoint import AgentCarry, carry_from_extra, carry_to_extra
+from funcppo.agent_checkpoint import (
+    AgentCarry,
+    agent_from_checkpoint,
+    carry_from_extra,
+    carry_to_extra,
+)
 from funcppo.agent_checks import (
     check_agent_args,
     check_batch_actions,
@@ -375,10 +380,21 @@ class PPOAgent:
         save_checkpoint(path, self.state, self.config, carry_to_extra(self.settings, self._carry()))
 
     def load(self, path: str | os.PathLike) -> None:
-        """Restore what ``save`` wrote; the config and the agent's settings must match."""
+        """Restore what ``save`` wrote. The config's architecture and ``normalize_obs`` must
+        match the saved agent's; the rest may differ: the hyperparameters follow this agent's
+        config where it changes them (``funcppo.checkpoint``), and with another ``num_envs``
+        each env starts a new episode (``funcppo.agent_checkpoint``)."""
         state, _, extra = load_checkpoint(path, self.config, self.device)
         carry = carry_from_extra(path, extra, self.settings, self._carry())
         self._clear_rollout()
         self.state = state
         for name, value in zip(AgentCarry._fields, carry, strict=True):
             setattr(self, name, value)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, **overrides: Any) -> PPOAgent:
+        """The agent that ``save`` wrote to ``path``, rebuilt from the file alone (its config
+        and settings included), as Stable-Baselines3's ``PPO.load``. ``overrides`` replace
+        constructor arguments (``num_envs=1`` to evaluate, ``device``, ...) or config fields
+        (``learning_rate`` to fine-tune, ...), within what ``load`` accepts."""
+        return agent_from_checkpoint(cls, path, overrides)
