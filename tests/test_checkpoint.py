@@ -207,7 +207,8 @@ def test_run_time_settings_may_differ_and_hparams_follow_the_config(tmp_path, se
     config = mlp_config(target_kl=0.02)
     keys = jr.key(0) if seeds is None else jr.split(jr.key(0), seeds)
     lrs = {} if seeds is None else {"learning_rate": torch.tensor([1e-3, 2e-3])}
-    state = _perturb(init_train_state(keys, config, **lrs))
+    fresh = init_train_state(keys, config, **lrs)
+    state = _perturb(fresh)._replace(hparams=fresh.hparams)
     save_checkpoint(tmp_path / "c.pt", state, config)
     runtime = {"update_epochs": 3, "num_minibatches": 4, "bptt_len": 2, "compile": True}
     runtime |= {"adam_eps": 1e-8, "weight_decay": 0.1, "norm_adv": False, "lstm_size": 32}
@@ -499,3 +500,16 @@ def test_an_interrupted_save_leaves_the_old_file_and_no_temporary(tmp_path, monk
     monkeypatch.undo()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["c.pt"]
     assert_states_equal(load_checkpoint(path, config)[0], state)
+
+
+def test_leaves_of_any_layout_round_trip(tmp_path):
+    """A one-seed state whose hyperparameters were broadcast from scalars (stride 0) and a
+    transposed weight: the checksums read each tensor's values, whatever its memory layout."""
+    config = mlp_config()
+    state = _perturb(init_train_state(jr.split(jr.key(0), 1), config))
+    hparams = state.hparams._replace(gamma=torch.tensor(0.9).expand(1))
+    w0 = state.params["torso"]["w0"]
+    params = state.params | {"torso": state.params["torso"] | {"w0": w0.mT.contiguous().mT}}
+    state = state._replace(params=params, hparams=hparams)
+    save_checkpoint(tmp_path / "c.pt", state, config)
+    assert_states_equal(load_checkpoint(tmp_path / "c.pt", config)[0], state)

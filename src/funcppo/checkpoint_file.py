@@ -112,9 +112,12 @@ def check_fields(raw: dict[str, Any], path: str | os.PathLike) -> int:
 
 def tensor_digest(x: Tensor) -> str:
     """The sha256 of ``x``'s dtype, shape and bytes (C order), as hex."""
-    x = x.detach().cpu().contiguous()
+    x = x.detach().cpu()
     digest = hashlib.sha256(f"{x.dtype} {list(x.shape)}".encode())
-    digest.update(x.reshape(-1).view(torch.uint8).numpy())
+    flat = x.reshape(-1)
+    if flat.numel() and flat.stride() != (1,):  # a broadcast element (stride 0) or a gather
+        flat = torch.empty_like(flat, memory_format=torch.contiguous_format).copy_(flat)
+    digest.update(flat.view(torch.uint8).numpy())
     return digest.hexdigest()
 
 
