@@ -2,106 +2,119 @@
 
 The public API is the explicit list below; everything is a pure function over pytrees of
 tensors; ``make_train`` and the CLI drive them, and checkpoints hold tensors and JSON only.
+
+Names are imported on first use (PEP 562), so that ``import funcppo`` and the command line's
+``--help`` and argument errors answer without importing torch, which takes seconds.
 """
 
-from funcppo import random
-from funcppo.advantages import gae, normalize_advantages, per_head_advantages
-from funcppo.agent import EnvStep, PPOAgent
-from funcppo.checkpoint import (
-    CHECKPOINT_VERSION,
-    load_checkpoint,
-    save_checkpoint,
-    upgrade_checkpoint,
-)
-from funcppo.config import PPOConfig, esper_config
-from funcppo.distributed import (
-    DataParallel,
-    DistributedError,
-    close_distributed,
-    data_parallel,
-    gather_to_root,
-    init_distributed,
-    shard_seeds,
-)
-from funcppo.distributions import (
-    MaskStats,
-    factored_entropy,
-    factored_logprob,
-    factored_sample,
-    mask_stats,
-    masked_entropy,
-    masked_entropy_raw,
-    masked_log_softmax,
-    masked_logits,
-    masked_logprob,
-    masked_sample,
-    validate_masks,
-)
-from funcppo.evaluate import make_evaluate
-from funcppo.gym_adapter import GymAdapter, gym_action_spec
-from funcppo.losses import (
-    LossCoefs,
-    LossInfo,
-    RatioDiagnostic,
-    RatioStats,
-    clip_fraction,
-    clipped_surrogate,
-    head_kl,
-    head_log_ratios,
-    joint_log_ratio,
-    masked_mean,
-    ppo_loss,
-    ratio_diagnostic,
-    ratio_stats,
-    value_loss,
-    weighted_kl,
-)
-from funcppo.networks import (
-    LSTMState,
-    PolicyOutput,
-    check_params,
-    init_hidden,
-    make_policy_apply,
-    policy_apply,
-    policy_init,
-)
-from funcppo.normalize import (
-    RewardScaleState,
-    RunningStats,
-    init_reward_scale,
-    init_running_stats,
-    normalize_obs,
-    scale_reward,
-    update_reward_scale,
-    update_running_stats,
-)
-from funcppo.optim import (
-    GradientTransformation,
-    ScaleByAdamState,
-    adamw,
-    add_decayed_weights,
-    apply_updates,
-    chain,
-    clip_by_global_norm,
-    global_norm,
-    scale_by_adam,
-    scale_by_learning_rate,
-)
-from funcppo.spec import (
-    LIFECYCLE_OPS,
-    ActionSpec,
-    availability_masks,
-    causal_masks,
-    lifecycle_spec,
-    resolve_masks,
-)
-from funcppo.state import Batch, Hyperparams, TrainState, init_train_state, make_hyperparams
-from funcppo.synthetic import synthetic_batch
-from funcppo.train import TrainConfig, make_train
-from funcppo.update import make_update_fn
-from funcppo.validation import check_batch
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
+
+# Where each public name lives: the submodule imported when the name is first read.
+_SOURCES: dict[str, tuple[str, ...]] = {
+    "advantages": ("gae", "normalize_advantages", "per_head_advantages"),
+    "agent": ("EnvStep", "PPOAgent"),
+    "checkpoint": (
+        "CHECKPOINT_VERSION",
+        "load_checkpoint",
+        "save_checkpoint",
+        "upgrade_checkpoint",
+    ),
+    "config": ("PPOConfig", "esper_config"),
+    "distributed": (
+        "DataParallel",
+        "DistributedError",
+        "close_distributed",
+        "data_parallel",
+        "gather_to_root",
+        "init_distributed",
+        "shard_seeds",
+    ),
+    "distributions": (
+        "MaskStats",
+        "factored_entropy",
+        "factored_logprob",
+        "factored_sample",
+        "mask_stats",
+        "masked_entropy",
+        "masked_entropy_raw",
+        "masked_log_softmax",
+        "masked_logits",
+        "masked_logprob",
+        "masked_sample",
+        "validate_masks",
+    ),
+    "evaluate": ("make_evaluate",),
+    "gym_adapter": ("GymAdapter", "gym_action_spec"),
+    "losses": (
+        "LossCoefs",
+        "LossInfo",
+        "RatioDiagnostic",
+        "RatioStats",
+        "clip_fraction",
+        "clipped_surrogate",
+        "head_kl",
+        "head_log_ratios",
+        "joint_log_ratio",
+        "masked_mean",
+        "ppo_loss",
+        "ratio_diagnostic",
+        "ratio_stats",
+        "value_loss",
+        "weighted_kl",
+    ),
+    "networks": (
+        "LSTMState",
+        "PolicyOutput",
+        "check_params",
+        "init_hidden",
+        "make_policy_apply",
+        "policy_apply",
+        "policy_init",
+    ),
+    "normalize": (
+        "RewardScaleState",
+        "RunningStats",
+        "init_reward_scale",
+        "init_running_stats",
+        "normalize_obs",
+        "scale_reward",
+        "update_reward_scale",
+        "update_running_stats",
+    ),
+    "optim": (
+        "GradientTransformation",
+        "ScaleByAdamState",
+        "adamw",
+        "add_decayed_weights",
+        "apply_updates",
+        "chain",
+        "clip_by_global_norm",
+        "global_norm",
+        "scale_by_adam",
+        "scale_by_learning_rate",
+    ),
+    "spec": (
+        "LIFECYCLE_OPS",
+        "ActionSpec",
+        "availability_masks",
+        "causal_masks",
+        "lifecycle_spec",
+        "resolve_masks",
+    ),
+    "state": ("Batch", "Hyperparams", "TrainState", "init_train_state", "make_hyperparams"),
+    "synthetic": ("synthetic_batch",),
+    "train": ("TrainConfig", "make_train"),
+    "update": ("make_update_fn",),
+    "validation": ("check_batch",),
+}
+_MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
+# Public submodules: ``funcppo.random`` is the API itself (``from funcppo import random``).
+_SUBMODULES = ("random",)
 
 __all__ = [
     "CHECKPOINT_VERSION",
@@ -195,3 +208,18 @@ __all__ = [
     "value_loss",
     "weighted_kl",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        return importlib.import_module(f"{__name__}.{name}")
+    module = _MODULE_OF.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later reads skip this function
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(__all__))
