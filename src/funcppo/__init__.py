@@ -20,6 +20,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "agent": ("EnvStep", "PPOAgent"),
     "checkpoint": (
         "CHECKPOINT_VERSION",
+        "CheckpointError",
         "load_checkpoint",
         "save_checkpoint",
         "upgrade_checkpoint",
@@ -121,6 +122,7 @@ __all__ = [
     "LIFECYCLE_OPS",
     "ActionSpec",
     "Batch",
+    "CheckpointError",
     "DataParallel",
     "DistributedError",
     "EnvStep",
