@@ -12,7 +12,8 @@ from torch.func import vmap
 from funcppo import cli
 from funcppo import random as jr
 from funcppo.checkpoint import load_checkpoint
-from funcppo.cli import _smooth, main, parse_sweep
+from funcppo.cli import main, parse_sweep
+from funcppo.cli_report import smooth
 from funcppo.config import PPOConfig
 from funcppo.envs import make_env
 from funcppo.networks import policy_apply
@@ -358,6 +359,7 @@ def test_cli_takes_the_envs_preset_unless_told(tmp_path):
     assert config.bptt_len == 32 and config.num_minibatches == 1
     assert float(state.obs_stats.count[0]) == pytest.approx(256, abs=1e-3)
     changed = ["--num-envs", "2", "--num-steps", "64", "--no-compile", "--out", str(out)]
+    changed += ["--overwrite"]
     assert main([*args, *changed, "--no-normalize-obs"]) == 0
     record = json.loads((out / "metrics.jsonl").read_text().splitlines()[-1])
     assert record["env_steps"] == 128 * 2
@@ -473,9 +475,9 @@ def test_cli_rejects_a_thread_count_below_one(tmp_path, capsys, flag):
 
 def test_curve_smoothing_is_a_trailing_mean_that_skips_nan():
     returns = torch.tensor([[1.0, 4.0], [float("nan"), 8.0], [5.0, float("nan")], [9.0, 2.0]])
-    got = _smooth(returns, points=2)  # window of 4 // 2 = 2 updates
+    got = smooth(returns, points=2)  # window of 4 // 2 = 2 updates
     # By hand: seed 0: [1], [1, nan], [nan, 5], [5, 9]; seed 1: [4], [4, 8], [8, nan], [nan, 2].
     expected = torch.tensor([[1.0, 4.0], [1.0, 6.0], [5.0, 8.0], [7.0, 2.0]], dtype=torch.float64)
     assert torch.allclose(got, expected.to(got.dtype))
     ragged = torch.tensor([[float("nan")], [float("nan")], [3.0]])
-    assert torch.isnan(_smooth(ragged, points=3)[:2]).all() and _smooth(ragged, points=3)[2] == 3.0
+    assert torch.isnan(smooth(ragged, points=3)[:2]).all() and smooth(ragged, points=3)[2] == 3.0

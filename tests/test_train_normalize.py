@@ -107,7 +107,8 @@ def test_cli_flag_and_preset(tmp_path):
     args = ["train", "--env", "cartpole", "--seeds", "1", "--total-steps", "256", "--no-compile"]
     assert main([*args, "--num-envs", "2", "--num-steps", "64", "--out", str(out)]) == 0
     assert load_checkpoint(out / "checkpoint.pt")[0].obs_stats == ()
-    assert main([*args, "--total-steps", "512", "--normalize-obs", "--out", str(out)]) == 0
+    again = ["--total-steps", "512", "--normalize-obs", "--out", str(out), "--overwrite"]
+    assert main([*args, *again]) == 0
     state, _, _ = load_checkpoint(out / "checkpoint.pt")
     assert float(state.obs_stats.count[0]) == pytest.approx(STATS_INIT_COUNT + 4 * 128)
     assert json.loads((out / "evaluation.json").read_text())["episode_return"][0] > 0

@@ -5,20 +5,29 @@ each with its own ``gymnasium.make_vec(ID, num_envs)`` (seeded ``--seed + i``), 
 after the other within each update. The outputs are the built-in path's: ``metrics.jsonl``
 (each metric a list over seeds), the learning curve, the summary table, and the checkpoint
 (``checkpoint.pt`` for one seed, ``checkpoint-<i>.pt`` per seed otherwise, read back with
-``PPOAgent.load``).
+``PPOAgent.load``). Ctrl-C keeps every finished update, as the built-in path does.
 """
 
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from funcppo.agent import PPOAgent
+from funcppo.cli_args import UsageError, check_sweep_values, make_out_dir, parse_sweep
+from funcppo.cli_report import (
+    FirstCompile,
+    Progress,
+    Recorder,
+    held_interrupts,
+    print_summary,
+    report_end,
+    tensorboard,
+    write_plot,
+)
 from funcppo.config import PPOConfig, anneal_left
 from funcppo.gym_adapter import GymAdapter, _gym
 
@@ -26,16 +35,27 @@ __all__ = ["run_gym_train"]
 
 PREFIX = "gym:"
 
+# The update step of a gymnasium agent, compiled when it first runs; inductor's caches, not
+# precompiled files, make later runs quicker.
+USUAL_COMPILE = "usually a minute or more on a first run, less when inductor's caches are warm"
+
 
 def _agents(
     args: argparse.Namespace, env_id: str, sweep: tuple[str, list[float]] | None
 ) -> list[tuple[PPOAgent, GymAdapter]]:
+    """One agent and vector env per seed; a mistake the env or the sweep shows (an action
+    space funcppo cannot drive, a swept value out of range) as a ``UsageError``."""
     gym = _gym()
     pairs = []
     for i in range(args.seeds):
-        vec = gym.make_vec(env_id, num_envs=args.num_envs, vectorization_mode="sync")
-        env = GymAdapter(vec, seed=args.seed + i)
+        try:
+            vec = gym.make_vec(env_id, num_envs=args.num_envs, vectorization_mode="sync")
+            env = GymAdapter(vec, seed=args.seed + i)
+        except (ValueError, gym.error.Error) as error:
+            raise UsageError(f"--env {PREFIX}{env_id}: {error}") from None
         config = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=not args.no_compile)
+        if i == 0:
+            check_sweep_values(sweep, config.replace)
         if sweep is not None:
             value = sweep[1][i]
             if sweep[0] == "target_kl" and value == float("inf"):
@@ -54,40 +74,27 @@ def _agents(
 
 def run_gym_train(args: argparse.Namespace) -> int:
     """Train ``args.seeds`` agents on ``args.env`` (``gym:ID``), as ``run_train`` does."""
-    from funcppo.cli import (
-        Progress,
-        _summary,
-        _tensorboard,
-        _write_plot,
-        parse_sweep,
-        record_update,
-    )
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise SystemExit("--env gym:ID runs in one process; start it without torchrun")
     torch.set_num_threads(args.threads)
     env_id = args.env.removeprefix(PREFIX)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     sweep = parse_sweep(args.sweep, args.seeds)
     pairs = _agents(args, env_id, sweep)
     steps_per_update = args.num_envs * args.num_steps
     num_updates = args.total_steps // steps_per_update
-    if num_updates < 1:
-        raise SystemExit(
-            f"--total-steps: expected at least {steps_per_update}, got {args.total_steps}"
-        )
+    out = make_out_dir(args)
     print(
         f"training {args.seeds} agents on gymnasium {env_id} for {num_updates} updates "
-        f"({num_updates * steps_per_update} steps per seed), one after the other",
+        f"({num_updates * steps_per_update:,} env steps per seed), one after the other, "
+        f"writing to {out}",
         file=sys.stderr,
+        flush=True,
     )
-    progress = Progress(num_updates, steps_per_update, not args.no_compile)
-    writer = _tensorboard(out)
-    returns: list[list[float]] = []
+    first = FirstCompile(not args.no_compile, None, USUAL_COMPILE)
+    progress = Progress(num_updates, steps_per_update, args.seeds, first)
     base = [(float(a.config.learning_rate), float(a.config.clip_coef)) for a, _ in pairs]
     with open(out / "metrics.jsonl", "w") as log:
+        recorder = Recorder(log, tensorboard(out), progress, steps_per_update)
         try:
+            progress.start()
             for u in range(num_updates):
                 start = time.perf_counter()
                 per_seed = []
@@ -100,20 +107,26 @@ def run_gym_train(args: argparse.Namespace) -> int:
                     per_seed.append(metrics | {"learning_rate": lr_now, "clip_coef": clip_now})
                 metrics = {k: [m[k] for m in per_seed] for k in per_seed[0]}
                 metrics["update_seconds"] = time.perf_counter() - start
-                record_update(u, metrics, steps_per_update, log, writer, progress, returns)
+                recorder(u, metrics)
         except KeyboardInterrupt:
-            pass
-    print(file=sys.stderr)
-    names = (
-        ["checkpoint.pt"] if len(pairs) == 1 else [f"checkpoint-{i}.pt" for i in range(len(pairs))]
-    )
-    for (agent, _), name in zip(pairs, names, strict=True):
-        agent.discard_rollout()  # after Ctrl-C mid-rollout: keep the last finished update
-        agent.save(out / name)
-    plotted = _write_plot(out / "learning_curve.png", returns, steps_per_update, args.env, sweep)
-    _summary(returns, steps_per_update, sweep)
-    print(
-        f"wrote {out / 'metrics.jsonl'}, {', '.join(str(out / n) for n in names)}"
-        + (f", {out / 'learning_curve.png'}" if plotted else "")
-    )
-    return 0
+            pass  # every finished update is kept below
+        finally:
+            progress.stop()
+    done = len(recorder.returns)
+    with held_interrupts() as held:
+        kept = [out / "metrics.jsonl"]
+        if done > 0:
+            names = (
+                ["checkpoint.pt"]
+                if len(pairs) == 1
+                else [f"checkpoint-{i}.pt" for i in range(len(pairs))]
+            )
+            for (agent, _), name in zip(pairs, names, strict=True):
+                agent.discard_rollout()  # after Ctrl-C mid-rollout: keep the last finished update
+                agent.save(out / name)
+                kept.append(out / name)
+        curve = out / "learning_curve.png"
+        if write_plot(curve, recorder.returns, steps_per_update, args.env, sweep):
+            kept.append(curve)
+        print_summary(recorder.returns, progress, sweep)
+    return report_end(kept, done, num_updates, done < num_updates or bool(held))
