@@ -378,6 +378,9 @@ def test_changed_metadata_or_a_removed_entry_is_refused(tmp_path):
     torch.save(raw | {"step": raw["step"] + 1}, tmp_path / "step.pt")
     with pytest.raises(CheckpointError, match=r"step.pt: step: .*state\['step'\]"):
         load_checkpoint(tmp_path / "step.pt")
+    torch.save(_reseal(raw | {"batch_shape": ["2"]}), tmp_path / "shape.pt")
+    with pytest.raises(CheckpointError, match=r"shape.pt: .*batch_shape: expected positive"):
+        load_checkpoint(tmp_path / "shape.pt")
     raw.pop("checksums")
     torch.save(raw, tmp_path / "bare.pt")
     with pytest.raises(CheckpointError, match=r"bare.pt: checksums: missing"):

@@ -269,10 +269,11 @@ def _from_file(
         verify_checksums(raw, path)
     try:
         stored = config_from_dict(json.loads(raw["config"]))
+        architecture = json.loads(raw["architecture"])
     except (ValueError, TypeError, KeyError) as error:
         raise CheckpointError(f"{where}: config: unreadable ({error})") from None
     # Version 1 stored fewer architecture fields, and nothing vouches for them: not compared.
-    if version >= 2 and json.loads(raw["architecture"]) != _architecture(stored):
+    if version >= 2 and architecture != _architecture(stored):
         raise CheckpointError(f"{where}: architecture does not match the stored config")
     if config is not None:
         _check_config(stored, config)

@@ -102,6 +102,9 @@ def check_fields(raw: dict[str, Any], path: str | os.PathLike) -> int:
         if not isinstance(raw.get(name), kind):
             got = "nothing" if name not in raw else type(raw[name]).__name__
             raise _refuse(path, f"{name}: expected a {kind.__name__}, got {got}")
+    shape = raw["batch_shape"]
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in shape):
+        raise _refuse(path, f"batch_shape: expected positive ints, got {shape!r:.80}")
     for section in ("state", "extra"):
         for name, value in raw[section].items():
             if not isinstance(name, str) or not isinstance(value, Tensor):
