@@ -77,7 +77,8 @@ def test_update_for_one_call_schedule_is_make_update_fn_with_those_hparams():
     batch, before = agent.rollout(), agent.state
     metrics = agent.update(3e-2, clip_coef=1e-4)
     hp = before.hparams._replace(learning_rate=torch.tensor(3e-2), clip_coef=torch.tensor(1e-4))
-    want_state, want = make_update_fn(agent.config)(before._replace(hparams=hp), batch)
+    update = make_update_fn(agent.config, hparams="state")
+    want_state, want = update(before._replace(hparams=hp), batch)
     assert_trees_equal(agent.state.params, want_state.params)
     assert metrics["clip_fraction"] == float(want["clip_fraction"]) > 0.0
     assert_trees_equal(agent.state.hparams, before.hparams)
@@ -268,7 +269,7 @@ def test_bad_input_names_the_argument(tmp_path):
     masks = dict(batch.masks, action=batch.masks["action"].clone())
     masks["action"][4, 0, int(batch.actions["action"][4, 0])] = False
     with pytest.raises(
-        ValueError, match=r"taken op is masked in masks\['action'\] at batch index \(4, 0\)"
+        ValueError, match=r"batch.actions\['action'\]: .* at index \(4, 0\), which it forbids"
     ):
         agent.update(batch=batch._replace(masks=masks))
     agent.update()

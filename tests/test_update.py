@@ -247,7 +247,7 @@ def test_learning_rate_sweep_in_one_vmapped_call():
     state0 = optree.tree_map(lambda x: x[0], states)
     batch = synthetic_batch(config, state0.params, jr.key(8), T, B)
     batches = optree.tree_map(lambda x: torch.stack([x, x]), batch, none_is_leaf=False)
-    v_state, _ = make_update_fn(config, num_seeds=2)(states, batches)
+    v_state, _ = make_update_fn(config, num_seeds=2, hparams="state")(states, batches)
     for i, lr in enumerate(lrs.tolist()):
         alone = init_train_state(jr.key(7), config.replace(learning_rate=lr))
         s_state, _ = make_update_fn(config.replace(learning_rate=lr))(alone, batch)
@@ -268,7 +268,7 @@ def test_kl_early_stopping_is_per_seed_and_before_the_step():
     state0 = optree.tree_map(lambda x: x[0], states)
     batch = synthetic_batch(config, state0.params, jr.key(2), T, B)
     batches = optree.tree_map(lambda x: torch.stack([x, x]), batch, none_is_leaf=False)
-    v_state, metrics = make_update_fn(config, num_seeds=2)(states, batches)
+    v_state, metrics = make_update_fn(config, num_seeds=2, hparams="state")(states, batches)
     # Seed 0: the first step is on-policy (KL 0), so it applies; the second sees KL > 0 and
     # stops before its optimizer step, in epoch 0.
     assert metrics["updates_applied"].tolist() == [1.0, 4.0]
@@ -281,7 +281,7 @@ def test_kl_early_stopping_is_per_seed_and_before_the_step():
     assert float(metrics["approx_kl"][0]) < 1e-10
     assert float(metrics["clip_fraction"][0]) == 0.0
     assert metrics["ratio_max"][0].item() == pytest.approx(1.0, abs=1e-5)
-    single = make_update_fn(config)
+    single = make_update_fn(config, hparams="state")
     for i in range(2):
         s_state, s_metrics = single(optree.tree_map(lambda x, i=i: x[i], states), batch)
         assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state), s_state) < 1e-5
@@ -300,11 +300,11 @@ def test_vmapped_seed_without_an_applied_step_keeps_its_step_and_reports_nan():
     bad = batch._replace(obs=torch.full_like(batch.obs, math.nan))
     batches = [bad, batch, batch]
     stacked = optree.tree_map(lambda *xs: torch.stack(xs), *batches, none_is_leaf=False)
-    v_state, v_metrics = make_update_fn(config, num_seeds=3)(states, stacked)
+    v_state, v_metrics = make_update_fn(config, num_seeds=3, hparams="state")(states, stacked)
     assert v_state.step.tolist() == [0, 1, 1]
     assert v_metrics["updates_applied"].tolist() == [0.0, 1.0, 2.0]
     assert math.isnan(float(v_metrics["approx_kl"][0])) and float(v_metrics["approx_kl"][1]) < 1e-10
-    single = make_update_fn(config)
+    single = make_update_fn(config, hparams="state")
     for i in range(3):
         s_state, s_metrics = single(optree.tree_map(lambda x, i=i: x[i], states), batches[i])
         assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state), s_state) < 1e-5
@@ -312,7 +312,11 @@ def test_vmapped_seed_without_an_applied_step_keeps_its_step_and_reports_nan():
             assert torch.allclose(v_metrics[name][i], value, atol=1e-5, equal_nan=True), name
     torch._dynamo.reset()
     compiled = make_update_fn(
-        config.replace(compile=True), num_seeds=3, compile_scope="scan", backend="aot_eager"
+        config.replace(compile=True),
+        num_seeds=3,
+        compile_scope="scan",
+        backend="aot_eager",
+        hparams="state",
     )
     c_state, c_metrics = compiled(states, stacked)
     assert c_state.step.tolist() == [0, 1, 1]

@@ -108,7 +108,10 @@ class PPOAgent:
         }
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.state = init_train_state(jr.key(seed, self.device), config)
-        self._update = make_update_fn(config, compile_scope=compile_scope, backend=backend)
+        # The state's hyperparameters: update(learning_rate=, clip_coef=) sets them per call.
+        self._update = make_update_fn(
+            config, compile_scope=compile_scope, backend=backend, hparams="state"
+        )
         # A rollout of zeros through the update's own checks: a rollout shape that the update
         # would refuse fails here, before any environment step.
         check_batch(config, self.state, zero_rollout(config, num_steps, num_envs, self.device))

@@ -395,6 +395,7 @@ def make_train(
         compile_scope=compile_scope,
         backend=backend,
         data_parallel=data_parallel,
+        hparams="state",  # a sweep's per-seed values and the annealed schedule
     )
 
     def one_update(rs: RunnerState, u: int, base: Hyperparams):

@@ -63,7 +63,7 @@ from funcppo.networks import policy_apply, policy_init
 from funcppo.optim import apply_updates, global_norm, is_critic_path
 from funcppo.spec import causal_masks, entropy_floor_masks
 from funcppo.state import Batch, TrainState, make_hyperparams, make_optimizer
-from funcppo.validation import check_batch
+from funcppo.validation import HPARAMS_SOURCES, check_batch
 
 __all__ = ["Prepared", "make_update_fn"]
 
@@ -528,11 +528,25 @@ def make_update_fn(
     compile_scope: str = "scan",
     backend: str = "inductor",
     data_parallel: DataParallel | None = None,
+    hparams: str = "config",
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
     """A pure ``update(state, batch) -> (state, metrics)`` for ``config``.
 
+    The tensor hyperparameters (``config.TENSOR_HYPERPARAMS``: learning rate, entropy, clip and
+    value coefficients, gamma, lambda, max grad norm, target KL) are read from
+    ``state.hparams``, the one source of truth, so that seeds can differ and a schedule can
+    change them without a recompile; every other field (``adam_eps``, ``value_clip``,
+    ``weight_decay``, ...) comes from ``config``. ``funcppo.state.with_hparams`` changes them
+    in a state.
+
     Args:
       config: the PPO configuration; ``config.compile`` compiles with ``fullgraph=True``.
+      hparams: ``"config"`` (default): the state's tensor hyperparameters must equal the
+        config's, checked on the host before every call (in the batch checks' one transfer);
+        a ValueError names the first field that differs, the config's value and the state's.
+        ``"state"``: the state's values are used as they are, for a sweep (per-seed values)
+        or a schedule that writes ``state.hparams`` between updates (``make_train`` and
+        ``PPOAgent`` pass it).
       num_seeds: when given, ``state`` and ``batch`` carry a leading seed axis of this size and
         the update is vmapped over it: S independent agents in one program.
       compile_scope: ``"scan"`` (default) compiles ``prepare`` and ``finish`` once each and
@@ -558,10 +572,14 @@ def make_update_fn(
     they are NaN and ``ratio_worst_head`` (an index in head order) is -1. ``updates_applied``,
     ``nonfinite_skips``, ``early_stopped`` and ``stop_epoch`` count what happened.
 
-    The returned function validates shapes, dtypes and devices on the host before running.
+    The returned function checks the state and the batch on the host before running
+    (``funcppo.validation.check_batch``): shapes, dtypes, devices, every action in range and
+    allowed by its mask, and the hyperparameters as above.
     """
     if compile_scope not in _SCOPES:
         raise ValueError(f"compile_scope: expected one of {_SCOPES}, got {compile_scope!r}")
+    if hparams not in HPARAMS_SOURCES:
+        raise ValueError(f"hparams: expected one of {HPARAMS_SOURCES}, got {hparams!r}")
     dp = data_parallel
     layouts = _make_layouts(config)
     shuffle = _make_shuffle(config)
@@ -630,7 +648,7 @@ def make_update_fn(
     checked = []
 
     def update(state: TrainState, batch: Batch):
-        check_batch(config, state, batch, num_seeds)
+        check_batch(config, state, batch, num_seeds, hparams=hparams)
         if dp is not None and not checked:
             check_same_shapes(batch, dp)
             checked.append(True)

@@ -1,19 +1,29 @@
-"""Host-side checks at the update boundary: shapes, dtypes and devices, never values.
+"""Host-side checks at the update boundary, before any computation, outside compiled code.
 
-They run before any computation, outside compiled code, so a wrong batch fails with an error
-that names the argument, what was expected and what came.
+First the static facts: shapes, dtypes and devices of the state and the batch. Then the values:
+every action inside its head's range and allowed by its own mask (an op-conditioned head's at
+the taken op's row), and, when the config's hyperparameters are the reference, the state's
+tensor hyperparameters equal to them. The value checks cross to the host once, as one vector of
+flags (one sync per update); only a failing check is looked at further. A bad input fails with
+an error that names the argument (and the head), what was expected and what came.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import optree
 import torch
 from torch import Tensor
 
-from funcppo.config import PPOConfig
+from funcppo.config import TENSOR_HYPERPARAMS, PPOConfig, check_hparam
 from funcppo.networks import check_params
+from funcppo.spec import resolve_masks
 
-__all__ = ["check_batch"]
+__all__ = ["HPARAMS_SOURCES", "check_batch"]
+
+# Where the update's tensor hyperparameters are meant to come from (``make_update_fn``).
+HPARAMS_SOURCES = ("config", "state")
 
 
 def _describe(x) -> str:
@@ -32,22 +42,52 @@ def _check_tensor(name: str, x, shape: tuple, dtype_ok, dtype_name: str, device)
         )
 
 
-def _is_float(dtype: torch.dtype) -> bool:
-    return dtype.is_floating_point
-
-
 def _is_bool(dtype: torch.dtype) -> bool:
     return dtype == torch.bool
 
 
-def _is_int(dtype: torch.dtype) -> bool:
-    return dtype in (torch.int64, torch.int32)
+def _is_int64(dtype: torch.dtype) -> bool:
+    return dtype == torch.int64
 
 
-def check_batch(config: PPOConfig, state, batch, num_seeds: int | None = None) -> None:
-    """Raise ValueError unless ``state`` and ``batch`` fit ``config`` (and ``num_seeds``)."""
-    spec = config.spec
+def _first_index(bad: Tensor) -> tuple[int, ...]:
+    return tuple(int(i) for i in torch.nonzero(bad)[0])
+
+
+def _show_pair(want: float, have: float | list[float]) -> tuple[str, str]:
+    """A config value and the state's (one or a list) to 6 significant digits, or to 9 where
+    6 would make them read alike."""
+    haves = have if isinstance(have, list) else [have]
+    digits = 9 if {f"{v:.6g}" for v in haves} == {f"{want:.6g}"} else 6
+    text = ", ".join(f"{v:.{digits}g}" for v in haves)
+    return f"{want:.{digits}g}", text if not isinstance(have, list) else f"[{text}]"
+
+
+def check_batch(
+    config: PPOConfig, state, batch, num_seeds: int | None = None, *, hparams: str = "state"
+) -> None:
+    """Raise ValueError unless ``state`` and ``batch`` fit ``config`` (and ``num_seeds``).
+
+    Floats are the parameters' dtype, actions int64, flags bool; every action lies in
+    ``[0, size)`` and its mask allows it, for every head, whether or not the taken op uses the
+    head (the rollout samples every head from its mask). With ``hparams="config"``, the
+    state's tensor hyperparameters (``state.hparams``) must also equal the config's; with
+    ``"state"`` they are the state's to choose. The value checks cost one device-to-host
+    transfer.
+    """
+    if hparams not in HPARAMS_SOURCES:
+        raise ValueError(f"hparams: expected one of {HPARAMS_SOURCES}, got {hparams!r}")
     lead = () if num_seeds is None else (num_seeds,)
+    _check_state(config, state, lead, num_seeds)
+    _check_static(config, state, batch, lead)
+    checks = _value_checks(config, state, batch, hparams == "config")
+    flags = torch.stack([bad for bad, _ in checks]).tolist()  # the one transfer
+    for flag, (_, fail) in zip(flags, checks, strict=True):
+        if flag:
+            fail()
+
+
+def _check_state(config: PPOConfig, state, lead: tuple, num_seeds: int | None) -> None:
     device = state.step.device
     if tuple(state.step.shape) != lead:
         raise ValueError(
@@ -58,14 +98,31 @@ def check_batch(config: PPOConfig, state, batch, num_seeds: int | None = None) -
     for path, leaf in zip(*optree.tree_flatten_with_path(state)[:2], strict=True):
         if isinstance(leaf, Tensor) and leaf.device != device:
             raise ValueError(f"state{path}: expected a tensor on {device}, got {leaf.device}")
+    for name in TENSOR_HYPERPARAMS:
+        x = getattr(state.hparams, name)
+        if not isinstance(x, Tensor) or tuple(x.shape) != lead or not x.is_floating_point():
+            raise ValueError(f"state.hparams.{name}: expected float {lead}, got {_describe(x)}")
+
+
+def _check_static(config: PPOConfig, state, batch, lead: tuple) -> None:
+    spec = config.spec
+    device = state.step.device
+    # The network's dtype: a float64 observation would meet float32 weights in a matmul.
+    dtype = optree.tree_leaves(state.params)[0].dtype
+    dtype_name = str(dtype).removeprefix("torch.")
+
+    def check_float(name: str, x, shape: tuple) -> None:
+        _check_tensor(name, x, shape, lambda d: d == dtype, dtype_name, device)
+
     obs = batch.obs
     if not isinstance(obs, Tensor) or obs.ndim != len(lead) + 3:
         raise ValueError(
-            f"batch.obs: expected float {(*lead, 'T', 'B', config.obs_dim)}, got {_describe(obs)}"
+            f"batch.obs: expected {dtype_name} {(*lead, 'T', 'B', config.obs_dim)}, "
+            f"got {_describe(obs)}"
         )
     t, b = obs.shape[len(lead)], obs.shape[len(lead) + 1]
     tb = (*lead, t, b)
-    _check_tensor("batch.obs", obs, (*tb, config.obs_dim), _is_float, "float", device)
+    check_float("batch.obs", obs, (*tb, config.obs_dim))
     seq_len = config.bptt_len if config.recurrent else 1
     if t % seq_len:
         raise ValueError(
@@ -89,31 +146,91 @@ def check_batch(config: PPOConfig, state, batch, num_seeds: int | None = None) -
             got = sorted(heads) if isinstance(heads, dict) else type(heads).__name__
             raise ValueError(f"batch.{field}: expected a dict over heads {spec.names}, got {got}")
     for name, size in spec.heads:
-        _check_tensor(f"batch.actions[{name!r}]", batch.actions[name], tb, _is_int, "int64", device)
+        _check_tensor(
+            f"batch.actions[{name!r}]", batch.actions[name], tb, _is_int64, "int64", device
+        )
         mask_shape = (*tb, spec.n_ops, size) if name in spec.op_conditioned else (*tb, size)
         _check_tensor(
             f"batch.masks[{name!r}]", batch.masks[name], mask_shape, _is_bool, "bool", device
         )
-        _check_tensor(
-            f"batch.logprobs[{name!r}]", batch.logprobs[name], tb, _is_float, "float", device
-        )
+        check_float(f"batch.logprobs[{name!r}]", batch.logprobs[name], tb)
     for field in ("values", "next_values", "rewards"):
-        _check_tensor(f"batch.{field}", getattr(batch, field), tb, _is_float, "float", device)
+        check_float(f"batch.{field}", getattr(batch, field), tb)
     for field in ("terminated", "truncated", "episode_start"):
         _check_tensor(f"batch.{field}", getattr(batch, field), tb, _is_bool, "bool", device)
+    hidden = batch.hidden
     if not config.recurrent:
-        if batch.hidden is not None:
+        if hidden is not None:
             raise ValueError(
-                f"batch.hidden: expected None for an MLP config, got {type(batch.hidden).__name__}"
+                f"batch.hidden: expected None for an MLP config, got {type(hidden).__name__}"
             )
         return
-    hidden = batch.hidden
     if not isinstance(hidden, tuple) or len(hidden) != 2:
         raise ValueError(
             f"batch.hidden: expected LSTMState(h, c) of {(*tb, config.lstm_size)}, "
             f"got {type(hidden).__name__}"
         )
     for part, x in zip("hc", hidden, strict=True):
-        _check_tensor(
-            f"batch.hidden.{part}", x, (*tb, config.lstm_size), _is_float, "float", device
-        )
+        check_float(f"batch.hidden.{part}", x, (*tb, config.lstm_size))
+
+
+Check = tuple[Tensor, Callable[[], None]]
+
+
+def _value_checks(config: PPOConfig, state, batch, against_config: bool) -> list[Check]:
+    """``(bad, fail)`` pairs in the order their errors take precedence: ``bad`` a 0-d bool
+    tensor, ``fail()`` raising the error that describes it."""
+    spec = config.spec
+    checks: list[Check] = []
+    in_range = {}
+    for name, size in spec.heads:
+        a = batch.actions[name]
+        in_range[name] = (a >= 0) & (a < size)
+
+        def fail_range(name=name, size=size, a=a) -> None:
+            where = _first_index(~in_range[name])
+            raise ValueError(
+                f"batch.actions[{name!r}]: expected values in [0, {size}), got {int(a[where])} "
+                f"at index {where}"
+            )
+
+        checks.append((~in_range[name].all(), fail_range))
+    op = batch.actions[spec.op_head]
+    resolved = resolve_masks(spec, batch.masks, op)
+    for name, size in spec.heads:
+        a = batch.actions[name]
+        taken = a.clamp(0, size - 1).unsqueeze(-1)
+        forbidden = in_range[name] & ~resolved[name].gather(-1, taken).squeeze(-1)
+
+        def fail_mask(name=name, a=a, forbidden=forbidden) -> None:
+            where = _first_index(forbidden)
+            row = ""
+            if name in spec.op_conditioned:
+                o = int(op[where])
+                label = f" ({spec.op_names[o]})" if spec.op_names else ""
+                row = f" in the row of the taken op {o}{label}"
+            raise ValueError(
+                f"batch.actions[{name!r}]: expected actions that batch.masks[{name!r}] allows, "
+                f"got {int(a[where])} at index {where}, which it forbids{row}"
+            )
+
+        checks.append((forbidden.any(), fail_mask))
+    if against_config:
+        for name in TENSOR_HYPERPARAMS:
+            have = getattr(state.hparams, name)
+            want = check_hparam(name, getattr(config, name))
+            differs = have != torch.tensor(want, dtype=have.dtype, device=have.device)
+
+            def fail_hparam(name=name, have=have, want=want) -> None:
+                expected, got = _show_pair(want, have.tolist())
+                note = " is None: no target" if getattr(config, name) is None else ""
+                raise ValueError(
+                    f"state.hparams.{name}: expected {expected} (config.{name}{note}), got "
+                    f"{got} in the state. The update trains with the state's "
+                    f"hyperparameters: give the state the config's value with "
+                    f"with_hparams(state, {name}=...), or pass hparams='state' to make_update_fn "
+                    f"to train with the state's values on purpose (a sweep, a schedule)"
+                )
+
+            checks.append((differs.any(), fail_hparam))
+    return checks
