@@ -64,7 +64,7 @@ def test_update_is_make_update_fn_on_the_rollout():
     want_state, want = make_update_fn(agent.config)(before, batch)
     assert_trees_equal(agent.state, want_state)
     assert metrics["loss"] == float(want["loss"]) and metrics["episodes"] >= 0
-    assert metrics["worst_ratio_head"] == "action"
+    assert metrics["ratio_worst_head"] == "action"
     assert metrics["ratio_max/action"] == float(want["ratio_max/action"])
 
 
@@ -218,7 +218,7 @@ def test_ratio_diagnostic_names_the_worst_head():
     # Old log-probs of a1 lowered by 3: its ratio is e^3 ~ 20 where the op uses it.
     logprobs = dict(batch.logprobs, a1=batch.logprobs["a1"] - 3.0)
     metrics = agent.update(batch=batch._replace(logprobs=logprobs))
-    assert metrics["worst_ratio_head"] == "a1"
+    assert metrics["ratio_worst_head"] == "a1"
     assert metrics["ratio_max/a1"] > 15 and metrics["ratio_max/op"] < 2
     assert metrics["ratio_explosion"] == 1.0 and metrics["ratio_collapse"] == 0.0
 

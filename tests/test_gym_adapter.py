@@ -459,7 +459,7 @@ def test_cli_trains_a_gym_env_and_writes_the_usual_outputs(tmp_path, capsys):
     clips = [json.loads(line)["clip_coef"][0] for line in lines]
     assert clips == pytest.approx([0.2, 0.15, 0.1, 0.05])
     record = json.loads(lines[-1])
-    assert record["env_steps"] == 512 and record["worst_ratio_head"] == ["action"]
+    assert record["env_steps"] == 512 and record["ratio_worst_head"] == ["action"]
     assert "| all |" in capsys.readouterr().out
     env = GymAdapter(gym.make_vec("CartPole-v1", num_envs=2), seed=0)
     agent = PPOAgent(PPOConfig(obs_dim=4, spec=env.spec, compile=False), 2, 64, normalize_obs=True)

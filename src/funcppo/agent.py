@@ -292,8 +292,9 @@ class PPOAgent:
         batch: Batch | None = None,
         clip_coef: float | None = None,
     ) -> dict:
-        """One PPO update; returns (and keeps in ``metrics``) host floats, plus
-        ``worst_ratio_head``, the name of the head whose ratio strayed furthest from 1.
+        """One PPO update; returns (and keeps in ``metrics``) host floats, except
+        ``ratio_worst_head``: the name of the head whose ratio strayed furthest from 1 (the
+        functional update reports its index).
 
         ``learning_rate`` and ``clip_coef``, when given, replace the configured ones for this
         update only (each passes the config's own range check).

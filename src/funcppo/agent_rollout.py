@@ -116,7 +116,8 @@ def host_metrics(
 ) -> dict[str, Any]:
     """The update's 0-d metrics as host floats, in one device-to-host transfer, and:
 
-    ``worst_ratio_head``, the name of head ``ratio_worst_head`` (None where it is negative);
+    ``ratio_worst_head`` as the head's name, in place of the update's index in head order
+    (None where the index is -1: no head had a finite ratio);
     ``episode_return``/``episode_length``, the means over the episodes ``finished``
     (``(summed return, summed length, count)``; NaN for none) and ``episodes``, their count;
     ``discarded_steps``, the ``discarded`` valid steps beyond ``num_steps`` per column.
@@ -125,7 +126,7 @@ def host_metrics(
     values = torch.stack([metrics[n].float() for n in names]).cpu().tolist()
     host: dict[str, Any] = dict(zip(names, values, strict=True))
     worst = int(host["ratio_worst_head"])
-    host["worst_ratio_head"] = spec.names[worst] if worst >= 0 else None
+    host["ratio_worst_head"] = spec.names[worst] if worst >= 0 else None
     total, length, count = finished
     host["episode_return"] = total / count if count else math.nan
     host["episode_length"] = length / count if count else math.nan
