@@ -149,7 +149,24 @@ def test_esper_config_carries_seed_system_values():
     assert cfg.spec == lifecycle_spec(3) and cfg.obs_dim == 40
     assert (cfg.learning_rate, cfg.gamma, cfg.gae_lambda, cfg.clip_coef) == (3e-4, 0.995, 0.98, 0.2)
     assert cfg.target_kl == 0.015 and cfg.recurrent and cfg.lstm_size == 128
-    assert cfg.ent_coef == 0.05 and cfg.value_clip == 10.0
+    assert cfg.ent_coef == 0.05
+    # One epoch of the recurrent policy over the whole rollout as one batch of sequences.
+    assert cfg.update_epochs == 1
+    assert cfg.num_minibatches == 1
+    # Value clipping off by default, with its own range of 10 when turned on.
+    assert cfg.clip_vloss is False
+    assert cfg.value_clip == 10.0
+    assert cfg.max_grad_norm == 5.0
+    assert cfg.entropy_floors() == {
+        "op": 0.30,
+        "slot": 0.15,
+        "blueprint": 0.20,
+        "style": 0.15,
+        "tempo": 0.20,
+        "alpha_target": 0.10,
+        "alpha_speed": 0.10,
+        "alpha_curve": 0.10,
+    }
     assert cfg.head_ent_coefs() == {
         "op": 1.0,
         "slot": 1.0,
@@ -167,6 +184,8 @@ def test_esper_config_slots_and_overrides():
     cfg = esper_config(12, num_slots=5, lstm_size=32, gamma=0.9)
     assert cfg.spec.size("slot") == 5 and cfg.lstm_size == 32 and cfg.gamma == 0.9
     assert cfg.target_kl == 0.015
+    assert esper_config(12, clip_vloss=True).clip_vloss is True
+    assert esper_config(12, entropy_floor={"op": 0.5}).entropy_floors() == {"op": 0.5}
     with pytest.raises(ValueError, match="lstm_size"):
         esper_config(12, lstm_size=0)
     with pytest.raises(ValueError, match="num_slots"):

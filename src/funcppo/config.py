@@ -244,8 +244,13 @@ class PPOConfig:
 def esper_config(obs_dim: int, num_slots: int = 3, **overrides: Any) -> PPOConfig:
     """The seed system's hyperparameters on its lifecycle action space.
 
-    Recurrent (LSTM 128), lr 3e-4, gamma 0.995, lambda 0.98, clip 0.2, target KL 0.015, entropy
-    coefficient 0.05 with per-head multipliers, value clip range 10.0 (seed 004 M2).
+    Recurrent (LSTM 128), lr 3e-4, gamma 0.995, lambda 0.98, clip 0.2, target KL 0.015, max grad
+    norm 5.0; one epoch (``update_epochs=1``, the original's recurrent epoch count) over the
+    whole rollout as one batch of sequences (``num_minibatches=1``); entropy coefficient 0.05
+    with per-head multipliers and per-head normalised-entropy floors (op 0.30, slot 0.15,
+    blueprint 0.20, style 0.15, tempo 0.20, each alpha head 0.10); value clipping off
+    (``clip_vloss=False``), with range 10.0 when turned on (seed 004 M2). ``overrides`` replace
+    any field.
     """
     values: dict[str, Any] = {
         "spec": lifecycle_spec(num_slots),
@@ -267,6 +272,20 @@ def esper_config(obs_dim: int, num_slots: int = 3, **overrides: Any) -> PPOConfi
             "alpha_speed": 1.2,
             "alpha_curve": 1.2,
         },
+        "entropy_floor": {
+            "op": 0.30,
+            "slot": 0.15,
+            "blueprint": 0.20,
+            "style": 0.15,
+            "tempo": 0.20,
+            "alpha_target": 0.10,
+            "alpha_speed": 0.10,
+            "alpha_curve": 0.10,
+        },
+        "update_epochs": 1,
+        "num_minibatches": 1,
+        "max_grad_norm": 5.0,
+        "clip_vloss": False,
         "value_clip": 10.0,
     }
     values.update(overrides)
