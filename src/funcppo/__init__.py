@@ -104,10 +104,18 @@ _SOURCES: dict[str, tuple[str, ...]] = {
         "ActionSpec",
         "availability_masks",
         "causal_masks",
+        "entropy_floor_masks",
         "lifecycle_spec",
         "resolve_masks",
     ),
-    "state": ("Batch", "Hyperparams", "TrainState", "init_train_state", "make_hyperparams"),
+    "state": (
+        "Batch",
+        "Hyperparams",
+        "TrainState",
+        "init_train_state",
+        "make_hyperparams",
+        "with_hparams",
+    ),
     "synthetic": ("synthetic_batch",),
     "train": ("TrainConfig", "make_train"),
     "update": ("make_update_fn",),
@@ -156,6 +164,7 @@ __all__ = [
     "clipped_surrogate",
     "close_distributed",
     "data_parallel",
+    "entropy_floor_masks",
     "esper_config",
     "factored_entropy",
     "factored_logprob",
@@ -209,6 +218,7 @@ __all__ = [
     "validate_masks",
     "value_loss",
     "weighted_kl",
+    "with_hparams",
 ]
 
 
