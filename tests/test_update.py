@@ -400,29 +400,27 @@ def test_finiteness_gate_skips_only_affected_minibatches():
     assert math.isfinite(float(metrics["loss"]))
 
 
-def test_head_grad_norm_is_nan_when_head_never_relevant():
-    config = small_config()
-    state, batch = make_case(config)
+def only_ops_0_and_1(batch):
+    """``batch`` with op 2 masked out everywhere and every taken op 0: heads b and c are then
+    never relevant, and c never available (only op 2 uses it). Op 0's row of the op-conditioned
+    head a is widened to allow the a action already taken, so every action stays valid."""
     op_mask = batch.masks["op"].clone()
     op_mask[..., 2] = False
     op_mask[..., 0] = True
+    a_mask = batch.masks["a"].clone()
+    a_mask[..., 0, :] |= batch.actions["a"].unsqueeze(-1) == torch.arange(a_mask.shape[-1])
     actions = dict(batch.actions, op=torch.zeros_like(batch.actions["op"]))
-    masks = dict(batch.masks, op=op_mask)
-    _, metrics = make_update_fn(config)(state, batch._replace(actions=actions, masks=masks))
+    return batch._replace(actions=actions, masks=dict(batch.masks, op=op_mask, a=a_mask))
+
+
+def test_head_grad_norm_is_nan_when_head_never_relevant():
+    config = small_config()
+    state, batch = make_case(config)
+    _, metrics = make_update_fn(config)(state, only_ops_0_and_1(batch))
     assert math.isnan(float(metrics["grad_norm/c"]))
     assert math.isnan(float(metrics["grad_norm/b"]))
     assert math.isfinite(float(metrics["grad_norm/op"]))
     assert float(metrics["relevant_fraction/c"]) == 0.0
-
-
-def only_ops_0_and_1(batch):
-    """``batch`` with op 2 masked out everywhere and every taken op 0: head c is then never
-    available (only op 2 uses it)."""
-    op_mask = batch.masks["op"].clone()
-    op_mask[..., 2] = False
-    op_mask[..., 0] = True
-    actions = dict(batch.actions, op=torch.zeros_like(batch.actions["op"]))
-    return batch._replace(actions=actions, masks=dict(batch.masks, op=op_mask))
 
 
 @pytest.mark.parametrize("accum", [1, 2])
