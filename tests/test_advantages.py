@@ -179,6 +179,7 @@ def test_gae_vmap_per_seed_coefficients_matches_loop():
         torch.testing.assert_close(adv_g[s], gae(*data[0], float(gammas[s]), float(lambdas[s]))[0])
 
 
+@pytest.mark.slow
 def test_gae_compiled_matches_eager():
     r, v, nv, term, trunc = rollout(5, 128, 8)
     compiled = torch.compile(gae, fullgraph=True)
@@ -189,6 +190,7 @@ def test_gae_compiled_matches_eager():
     torch.testing.assert_close(ret_c, ret_e)
 
 
+@pytest.mark.slow
 def test_gae_compiled_vmap_matches_eager():
     stacked = [
         torch.stack(x) for x in zip(*(rollout(20 + s, 40, 2) for s in range(3)), strict=True)

@@ -292,6 +292,7 @@ def wait_for_lines(path: Path, n: int) -> None:
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_ctrl_c_during_the_first_compile_keeps_the_empty_log_and_exits_130(tmp_path):
     run = Run(["--seeds", "2", "--total-steps", "4096", "--out", "out"], tmp_path)
     run.wait_for("compiling the first update")
@@ -303,6 +304,7 @@ def test_ctrl_c_during_the_first_compile_keeps_the_empty_log_and_exits_130(tmp_p
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["metrics.jsonl"]
 
 
+@pytest.mark.slow
 def test_ctrl_c_after_some_updates_keeps_them_in_the_runs_own_folder(tmp_path):
     run = Run(["--seeds", "2", "--total-steps", "10000000", *TINY], tmp_path)
     run.wait_for("writing to ")
@@ -321,6 +323,7 @@ def test_ctrl_c_after_some_updates_keeps_them_in_the_runs_own_folder(tmp_path):
     assert f"{done} updates, {done * 32:,} env steps per seed" in stdout
 
 
+@pytest.mark.slow
 def test_ctrl_c_on_a_gym_env_keeps_every_finished_update(tmp_path):
     run = Run(
         ["--env", "gym:CartPole-v1", "--seeds", "2", "--total-steps", "10000000", *TINY], tmp_path
@@ -337,6 +340,7 @@ def test_ctrl_c_on_a_gym_env_keeps_every_finished_update(tmp_path):
     assert (out / "learning_curve.png").exists() == HAVE_MATPLOTLIB
 
 
+@pytest.mark.slow
 def test_ctrl_c_before_a_gym_agents_first_update_keeps_no_checkpoint(tmp_path):
     run = Run(["--env", "gym:CartPole-v1", "--seeds", "1", "--out", "out"], tmp_path)
     run.wait_for("compiling the first update")
@@ -471,6 +475,7 @@ def test_progress_labels_its_rates_and_gives_an_eta_only_once_known(capsys):
     )
 
 
+@pytest.mark.slow
 def test_the_main_job_runs_end_to_end_eagerly(tmp_path):
     args = ["train", "--env", "cartpole", "--seeds", "2", "--total-steps", "64", *TINY]
     done = subprocess.run(

@@ -108,6 +108,7 @@ def test_pack_by_dtype_gives_every_leaf_back(specs):
     assert [v.shape for v in again] == [v.shape for v in vectors]
 
 
+@pytest.mark.slow
 def test_scan_in_cpp_carries_two_equal_outputs_once_packed():
     # Two carries that inductor computes as one buffer: torch 2.13's C++ loop moves that
     # buffer into both slots, which crashed the next iteration when the carries were separate.
@@ -146,6 +147,7 @@ def test_scan_carry_keeps_the_chosen_leaves_and_packs_the_rest():
         assert torch.equal(got, want)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("env", "expected"), [(None, True), ("0", None), ("1", None)])
 def test_vector_instruction_sets_trusted_unless_the_user_decides(env, expected):
     # A fresh interpreter: the options are fixed when funcppo.compiling is imported.

@@ -330,6 +330,7 @@ def _time_update_until_error(dp, error):
     return {"seconds": time.perf_counter() - start, "error": None}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("task", "bound_s"), [("failing_rank", 10.0), ("hanging_rank", 6.0)])
 def test_a_failed_or_hung_process_stops_the_other_with_a_clear_error(task, bound_s, tmp_path):
     codes, _ = spawn(task, tmp_path, timeout_s=60.0, pg_timeout_s=2.0)
@@ -371,6 +372,7 @@ CLI_ARGS = ["train", "--seeds", "3", "--total-steps", "96", "--num-envs", "2"]
 CLI_ARGS += ["--num-steps", "16", "--no-compile"]
 
 
+@pytest.mark.slow
 def test_cli_seeds_split_over_two_processes_match_one_process(tmp_path):
     # 3 seeds over 2 processes: rank 0 runs seeds 0-1, rank 1 seed 2, vmapped each.
     from funcppo.checkpoint import load_checkpoint

@@ -432,6 +432,7 @@ def compiled_target(spec, logits, masks, actions, key):
     )
 
 
+@pytest.mark.slow
 def test_compile_equals_eager():
     # One graph for all four so the suite pays for a single cold compile.
     spec = small_spec()

@@ -218,6 +218,7 @@ def test_vmap_over_seeds_equals_loop():
     assert truncations > 0
 
 
+@pytest.mark.slow
 def test_compile_step_equals_eager():
     env = CartPole(6)
     physics = random_states(10, 6)

@@ -446,6 +446,7 @@ def test_vmap_over_seeds_equals_loop():
             assert torch.equal(batched[name][s], value)
 
 
+@pytest.mark.slow
 def test_compile_step_equals_eager():
     env = Lifecycle(16, max_steps=70)
     state, _, _, actions, key = trace()[60]

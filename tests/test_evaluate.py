@@ -62,6 +62,7 @@ def test_vmapped_seeds_match_a_loop_over_seeds():
         assert torch.allclose(together[i], alone(state_i, eval_keys[i]), atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager():
     cfg = config(num_envs=2)
     state = init_train_state(jr.key(5), cfg.ppo)

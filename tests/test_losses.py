@@ -577,6 +577,7 @@ def test_vmap_of_shares_matches_loop():
         assert_trees_close(optree.tree_map(lambda x, s=s: x[s], got), first_share(batches[s]))
 
 
+@pytest.mark.slow
 def test_compile_fullgraph_matches_eager():
     b = make_batch(7, shape=(6,), dtype=torch.float32)
     coefs = LossCoefs(head_ent_coef={"slot": 2.0}, entropy_floor={"blueprint": 0.7})

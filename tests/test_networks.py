@@ -417,6 +417,7 @@ def test_vmap_over_seeds_equals_loop_mlp_shared_obs():
         )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [MLP, LSTM], ids=["mlp", "lstm"])
 def test_compile_fullgraph_matches_eager(cfg):
     params = randomized(policy_init(fr.key(5), cfg))

@@ -427,6 +427,7 @@ def test_bad_update_inputs_raise_value_error():
         global_norm({"a": 1.0})
 
 
+@pytest.mark.slow
 def test_compiled_vmapped_sweep_matches_eager():
     gen = torch.Generator().manual_seed(8)
     params = make_params(gen, lead=(2,))

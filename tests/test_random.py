@@ -255,6 +255,7 @@ def compiled_draws(k):
     }
 
 
+@pytest.mark.slow
 def test_compile_equals_eager():
     # One small graph: each compiled kernel costs seconds of C++ build on a cold cache.
     k = R.key(33)

@@ -109,6 +109,7 @@ def test_sweep_errors_name_the_argument():
         parse_sweep("gamma=0.9,0.99,0.999", 2)
 
 
+@pytest.mark.slow
 def test_compiled_matches_eager():
     # With the normaliser, whose statistics the compiled rollout carries per seed. The update's
     # default scope, the scan (the minibatch scope's tracing is tested in test_update.py).
@@ -186,6 +187,7 @@ def _constants_in_subgraphs(gm: torch.fx.GraphModule) -> list[str]:
     return found
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("env_name", ["cartpole", "cartpole-pomdp", "lifecycle"])
 def test_scanned_rollout_body_holds_no_tensor_constant(env_name):
     # Inductor's loop lowering leaves a tensor constant inside a scan body unbound (torch
@@ -208,6 +210,7 @@ def test_scanned_rollout_body_holds_no_tensor_constant(env_name):
     assert [c for gm in graphs for c in _constants_in_subgraphs(gm)] == []
 
 
+@pytest.mark.slow
 def test_compiled_rollout_compiles_once():
     # Lifecycle's reset hands out one zero tensor for several state fields; dynamo guards on
     # aliasing, so without care the rollout compiles again once its outputs are distinct.
@@ -262,6 +265,7 @@ def test_ctrl_c_keeps_finished_updates():
     assert int(state.step) == 2
 
 
+@pytest.mark.slow
 def test_cartpole_learns_on_a_small_budget():
     env = make_env("cartpole", 4)
     ppo = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=False, learning_rate=2.5e-3)
@@ -348,6 +352,7 @@ def test_cli_sweep_over_target_kl_turns_early_stopping_on_per_seed(tmp_path):
     assert [r["early_stopped"] for r in records] == [[0.0, 1.0]] * 2
 
 
+@pytest.mark.slow
 def test_cli_takes_the_envs_preset_unless_told(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--env", "cartpole-pomdp", "--seeds", "1", "--total-steps", "256"]

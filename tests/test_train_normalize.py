@@ -102,6 +102,7 @@ def test_data_parallel_refuses_normalisation():
         make_train(config(), data_parallel=OneProcess())
 
 
+@pytest.mark.slow
 def test_cli_flag_and_preset(tmp_path):
     out = tmp_path / "run"
     args = ["train", "--env", "cartpole", "--seeds", "1", "--total-steps", "256", "--no-compile"]

@@ -188,6 +188,7 @@ def test_compiled_matches_eager_without_graph_breaks(scope, backend):
         assert torch.allclose(c_metrics[name], value, atol=1e-5, equal_nan=True), name
 
 
+@pytest.mark.slow
 def test_scan_scope_matches_eager_for_vmapped_seeds_without_graph_breaks():
     # The minibatch steps as one scan: vmapped inside the scan body, an LSTM replayed in it.
     config = small_config(recurrent=True, bptt_len=4, target_kl=0.02, update_epochs=2)
@@ -289,6 +290,7 @@ def test_kl_early_stopping_is_per_seed_and_before_the_step():
             assert torch.allclose(metrics[name][i], value, atol=1e-5, equal_nan=True), name
 
 
+@pytest.mark.slow
 def test_vmapped_seed_without_an_applied_step_keeps_its_step_and_reports_nan():
     # Seed 0's data is non-finite (every step skipped), seed 1's target stops it after one
     # applied step, seed 2 runs every step: vmapped, eager and compiled, as one at a time.
@@ -436,6 +438,7 @@ def test_entropy_floor_of_a_head_never_available_adds_nothing(accum):
     assert max_diff(floor_state.params, plain_state.params) < 1e-6
 
 
+@pytest.mark.slow
 def test_recurrent_update_runs_compiled_and_matches_eager():
     config = small_config(recurrent=True, bptt_len=4, update_epochs=1, num_minibatches=2)
     state, batch = make_case(config)
@@ -476,6 +479,7 @@ def test_bad_batch_errors_name_the_argument():
         make_update_fn(config, compile_scope="epoch")
 
 
+@pytest.mark.slow
 def test_vmapped_compiled_matches_vmapped_eager():
     # The minibatch scope's loop over a vmapped step (the scan of vmapped steps: above).
     config = small_config(update_epochs=1)
@@ -584,6 +588,7 @@ def test_grad_accumulation_vmapped_seeds_match_each_seed_alone():
         assert_metrics_equal({k: v[i] for k, v in v_metrics.items()}, s_metrics)
 
 
+@pytest.mark.slow
 def test_grad_accumulation_compiled_matches_eager_whole_minibatch():
     config = small_config(update_epochs=1, entropy_floor=FLOORS, target_kl=0.05)
     state, batch = make_case(config)
