@@ -22,15 +22,17 @@ import optree
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
-from torch._higher_order_ops.scan import scan
 from torch.func import vmap
 
 from funcppo import random as jr
 from funcppo.compiling import (
+    CompileSettings,
     compile_fn,
     fresh,
+    per_device,
     scan_cacheable,
     scan_carry,
+    scan_op,
     unaliased,
 )
 from funcppo.config import PPOConfig, anneal_left
@@ -230,18 +232,28 @@ def make_rollout(
     num_steps: int,
     time_axis: int,
     compile_: bool,
-    backend: str,
+    backend: str | None = None,
     threads: int | None = None,
+    *,
+    compiler: CompileSettings | None = None,
 ) -> Callable[[RunnerState], tuple[RunnerState, Batch]]:
     """``rollout(rs) -> (rs, batch)``: ``num_steps`` of ``env_step(params, rs)``, the
     transitions stacked on ``time_axis``; compiled as one scan, or driven from Python. With
-    ``threads``, torch's intra-op threads are set to it while the rollout runs."""
+    ``threads``, torch's intra-op threads are set to it while the rollout runs.
+
+    ``compiler``: how it is compiled (None: ``CompileSettings.for_device`` of the runner
+    state's key, chosen at the first call); ``backend``, when given, replaces its backend."""
     if not compile_:
         rollout = _loop_rollout(_contiguous(env_step), num_steps, time_axis)
     else:
         scanned, drive = _scan_rollout(env_step, num_steps, time_axis)
-        scanned = compile_fn(scanned, "rollout", backend, cpp_wrapper=True)
-        rollout = functools.partial(drive, scanned)
+        compiled = per_device(
+            lambda settings: compile_fn(scanned, "rollout", settings),
+            compiler,
+            backend,
+            lambda rs: rs.key.device,
+        )
+        rollout = functools.partial(drive, compiled)
     return rollout if threads is None else with_threads(rollout, threads)
 
 
@@ -293,6 +305,7 @@ def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[C
     from one eager step on the first call (a traced body cannot hand it out).
     """
     batch_spec: list[pytree.TreeSpec] = []
+    scan = scan_op()
 
     def scanned(rs: RunnerState) -> tuple[RunnerState, list[Tensor]]:
         train = rs.train
@@ -328,10 +341,11 @@ def make_train(
     config: TrainConfig,
     *,
     num_seeds: int | None = None,
-    backend: str = "inductor",
+    backend: str | None = None,
     data_parallel: DataParallel | None = None,
     compile_scope: str = "scan",
     rollout_threads: int | None = None,
+    compiler: CompileSettings | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Tensor]]]:
     """``train(key, callback=None, hparams=None) -> (final TrainState, metrics history)``.
 
@@ -355,6 +369,10 @@ def make_train(
 
     ``rollout_threads``: torch's intra-op threads while the rollout runs (``with_threads``);
     None leaves the caller's setting for the rollout too.
+
+    ``compiler`` (``funcppo.compiling.CompileSettings``) compiles the rollout and the update;
+    None: ``CompileSettings.for_device`` of the key's device, chosen at the first call.
+    ``backend``, when given, replaces its ``torch.compile`` backend.
     """
     if rollout_threads is not None and (
         isinstance(rollout_threads, bool)
@@ -387,7 +405,13 @@ def make_train(
         init = _contiguous(init)
     time_axis = 0 if num_seeds is None else 1
     rollout = make_rollout(
-        env_step, config.num_steps, time_axis, ppo.compile, backend, rollout_threads
+        env_step,
+        config.num_steps,
+        time_axis,
+        ppo.compile,
+        backend,
+        rollout_threads,
+        compiler=compiler,
     )
     update = make_update_fn(
         ppo,
@@ -396,6 +420,7 @@ def make_train(
         backend=backend,
         data_parallel=data_parallel,
         hparams="state",  # a sweep's per-seed values and the annealed schedule
+        compiler=compiler,
     )
 
     def one_update(rs: RunnerState, u: int, base: Hyperparams):
