@@ -33,7 +33,7 @@ import torch
 
 from funcppo import networks
 from funcppo import random as jr
-from funcppo.cli import _ppo_config
+from funcppo.cli_args import ppo_config
 from funcppo.compiling import CompileSettings
 from funcppo.envs import make_env
 from funcppo.train import TrainConfig, make_train
@@ -74,7 +74,7 @@ def main() -> None:
         f"torch {torch.__version__}, one thread; {args.seeds} seeds, CartPole 4 x 128"
     )
     env = make_env("cartpole", 4)
-    ppo = _ppo_config("cartpole", env, True)
+    ppo = ppo_config("cartpole", env, True)
     config = TrainConfig("cartpole", ppo, 4, 128, total_steps=4 * 128 * args.updates)
     trains = {}
     for name, (settings, _) in VARIANTS.items():

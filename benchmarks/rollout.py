@@ -33,16 +33,16 @@ import torch
 from torch.func import vmap
 
 from funcppo import random as jr
-from funcppo.cli import _ppo_config
+from funcppo.cli_args import ppo_config
 from funcppo.compiling import CompileSettings, compile_fn
 from funcppo.envs import make_env
 from funcppo.train import (
     TrainConfig,
-    _contiguous,
-    _init_runner,
-    _make_env_step,
-    _scan_rollout,
+    contiguous_outputs,
+    init_runner,
+    make_env_step,
     make_rollout,
+    scan_rollout,
 )
 
 NUM_ENVS, NUM_STEPS = 4, 128
@@ -72,15 +72,15 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(1)
     env = make_env("cartpole", NUM_ENVS)
-    config = TrainConfig("cartpole", _ppo_config("cartpole", env, True), NUM_ENVS, NUM_STEPS)
-    step = _contiguous(vmap(_make_env_step(config, env), randomness="error"))
-    init = _contiguous(vmap(lambda k: _init_runner(config, env, k), randomness="error"))
+    config = TrainConfig("cartpole", ppo_config("cartpole", env, True), NUM_ENVS, NUM_STEPS)
+    step = contiguous_outputs(vmap(make_env_step(config, env), randomness="error"))
+    init = contiguous_outputs(vmap(lambda k: init_runner(config, env, k), randomness="error"))
     rs = init(jr.split(jr.key(0), args.seeds))
     # The CPU's settings with inductor's Python wrapper: the loop's step, and the scan whose
     # loop then runs in Python.
     python_wrapper = CompileSettings.for_device("cpu").replace(cpp_wrapper=False)
     compiled_step = compile_fn(step, "env_step", python_wrapper)
-    scanned, drive = _scan_rollout(step, NUM_STEPS, 1)
+    scanned, drive = scan_rollout(step, NUM_STEPS, 1)
     in_python = compile_fn(scanned, "rollout_python_wrapper", python_wrapper)
     contenders = {
         "loop": make_rollout(compiled_step, NUM_STEPS, 1, False, "inductor"),

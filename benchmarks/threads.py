@@ -26,7 +26,8 @@ import platform
 import torch
 
 from funcppo import random as jr
-from funcppo.cli import PRESETS, _ppo_config
+from funcppo.cli import PRESETS
+from funcppo.cli_args import ppo_config
 from funcppo.envs import make_env
 from funcppo.train import TrainConfig, make_train
 from interleaved import print_table, run_rounds
@@ -49,7 +50,7 @@ def main() -> None:
         f"torch {torch.__version__}; {args.env}, {args.seeds} seeds, {num_envs} x {num_steps}"
     )
     env = make_env(args.env, num_envs)
-    ppo = _ppo_config(args.env, env, True)
+    ppo = ppo_config(args.env, env, True)
     config = TrainConfig(args.env, ppo, total_steps=num_envs * num_steps * args.updates, **shape)
     trains = {
         name: make_train(config, num_seeds=args.seeds, rollout_threads=rollout)

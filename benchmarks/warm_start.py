@@ -27,13 +27,13 @@ def child(seeds: int) -> None:
     start = time.perf_counter()
     torch.set_num_threads(1)
     from funcppo import random as jr
-    from funcppo.cli import _ppo_config
+    from funcppo.cli_args import ppo_config
     from funcppo.envs import make_env
     from funcppo.train import TrainConfig, make_train
 
     imported = time.perf_counter() - start
     env = make_env("cartpole", 4)
-    config = TrainConfig("cartpole", _ppo_config("cartpole", env, True), 4, 128, 4 * 128 * 2)
+    config = TrainConfig("cartpole", ppo_config("cartpole", env, True), 4, 128, 4 * 128 * 2)
     times: list[float] = []
     state, _ = make_train(config, num_seeds=seeds)(
         jr.split(jr.key(0), seeds), lambda u, m: times.append(m["update_seconds"])

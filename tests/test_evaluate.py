@@ -11,7 +11,7 @@ from funcppo.envs import make_env
 from funcppo.evaluate import make_evaluate
 from funcppo.precompile import fingerprint
 from funcppo.state import init_train_state
-from funcppo.train import TrainConfig, _init_runner, _make_env_step
+from funcppo.train import TrainConfig, init_runner, make_env_step
 
 
 def config(env_name: str = "cartpole", num_envs: int = 3, **ppo_changes) -> TrainConfig:
@@ -29,8 +29,8 @@ def test_first_episode_return_matches_the_training_loops_bookkeeping():
     env = cfg.make_env()
     state = init_train_state(jr.key(4), cfg.ppo)
     key = jr.key(9)
-    rs = _init_runner(cfg, env, key)._replace(train=state)
-    env_step = _make_env_step(cfg, env)
+    rs = init_runner(cfg, env, key)._replace(train=state)
+    env_step = make_env_step(cfg, env)
     while float(rs.finished_count) == 0:
         rs, _ = env_step(state.params, rs)
     assert float(rs.finished_count) == 1
@@ -99,8 +99,8 @@ def test_evaluation_and_training_steps_share_a_fingerprint_without_a_normaliser(
     for normalize in (False, True):
         cfg = config().replace(normalize_obs=normalize)
         env = cfg.make_env()
-        train_step = fingerprint(_make_env_step(cfg, env))
-        eval_step = fingerprint(_make_env_step(cfg, env, learn_obs_stats=False))
+        train_step = fingerprint(make_env_step(cfg, env))
+        eval_step = fingerprint(make_env_step(cfg, env, learn_obs_stats=False))
         assert train_step is not None and eval_step is not None
         assert (train_step == eval_step) is not normalize
 

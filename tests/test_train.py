@@ -19,9 +19,9 @@ from funcppo.envs import make_env
 from funcppo.networks import policy_apply
 from funcppo.train import (
     TrainConfig,
-    _contiguous,
-    _init_runner,
-    _make_env_step,
+    contiguous_outputs,
+    init_runner,
+    make_env_step,
     make_rollout,
     make_train,
     with_threads,
@@ -149,11 +149,11 @@ def test_scanned_rollout_matches_the_python_loop(
     config = TrainConfig(
         env=env_name, ppo=ppo, num_envs=3, num_steps=12, total_steps=36, normalize_obs=normalize_obs
     )
-    step = _make_env_step(config, env)
-    init = lambda key: _init_runner(config, env, key)  # noqa: E731
+    step = make_env_step(config, env)
+    init = lambda key: init_runner(config, env, key)  # noqa: E731
     time_axis = 0
     if seeds is not None:
-        step, init = _contiguous(vmap(step)), _contiguous(vmap(init))
+        step, init = contiguous_outputs(vmap(step)), contiguous_outputs(vmap(init))
         time_axis = 1
     keys = jr.key(5) if seeds is None else jr.split(jr.key(5), seeds)
     rs = init(keys)
@@ -203,9 +203,9 @@ def test_scanned_rollout_body_holds_no_tensor_constant(env_name):
     env = make_env(env_name, 2)
     ppo = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, torso_sizes=(8,), lstm_size=8)
     config = TrainConfig(env=env_name, ppo=ppo, num_envs=2, num_steps=4, total_steps=8)
-    step = _make_env_step(config, env)
+    step = make_env_step(config, env)
     rollout = make_rollout(step, 4, 0, True, aot_autograd(fw_compiler=keep))
-    rollout(_init_runner(config, env, jr.key(0)))
+    rollout(init_runner(config, env, jr.key(0)))
     assert graphs and "scan" in str(graphs[0].graph)
     assert [c for gm in graphs for c in _constants_in_subgraphs(gm)] == []
 
@@ -217,8 +217,8 @@ def test_compiled_rollout_compiles_once():
     env = make_env("lifecycle", 2)
     ppo = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, torso_sizes=(8,))
     config = TrainConfig(env="lifecycle", ppo=ppo, num_envs=2, num_steps=4, total_steps=8)
-    step = _contiguous(vmap(_make_env_step(config, env)))
-    rs = _contiguous(vmap(lambda key: _init_runner(config, env, key)))(jr.split(jr.key(0), 2))
+    step = contiguous_outputs(vmap(make_env_step(config, env)))
+    rs = contiguous_outputs(vmap(lambda key: init_runner(config, env, key)))(jr.split(jr.key(0), 2))
     rollout = make_rollout(step, 4, 1, True, "eager")  # dynamo's guards, no code generated
     with torch._dynamo.config.patch(error_on_recompile=True):
         for _ in range(3):
@@ -241,8 +241,8 @@ def test_scan_is_marked_cacheable_only_inside_the_rollout_call():
 def test_next_value_is_value_of_reached_observation():
     config = cartpole_config()
     env = config.make_env()
-    rs = _init_runner(config, env, jr.key(0))
-    step = _make_env_step(config, env)
+    rs = init_runner(config, env, jr.key(0))
+    step = make_env_step(config, env)
     for _ in range(40):
         new_rs, tr = step(rs.train.params, rs)
         # The reached observation is the next obs where not done, the final obs where done.
@@ -432,14 +432,14 @@ def test_with_threads_sets_the_count_for_the_call_and_restores_it():
 def test_rollout_threads_reach_every_env_step_and_leave_the_run_unchanged():
     config = cartpole_config()
     env = config.make_env()
-    env_step = _make_env_step(config, env)
+    env_step = make_env_step(config, env)
     seen = []
 
     def spy(params, rs):
         seen.append(torch.get_num_threads())
         return env_step(params, rs)
 
-    rs = _contiguous(lambda key: _init_runner(config, env, key))(jr.key(0))
+    rs = contiguous_outputs(lambda key: init_runner(config, env, key))(jr.key(0))
     before = torch.get_num_threads()
     other = 2 if before == 1 else 1
     _, batch = make_rollout(spy, 16, 0, False, "inductor", threads=other)(rs)

@@ -16,7 +16,7 @@ from funcppo.config import PPOConfig
 from funcppo.constants import NORMALIZE_EPS, STATS_INIT_COUNT
 from funcppo.envs import make_env
 from funcppo.evaluate import make_evaluate
-from funcppo.train import TrainConfig, _init_runner, _make_env_step, make_train
+from funcppo.train import TrainConfig, init_runner, make_env_step, make_train
 
 
 def config(**changes) -> TrainConfig:
@@ -39,8 +39,8 @@ def test_env_step_merges_each_observation_then_normalises_it():
     # normalised with them; a naive mean and variance over every row so far is the reference.
     cfg = config(clip_obs=1.5)
     env = cfg.make_env()
-    step = _make_env_step(cfg, env)
-    rs = _init_runner(cfg, env, jr.key(4))
+    step = make_env_step(cfg, env)
+    rs = init_runner(cfg, env, jr.key(4))
     seen, largest = [], 0.0
     for _ in range(30):
         raw = rs.obs.double().numpy()
@@ -59,8 +59,8 @@ def test_env_step_merges_each_observation_then_normalises_it():
 def test_evaluation_reads_the_statistics_without_merging():
     cfg = config()
     env = cfg.make_env()
-    rs = _init_runner(cfg, env, jr.key(1))
-    step = _make_env_step(cfg, env, learn_obs_stats=False)
+    rs = init_runner(cfg, env, jr.key(1))
+    step = make_env_step(cfg, env, learn_obs_stats=False)
     after, transition = step(rs.train.params, rs)
     for a, b in zip(after.obs_stats, rs.obs_stats, strict=True):
         assert torch.equal(a, b)

@@ -37,9 +37,6 @@ from funcppo.cli_args import (
     parse_sweep,
 )
 
-# benchmarks/ import it by this name.
-from funcppo.cli_args import ppo_config as _ppo_config  # noqa: F401
-
 __all__ = ["PRESETS", "ROLLOUT_THREADS", "UsageError", "main", "parse_sweep"]
 
 # funcppo.precompile.PRECOMPILE_ENV, named here so that --help needs no torch.

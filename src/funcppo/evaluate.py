@@ -16,7 +16,13 @@ from torch.func import vmap
 
 from funcppo.compiling import CompileSettings
 from funcppo.state import TrainState
-from funcppo.train import TrainConfig, _contiguous, _init_runner, _make_env_step, make_rollout
+from funcppo.train import (
+    TrainConfig,
+    contiguous_outputs,
+    init_runner,
+    make_env_step,
+    make_rollout,
+)
 
 __all__ = ["make_evaluate"]
 
@@ -52,17 +58,17 @@ def make_evaluate(
         raise ValueError(f"chunk_steps: expected an int >= 1 or None, got {chunk_steps!r}")
     env = config.make_env()
     # The policy's observation statistics are read, never updated, by an evaluation.
-    env_step = _make_env_step(config, env, learn_obs_stats=False)
+    env_step = make_env_step(config, env, learn_obs_stats=False)
 
     def init(train_state: TrainState, key: Tensor):
-        rs = _init_runner(config, env, key)
+        rs = init_runner(config, env, key)
         return rs._replace(train=train_state, obs_stats=train_state.obs_stats)
 
     if num_seeds is not None:
         env_step, init = vmap(env_step, randomness="error"), vmap(init, randomness="error")
         # As in make_train: the runner's first state made contiguous; the steps' outputs are,
         # by the compiled scan's clones or by make_rollout's eager loop.
-        init = _contiguous(init)
+        init = contiguous_outputs(init)
     # As long as the longest episode: every env ends an episode within it.
     time_axis = 0 if num_seeds is None else 1
     steps = env.max_steps if chunk_steps is None else chunk_steps

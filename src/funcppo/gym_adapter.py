@@ -42,10 +42,12 @@ from funcppo.agent_checks import describe
 from funcppo.envs.base import check_actions
 from funcppo.spec import ActionSpec
 
-__all__ = ["GymAdapter", "env_action", "gym_action_spec", "head_masks"]
+__all__ = ["GymAdapter", "env_action", "gym_action_spec", "head_masks", "require_gymnasium"]
 
 
-def _gym():
+def require_gymnasium():
+    """The gymnasium module, imported on first use: an ImportError that says how to install
+    it where it is missing (gymnasium is an optional dependency)."""
     try:
         import gymnasium
     except ImportError as err:
@@ -56,7 +58,7 @@ def _gym():
 
 
 def _action_layout(space: Any) -> tuple[ActionSpec, np.ndarray, np.ndarray]:
-    gym = _gym()
+    gym = require_gymnasium()
     if isinstance(space, gym.spaces.Discrete):
         n = int(space.n)
         return ActionSpec({"action": n}, "action", [()] * n), np.array([n]), np.array([space.start])
@@ -169,7 +171,7 @@ class GymAdapter:
     """
 
     def __init__(self, env: Any, seed: int | None = None, device=None) -> None:
-        gym = _gym()
+        gym = require_gymnasium()
         self.env, self.seed = env, seed
         self.device = torch.device("cpu") if device is None else torch.device(device)
         self.is_vector = isinstance(env, gym.vector.VectorEnv)

@@ -29,7 +29,7 @@ from funcppo.cli_report import (
     write_plot,
 )
 from funcppo.config import PPOConfig, anneal_left
-from funcppo.gym_adapter import GymAdapter, _gym
+from funcppo.gym_adapter import GymAdapter, require_gymnasium
 
 __all__ = ["run_gym_train"]
 
@@ -45,7 +45,7 @@ def _agents(
 ) -> list[tuple[PPOAgent, GymAdapter]]:
     """One agent and vector env per seed; a mistake the env or the sweep shows (an action
     space funcppo cannot drive, a swept value out of range) as a ``UsageError``."""
-    gym = _gym()
+    gym = require_gymnasium()
     pairs = []
     for i in range(args.seeds):
         try:

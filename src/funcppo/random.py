@@ -20,6 +20,7 @@ from torch import Tensor
 
 __all__ = [
     "bits",
+    "check_key",
     "fold_in",
     "gumbel",
     "key",
@@ -61,7 +62,9 @@ def _hash(k0: Tensor, k1: Tensor, counter: Tensor) -> Tensor:
     return _fmix32((h + (counter ^ k0)) & _MASK32)
 
 
-def _check_key(k: Tensor, name: str = "key") -> None:
+def check_key(k: Tensor, name: str = "key") -> None:
+    """Raise ValueError, naming the argument ``name``, unless ``k`` is a key: an int64 tensor
+    whose last axis has size 2 (one key ``[2]``, or a stack of them)."""
     if not isinstance(k, Tensor) or k.dtype != torch.int64 or k.shape[-1:] != (2,):
         got = f"{k.dtype} {tuple(k.shape)}" if isinstance(k, Tensor) else type(k).__name__
         raise ValueError(f"{name}: expected an int64 tensor of shape [2], got {got}")
@@ -76,7 +79,7 @@ def key(seed: int, device: torch.device | str | None = None) -> Tensor:
 
 def split(key: Tensor, n: int = 2) -> Tensor:
     """``n`` new keys stacked on a leading axis: int64 ``[n, 2]``."""
-    _check_key(key)
+    check_key(key)
     counter = torch.arange(2 * n, dtype=torch.int64, device=key.device)
     words = _hash(key[..., 0:1] ^ _SPLIT_TWEAK, key[..., 1:2], counter)
     return words.reshape(*key.shape[:-1], n, 2)
@@ -84,7 +87,7 @@ def split(key: Tensor, n: int = 2) -> Tensor:
 
 def fold_in(key: Tensor, data: int | Tensor) -> Tensor:
     """A new key that depends on ``key`` and an integer ``data`` (an int or an int tensor)."""
-    _check_key(key)
+    check_key(key)
     data = torch.as_tensor(data, dtype=torch.int64, device=key.device) & _MASK32
     counter = torch.stack([data, data ^ _MASK32], dim=-1)
     return _hash(key[..., 0:1] ^ _FOLD_TWEAK, key[..., 1:2], counter)
@@ -92,7 +95,7 @@ def fold_in(key: Tensor, data: int | Tensor) -> Tensor:
 
 def bits(key: Tensor, shape: tuple[int, ...] | torch.Size) -> Tensor:
     """Uniform 32-bit integers in int64, of the given shape."""
-    _check_key(key)
+    check_key(key)
     shape = tuple(shape)
     counter = torch.arange(math.prod(shape), dtype=torch.int64, device=key.device)
     return _hash(key[..., 0:1], key[..., 1:2], counter).reshape((*key.shape[:-1], *shape))

@@ -170,7 +170,7 @@ def init_train_state(keys: Tensor, config: PPOConfig, **hparam_overrides) -> Tra
 
     Overrides are floats, or ``[S]`` tensors for a per-seed sweep.
     """
-    jr._check_key(keys, "keys")
+    jr.check_key(keys, "keys")
     if keys.dim() == 1:
         hparams = make_hyperparams(config, keys.device, **hparam_overrides)
         k_params, k_state = jr.split(keys, 2)

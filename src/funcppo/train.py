@@ -45,7 +45,17 @@ from funcppo.normalize import init_running_stats, normalize_obs, update_running_
 from funcppo.state import Batch, Hyperparams, TrainState, init_train_state
 from funcppo.update import make_update_fn
 
-__all__ = ["RunnerState", "TrainConfig", "make_train", "with_threads"]
+__all__ = [
+    "RunnerState",
+    "TrainConfig",
+    "contiguous_outputs",
+    "init_runner",
+    "make_env_step",
+    "make_rollout",
+    "make_train",
+    "scan_rollout",
+    "with_threads",
+]
 
 
 @dataclass(frozen=True)
@@ -125,9 +135,11 @@ def _zeros_like_stats(x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
     return x.new_zeros(()), x.new_zeros(()), x.new_zeros(())
 
 
-def _init_runner(config: TrainConfig, env: Env, key: Tensor, rank: int = 0) -> RunnerState:
-    # Data parallel, every process starts from the same agent (k_train) but steps its own
-    # environments; rank 0's are those of a single-process run.
+def init_runner(config: TrainConfig, env: Env, key: Tensor, rank: int = 0) -> RunnerState:
+    """The runner state before a run's first step, for one key ``[2]``: a new train state,
+    ``env`` reset, zero episode counters and, with ``config.normalize_obs``, empty observation
+    statistics. ``rank`` is a data-parallel process's: every process starts from the same
+    agent but steps its own environments (rank 0's are those of a single-process run)."""
     k_train, k_env, k_run = jr.split(key, 3)
     if rank:
         k_env, k_run = jr.fold_in(k_env, rank), jr.fold_in(k_run, rank)
@@ -152,7 +164,7 @@ def _init_runner(config: TrainConfig, env: Env, key: Tensor, rank: int = 0) -> R
     )
 
 
-def _make_env_step(config: TrainConfig, env: Env, learn_obs_stats: bool = True):
+def make_env_step(config: TrainConfig, env: Env, learn_obs_stats: bool = True):
     """``env_step(params, rs) -> (rs, transition)``; with ``learn_obs_stats`` False the
     observation statistics are read but not updated (evaluation)."""
     # Not the config itself: a precompiled rollout is keyed by what it closes over, and the
@@ -244,9 +256,9 @@ def make_rollout(
     ``compiler``: how it is compiled (None: ``CompileSettings.for_device`` of the runner
     state's key, chosen at the first call); ``backend``, when given, replaces its backend."""
     if not compile_:
-        rollout = _loop_rollout(_contiguous(env_step), num_steps, time_axis)
+        rollout = _loop_rollout(contiguous_outputs(env_step), num_steps, time_axis)
     else:
-        scanned, drive = _scan_rollout(env_step, num_steps, time_axis)
+        scanned, drive = scan_rollout(env_step, num_steps, time_axis)
         compiled = per_device(
             lambda settings: compile_fn(scanned, "rollout", settings),
             compiler,
@@ -295,7 +307,7 @@ def _loop_rollout(env_step: Callable, num_steps: int, time_axis: int) -> Callabl
     return rollout
 
 
-def _scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[Callable, Callable]:
+def scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[Callable, Callable]:
     """``(scanned, drive)``: ``scanned(rs)``, one ``scan`` over time to be compiled, and
     ``drive(compiled, rs) -> (rs, batch)``, which calls the compiled one.
 
@@ -393,16 +405,16 @@ def make_train(
             f"ppo: expected obs_dim={env.obs_dim} and the action spec of env {config.env!r}, "
             f"got obs_dim={ppo.obs_dim} and heads {ppo.spec.names}"
         )
-    env_step = _make_env_step(config, env)
+    env_step = make_env_step(config, env)
     rank = 0 if data_parallel is None else data_parallel.rank
-    init = lambda key: _init_runner(config, env, key, rank)  # noqa: E731
+    init = lambda key: init_runner(config, env, key, rank)  # noqa: E731
     if num_seeds is not None:
         env_step, init = vmap(env_step, randomness="error"), vmap(init, randomness="error")
         # vmap returns outputs that do not depend on the inputs expanded (stride 0); make them
         # real tensors so the compiled rollout sees one memory layout from the first call on.
         # (Inside the compiled scan, the body's clones already do, and walking the step's
         # outputs there cost dynamo a tenth of the run's tracing.)
-        init = _contiguous(init)
+        init = contiguous_outputs(init)
     time_axis = 0 if num_seeds is None else 1
     rollout = make_rollout(
         env_step,
@@ -510,7 +522,14 @@ def _override_hparams(train: TrainState, overrides: dict, ppo: PPOConfig) -> Tra
     return train._replace(hparams=old._replace(**new))
 
 
-def _contiguous(fn: Callable) -> Callable:
+def contiguous_outputs(fn: Callable) -> Callable:
+    """``fn`` with every tensor it returns made contiguous.
+
+    vmap returns an output that does not depend on the inputs expanded (stride 0); a compiled
+    function that takes it guards on its strides, and would compile again for the dense
+    tensors that later calls bring.
+    """
+
     def call(*args):
         return optree.tree_map(lambda x: x.contiguous(), fn(*args), none_is_leaf=False)
 
