@@ -130,6 +130,14 @@ def test_op_head_in_every_causal_row_and_accessors():
         spec.op_head = "slot"
 
 
+def test_head_name_reads_an_index_in_head_order_and_minus_one_as_none():
+    spec = small_spec()
+    assert [spec.head_name(i) for i in (0, 1, 2.0, -1, -1.0)] == ["op", "slot", "kind", None, None]
+    for bad in (3, -2, 0.5):
+        with pytest.raises(ValueError, match=r"index: expected -1 or a head index in \[0, 3\)"):
+            spec.head_name(bad)
+
+
 def test_causal_table_by_hand():
     table = small_spec().causal_table()
     expected = [[True, False, False], [True, True, True], [True, True, False]]

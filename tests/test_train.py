@@ -312,6 +312,24 @@ def test_cli_writes_metrics_curve_and_checkpoint(tmp_path, capsys):
     assert len(evaluation) == 2 and all(1.0 <= r <= 500.0 for r in evaluation)
 
 
+def test_host_reports_name_the_worst_ratio_head_where_the_history_keeps_its_index(tmp_path):
+    # The update reports an index; make_train's callback and the CLI's metrics.jsonl give the
+    # head's name, as the agent and the gym path's metrics.jsonl do (test_gym_adapter.py).
+    names = make_env("lifecycle", 2).spec.names
+    out = tmp_path / "run"
+    args = ["train", "--env", "lifecycle", "--seeds", "2", "--num-envs", "2", "--num-steps", "32"]
+    assert main([*args, "--total-steps", "128", "--no-compile", "--out", str(out)]) == 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    worst = [name for record in records for name in record["ratio_worst_head"]]
+    assert len(worst) == 4 and all(name in names for name in worst)
+    seen = []
+    _, history = make_train(cartpole_config())(
+        jr.key(0), lambda u, metrics: seen.append(metrics["ratio_worst_head"])
+    )
+    assert seen == ["action"] * 3
+    assert history["ratio_worst_head"].tolist() == [0.0] * 3
+
+
 def test_cli_sweep_gives_each_seed_its_value_and_a_row_per_value(tmp_path, capsys):
     out = tmp_path / "run"
     args = ["train", "--env", "cartpole", "--seeds", "4", "--total-steps", "128"]

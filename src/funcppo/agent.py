@@ -301,8 +301,8 @@ class PPOAgent:
         clip_coef: float | None = None,
     ) -> dict:
         """One PPO update; returns (and keeps in ``metrics``) host floats, except
-        ``ratio_worst_head``: the name of the head whose ratio strayed furthest from 1 (the
-        functional update reports its index).
+        ``ratio_worst_head``: the name of the head whose ratio strayed furthest from 1, None
+        where no head had a finite ratio (the functional update reports its index).
 
         ``learning_rate`` and ``clip_coef``, when given, replace the configured ones for this
         update only (each passes the config's own range check).

@@ -116,8 +116,8 @@ def host_metrics(
 ) -> dict[str, Any]:
     """The update's 0-d metrics as host floats, in one device-to-host transfer, and:
 
-    ``ratio_worst_head`` as the head's name, in place of the update's index in head order
-    (None where the index is -1: no head had a finite ratio);
+    ``ratio_worst_head`` as the head's name (``ActionSpec.head_name``), in place of the
+    update's index in head order (None where the index is -1: no head had a finite ratio);
     ``episode_return``/``episode_length``, the means over the episodes ``finished``
     (``(summed return, summed length, count)``; NaN for none) and ``episodes``, their count;
     ``discarded_steps``, the ``discarded`` valid steps beyond ``num_steps`` per column.
@@ -125,8 +125,7 @@ def host_metrics(
     names = list(metrics)
     values = torch.stack([metrics[n].float() for n in names]).cpu().tolist()
     host: dict[str, Any] = dict(zip(names, values, strict=True))
-    worst = int(host["ratio_worst_head"])
-    host["ratio_worst_head"] = spec.names[worst] if worst >= 0 else None
+    host["ratio_worst_head"] = spec.head_name(host["ratio_worst_head"])
     total, length, count = finished
     host["episode_return"] = total / count if count else math.nan
     host["episode_length"] = length / count if count else math.nan

@@ -111,6 +111,20 @@ class ActionSpec:
     def size(self, name: str) -> int:
         return dict(self.heads)[name]
 
+    def head_name(self, index: float) -> str | None:
+        """The name of the head at ``index`` in head order, None for -1.
+
+        How a report on the host gives a head the update identifies by index, such as
+        ``ratio_worst_head`` (-1 where no head qualifies). ``index`` may be a float holding a
+        whole number, as every metric crosses to the host.
+        """
+        i = int(index)
+        if i != index or not -1 <= i < len(self.heads):
+            raise ValueError(
+                f"index: expected -1 or a head index in [0, {len(self.heads)}), got {index!r}"
+            )
+        return None if i == -1 else self.names[i]
+
     def causal_table(self, device: torch.device | str | None = None) -> Tensor:
         """Bool ``[n_ops, n_heads]``: entry (o, h) is True when op o uses head h."""
         rows = [[name in row for name in self.names] for row in self.causal]

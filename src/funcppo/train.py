@@ -364,7 +364,9 @@ def make_train(
     With ``num_seeds``, ``key`` is ``[S, 2]`` and S independent runs share one program (vmap);
     the history's tensors are ``[num_updates, S]`` (``[num_updates]`` without seeds). The same
     key gives the same run. ``callback(update_index, metrics)`` is called after each update
-    with host floats (one device-to-host transfer per update); returning True stops the run.
+    with host floats (one device-to-host transfer per update), lists of them with seeds,
+    except ``ratio_worst_head``: the head's name (``ActionSpec.head_name``; None where no head
+    qualifies), where the history keeps the update's index; returning True stops the run.
     ``hparams`` maps fields of ``Hyperparams`` to a float or an ``[S]`` tensor: a sweep, one
     setting per seed in one program (the learning rate is the start of the annealed schedule).
 
@@ -482,6 +484,12 @@ def make_train(
                 history.append(metrics)
                 if callback is not None:
                     host = {k: v.tolist() for k, v in _host(metrics).items()}
+                    worst = host["ratio_worst_head"]
+                    host["ratio_worst_head"] = (
+                        ppo.spec.head_name(worst)
+                        if num_seeds is None
+                        else [ppo.spec.head_name(i) for i in worst]
+                    )
                     host["update_seconds"] = time.perf_counter() - start
                     if callback(u, host):
                         break
