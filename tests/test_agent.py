@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from funcppo.agent import EnvStep, PPOAgent
 from funcppo.agent_checkpoint import AgentCarry, carry_from_extra, carry_to_extra
 from funcppo.agent_predict import factored_argmax
-from funcppo.agent_rollout import compact_rollout
+from funcppo.agent_rollout import compact_rollout, zero_rollout
 from funcppo.config import PPOConfig
 from funcppo.gym_adapter import GymAdapter
 from funcppo.networks import LSTMState, init_hidden, policy_apply
@@ -281,6 +281,35 @@ def test_bad_input_names_the_argument(tmp_path):
         other.load(tmp_path / "a.pt")
     with pytest.raises(ValueError, match=r"config\.torso_sizes: .*must match"):
         PPOAgent(config_for(env, torso_sizes=(4,)), 2, 16).load(tmp_path / "a.pt")
+
+
+def test_a_given_batchs_bad_action_or_mask_names_the_head_and_changes_nothing():
+    # The update's own checks refuse it, before anything is trained: for the op-conditioned
+    # slot head, a forbidden action is named with the row of the op that was taken.
+    agent = PPOAgent(PPOConfig(obs_dim=4, spec=SLOTS, **SMALL), 2, 16)
+    batch = zero_rollout(agent.config, 16, 2)  # op 0 and slot 0 everywhere, all allowed
+    before = agent.state
+    high = dict(batch.actions, slot=batch.actions["slot"].clone())
+    high["slot"][3, 1] = 4
+    with pytest.raises(
+        ValueError,
+        match=r"batch.actions\['slot'\]: expected values in \[0, 4\), got 4 at index \(3, 1\)",
+    ):
+        agent.update(batch=batch._replace(actions=high))
+    ops = dict(batch.actions, op=batch.actions["op"].clone())
+    ops["op"][2, 0] = 1
+    masks = dict(batch.masks, slot=batch.masks["slot"].clone())
+    masks["slot"][2, 0, 1, 0] = False  # slot 0 in op 1's row only
+    with pytest.raises(
+        ValueError,
+        match=r"batch.actions\['slot'\]: .*got 0 at index \(2, 0\), which it forbids in the "
+        r"row of the taken op 1",
+    ):
+        agent.update(batch=batch._replace(actions=ops, masks=masks))
+    assert agent.state is before and agent.metrics == {}
+    masks["slot"][2, 0, 1, 0], masks["slot"][2, 0, 2, 0] = True, False  # another op's row
+    agent.update(batch=batch._replace(actions=ops, masks=masks))
+    assert int(agent.state.step) == 1
 
 
 def test_act_takes_an_explicit_lstm_state():

@@ -87,7 +87,7 @@ def test_with_hparams_on_stacked_states():
 @pytest.mark.parametrize(
     ("changes", "message"),
     [
-        ({"lr": 1e-3}, r"changes: expected fields of Hyperparams .*got unknown \['lr'\]"),
+        ({"lr": 1e-3}, r"^expected fields of Hyperparams .*got unknown \['lr'\]"),
         ({"gamma": 0.0}, r"gamma: expected a number in \(0.0, 1.0\], got 0.0"),
         ({"ent_coef": torch.tensor([0.1, -1.0])}, r"ent_coef\[1\]: expected a number in \[0.0"),
         ({"ent_coef": torch.tensor([0.1, 0.2, 0.3])}, r"ent_coef: expected a float or a tensor "

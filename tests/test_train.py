@@ -93,11 +93,13 @@ def test_sweep_errors_name_the_argument():
     train = make_train(cartpole_config(), num_seeds=2)
     with pytest.raises(ValueError, match=r"hparams: expected fields of Hyperparams.*'lr'"):
         train(jr.split(jr.key(0), 2), hparams={"lr": 1e-3})
-    with pytest.raises(ValueError, match=r"hparams\['learning_rate'\]: expected .*shape \(2,\)"):
+    with pytest.raises(
+        ValueError, match=r"hparams: learning_rate: expected .*\(2,\) \(one per seed\)"
+    ):
         train(jr.split(jr.key(0), 2), hparams={"learning_rate": torch.ones(3)})
-    with pytest.raises(ValueError, match=r"hparams\['gamma'\]: expected finite"):
+    with pytest.raises(ValueError, match=r"hparams: gamma: expected a number in .*got nan"):
         train(jr.split(jr.key(0), 2), hparams={"gamma": float("nan")})
-    with pytest.raises(ValueError, match=r"hparams\['gamma'\]: gamma: expected a number in"):
+    with pytest.raises(ValueError, match=r"hparams: gamma\[1\]: expected a number in .*1\.5"):
         train(jr.split(jr.key(0), 2), hparams={"gamma": torch.tensor([0.99, 1.5])})
     assert parse_sweep(None, 4) is None
     assert parse_sweep("ent_coef=0,0.5", 5) == ("ent_coef", [0.0, 0.5, 0.0, 0.5, 0.0])

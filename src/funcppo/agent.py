@@ -34,7 +34,6 @@ from funcppo.agent_checkpoint import (
 )
 from funcppo.agent_checks import (
     check_agent_args,
-    check_batch_actions,
     checked_hidden,
     checked_masks,
     checked_policy_inputs,
@@ -307,7 +306,8 @@ class PPOAgent:
         ``learning_rate`` and ``clip_coef``, when given, replace the configured ones for this
         update only (each passes the config's own range check).
         ``batch``, when given, is trained on instead of the collected rollout (which is kept);
-        its actions are checked against the head sizes and masks first.
+        the update's own checks (``funcppo.validation.check_batch``) refuse it, naming the
+        head, where an action is out of its head's range or forbidden by its mask.
         """
         if self._pending is not None:
             raise RuntimeError("update: the last actions were not observed; call observe first")
@@ -315,8 +315,6 @@ class PPOAgent:
         if own:
             batch = self.rollout()
             discarded = sum(int(v.sum()) for v in self._valid) - self.num_steps * self.num_envs
-        else:
-            check_batch_actions(self.config, self.state, batch)
         hp = self.state.hparams
         given = {"learning_rate": learning_rate, "clip_coef": clip_coef}
         given = {name: value for name, value in given.items() if value is not None}

@@ -15,13 +15,9 @@ from funcppo.config import PPOConfig
 from funcppo.distributions import validate_masks
 from funcppo.envs.base import full_masks
 from funcppo.networks import LSTMState, init_hidden
-from funcppo.spec import resolve_masks
-from funcppo.state import Batch, TrainState
-from funcppo.validation import check_batch
 
 __all__ = [
     "check_agent_args",
-    "check_batch_actions",
     "checked_hidden",
     "checked_masks",
     "checked_obs",
@@ -177,28 +173,3 @@ def check_agent_args(
     for name, value in (("clip_obs", clip_obs), ("clip_reward", clip_reward)):
         if not (isinstance(value, (int, float)) and value > 0):
             raise ValueError(f"{name}: expected a number > 0, got {value!r}")
-
-
-def check_batch_actions(config: PPOConfig, state: TrainState, batch: Batch) -> None:
-    """Host-side value checks of a caller's batch: actions in range and valid under masks."""
-    check_batch(config, state, batch)
-    spec = config.spec
-    for name, size in spec.heads:
-        a = batch.actions[name]
-        bad = (a < 0) | (a >= size)
-        if bool(bad.any()):
-            where = tuple(int(i) for i in torch.nonzero(bad)[0])
-            raise ValueError(
-                f"batch.actions[{name!r}]: expected values in [0, {size}), got "
-                f"{int(a[where])} at index {where}"
-            )
-    validate_masks(spec, batch.masks, batch.actions[spec.op_head])
-    resolved = resolve_masks(spec, batch.masks, batch.actions[spec.op_head])
-    for name in spec.names:
-        a = batch.actions[name]
-        taken = torch.gather(resolved[name], -1, a.unsqueeze(-1)).squeeze(-1)
-        if not bool(taken.all()):
-            where = tuple(int(i) for i in torch.nonzero(~taken)[0])
-            raise ValueError(
-                f"batch.actions[{name!r}]: action {int(a[where])} at index {where} is masked"
-            )

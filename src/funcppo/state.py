@@ -90,11 +90,14 @@ class Batch(NamedTuple):
     hidden: Any = None
 
 
-def _check_fields(argument: str, names) -> None:
+def _check_fields(argument: str | None, names) -> None:
+    """Unknown field names are a ValueError that starts with ``argument`` (None: with nothing,
+    for keyword arguments that the message's unknown names already name)."""
     unknown = sorted(set(names) - set(Hyperparams._fields))
     if unknown:
+        start = "" if argument is None else f"{argument}: "
         raise ValueError(
-            f"{argument}: expected fields of Hyperparams {list(Hyperparams._fields)}, "
+            f"{start}expected fields of Hyperparams {list(Hyperparams._fields)}, "
             f"got unknown {unknown}"
         )
 
@@ -135,7 +138,7 @@ def with_hparams(state: TrainState, **changes: Any) -> TrainState:
     a wrong shape is a ValueError naming it. The new tensors are fresh and dense, with the
     dtype and device of the ones they replace. ``state`` itself is unchanged.
     """
-    _check_fields("changes", changes)
+    _check_fields(None, changes)
     old, new = state.hparams, {}
     for name, value in changes.items():
         ref = getattr(old, name)

@@ -42,7 +42,7 @@ from funcppo.distributions import factored_logprob, factored_sample
 from funcppo.envs import Env, make_env
 from funcppo.networks import init_hidden, policy_apply
 from funcppo.normalize import init_running_stats, normalize_obs, update_running_stats
-from funcppo.state import Batch, Hyperparams, TrainState, init_train_state
+from funcppo.state import Batch, Hyperparams, TrainState, init_train_state, with_hparams
 from funcppo.update import make_update_fn
 
 __all__ = [
@@ -367,8 +367,9 @@ def make_train(
     with host floats (one device-to-host transfer per update), lists of them with seeds,
     except ``ratio_worst_head``: the head's name (``ActionSpec.head_name``; None where no head
     qualifies), where the history keeps the update's index; returning True stops the run.
-    ``hparams`` maps fields of ``Hyperparams`` to a float or an ``[S]`` tensor: a sweep, one
-    setting per seed in one program (the learning rate is the start of the annealed schedule).
+    ``hparams`` maps fields of ``Hyperparams`` to a float or an ``[S]`` tensor, set with
+    ``funcppo.state.with_hparams`` (its errors prefixed ``hparams:``): a sweep, one setting
+    per seed in one program (the learning rate is the start of the annealed schedule).
 
     With ``data_parallel`` (``funcppo.distributed.DataParallel``), every process calls
     ``train`` with the same key and steps its own environments (keys folded with its rank);
@@ -474,7 +475,10 @@ def make_train(
     def train(key: Tensor, callback: Callable | None = None, hparams: dict | None = None):
         rs = init(key)
         if hparams:
-            rs = rs._replace(train=_override_hparams(rs.train, hparams, ppo))
+            try:
+                rs = rs._replace(train=with_hparams(rs.train, **hparams))
+            except ValueError as error:
+                raise ValueError(f"hparams: {error}") from None
         base = rs.train.hparams
         history = []
         try:
@@ -500,34 +504,6 @@ def make_train(
         return rs.train, stacked
 
     return train
-
-
-def _override_hparams(train: TrainState, overrides: dict, ppo: PPOConfig) -> TrainState:
-    """``train`` with the named hyperparameters replaced, each broadcast to the per-seed shape."""
-    old = train.hparams
-    unknown = sorted(set(overrides) - set(Hyperparams._fields))
-    if unknown:
-        raise ValueError(f"hparams: expected fields of Hyperparams, got unknown {unknown}")
-    new = {}
-    for name, value in overrides.items():
-        ref = getattr(old, name)
-        value = torch.as_tensor(value, dtype=ref.dtype, device=ref.device)
-        if value.dim() > 0 and value.shape != ref.shape:
-            raise ValueError(
-                f"hparams[{name!r}]: expected a float or shape {tuple(ref.shape)} (one per "
-                f"seed), got shape {tuple(value.shape)}"
-            )
-        if not bool(torch.isfinite(value).all()) and name != "target_kl":
-            raise ValueError(f"hparams[{name!r}]: expected finite values, got {value.tolist()}")
-        for v in set(value.reshape(-1).tolist()):
-            if not (name == "target_kl" and v == float("inf")):
-                try:  # the config's own range check (gamma in (0, 1], a positive rate, ...)
-                    ppo.replace(**{name: v})
-                except ValueError as error:
-                    raise ValueError(f"hparams[{name!r}]: {error}") from None
-        # A fresh, dense tensor: the compiled steps guard on strides and aliasing.
-        new[name] = value.expand_as(ref).clone()
-    return train._replace(hparams=old._replace(**new))
 
 
 def contiguous_outputs(fn: Callable) -> Callable:
