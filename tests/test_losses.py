@@ -194,7 +194,7 @@ def test_kl_hand_values():
 
 
 def test_kl_all_but_op_masked_equals_op_kl():
-    # Seed 000: with every non-op head masked out, the op head alone carries the weight.
+    # The op head is always relevant: with every other head masked out it alone carries the weight.
     b = make_batch(3)
     causal = {h: c if h == "op" else torch.zeros_like(c) for h, c in b["causal"].items()}
     kls = head_kl(b["new_logprobs"], b["old_logprobs"], causal)
@@ -346,7 +346,7 @@ def test_entropy_is_averaged_over_heads_with_multipliers():
     b.pop("availability")
     base, _ = ppo_loss(**b, coefs=LossCoefs(ent_coef=0.0))
     plain, _ = ppo_loss(**b, coefs=LossCoefs(ent_coef=0.05))
-    # Four heads at entropy 1: the bonus is ent_coef (seed 003, 3.2), not 4 * ent_coef.
+    # Four heads at entropy 1: the bonus is ent_coef (a mean over heads), not 4 * ent_coef.
     assert (base - plain).item() == pytest.approx(0.05)
     scaled, _ = ppo_loss(**b, coefs=LossCoefs(ent_coef=0.05, head_ent_coef={"a": 3.0}))
     assert (base - scaled).item() == pytest.approx(0.05 * (3 + 1 + 1 + 1) / 4)

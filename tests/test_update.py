@@ -495,7 +495,7 @@ def test_vmapped_compiled_matches_vmapped_eager():
     assert torch.allclose(c_metrics["loss"], e_metrics["loss"], atol=1e-5)
 
 
-# Gradient accumulation (seed 003, 4.1) ---------------------------------------------------------
+# Gradient accumulation (docs/design.md) ---------------------------------------------------------
 
 # Floors of 1.0 are active at every step (normalised entropy < 1); the op head's 0.0 never is.
 FLOORS = (("a", 1.0), ("c", 1.0), ("op", 0.0))

@@ -1,4 +1,4 @@
-"""Gradient accumulation over micro-batches (seed 003, 4.1): exact shares of a minibatch loss.
+"""Gradient accumulation over micro-batches: exact shares of a minibatch loss.
 
 A minibatch is split into micro-batches that run forward and backward one at a time, so only
 one micro-batch's autograd graph is alive. ``ppo_loss`` given the whole minibatch's

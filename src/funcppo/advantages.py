@@ -148,8 +148,9 @@ def gae(
 def per_head_advantages(advantages: Tensor, causal: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Each head's advantage: the full advantage where the taken op used it, exactly +0.0 else.
 
-    A head the op did not read carries no credit (seed 003, 3.1). ``torch.where`` rather than a
-    product, so an irrelevant entry is +0.0 even for a negative or non-finite advantage.
+    A head the op did not read carries no credit: the environment ignored its value.
+    ``torch.where`` rather than a product, so an irrelevant entry is +0.0 even for a negative or
+    non-finite advantage.
 
     Args:
       advantages: float ``[...]``.

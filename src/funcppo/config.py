@@ -2,7 +2,7 @@
 
 Compiled functions close over a ``PPOConfig``, so every field is immutable (tuples, not lists or
 dicts) and the whole config hashes. Defaults follow CleanRL's ``ppo.py`` where it has the field;
-``esper_config`` carries the seed system's values instead.
+``esper_config`` carries the original agent's values instead.
 """
 
 from __future__ import annotations
@@ -131,23 +131,24 @@ class PPOConfig:
 
     Network: ``torso_sizes`` hidden layers with ``activation``; with ``recurrent`` an LSTM of
     ``lstm_size`` follows the torso, and actor and critic share torso and LSTM (as CleanRL's
-    ``ppo_atari_lstm`` and the seed system do), so ``shared_torso`` only affects the MLP, whose
+    ``ppo_atari_lstm`` and the original agent do), so ``shared_torso`` only affects the MLP, whose
     critic has its own torso by default (CleanRL ``ppo.py``).
 
     ``bptt_len``: the update replays the rollout in chunks of this many steps with gradient.
     Gradients are truncated at chunk starts: each chunk starts from the hidden state the rollout
     recorded there (no gradient flows into it), and episode starts inside a chunk reset the state.
 
-    Loss: ``ent_coef`` scales the sum over heads of ``head_ent_coef[h] * entropy_h`` (missing
-    heads 1.0; seed 003 3.2 notes that the sum over heads multiplies the effective coefficient).
+    Loss: ``ent_coef`` scales the mean over heads of ``head_ent_coef[h] * entropy_h`` (missing
+    heads 1.0; a mean, as a sum would multiply the coefficient by the number of heads).
     ``entropy_floor`` maps heads to a floor in [0, 1] on their normalised entropy, penalised with
     ``entropy_floor_coef * relu(floor_h - mean_h)``, where ``mean_h`` averages head h's entropy
     over the minibatch's steps at which some valid op uses h and h has more than one valid
     action (``funcppo.spec.entropy_floor_masks``; with one valid action the entropy is 0 by
     construction); a head with no such step in a minibatch adds nothing. ``value_clip`` is the
-    value-clipping range (separate from ``clip_coef``; seed 004 M2). ``weight_decay`` applies to
-    the critic only (seed 003 3.1).
-    ``grad_accum_steps`` splits each minibatch into that many micro-batches (seed 003 4.1).
+    value-clipping range (separate from ``clip_coef``: values have the scale of returns, not of
+    ratios). ``weight_decay`` applies to the critic only (on actor heads it kills exploration).
+    ``grad_accum_steps`` splits each minibatch into that many micro-batches (the same gradient in
+    less memory; docs/design.md, Gradient accumulation).
 
     Hyperparameters as tensors: the fields in ``TENSOR_HYPERPARAMS`` (``learning_rate``,
     ``ent_coef``, ``clip_coef``, ``vf_coef``, ``gamma``, ``gae_lambda``, ``max_grad_norm``,
@@ -242,14 +243,14 @@ class PPOConfig:
 
 
 def esper_config(obs_dim: int, num_slots: int = 3, **overrides: Any) -> PPOConfig:
-    """The seed system's hyperparameters on its lifecycle action space.
+    """The original agent's hyperparameters on its lifecycle action space.
 
     Recurrent (LSTM 128), lr 3e-4, gamma 0.995, lambda 0.98, clip 0.2, target KL 0.015, max grad
     norm 5.0; one epoch (``update_epochs=1``, the original's recurrent epoch count) over the
     whole rollout as one batch of sequences (``num_minibatches=1``); entropy coefficient 0.05
     with per-head multipliers and per-head normalised-entropy floors (op 0.30, slot 0.15,
     blueprint 0.20, style 0.15, tempo 0.20, each alpha head 0.10); value clipping off
-    (``clip_vloss=False``), with range 10.0 when turned on (seed 004 M2). ``overrides`` replace
+    (``clip_vloss=False``), with the original's range 10.0 when turned on. ``overrides`` replace
     any field.
     """
     values: dict[str, Any] = {

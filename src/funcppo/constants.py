@@ -1,7 +1,7 @@
 """Every numeric constant the update relies on, named once.
 
-Seed 003 (6.1) and seed 004 complain about magic numbers scattered through the original
-agent; here each has one home and one reason.
+Literals scattered through the original agent drift apart when one copy changes; here each has
+one home and one reason (docs/design.md, Named constants).
 """
 
 # Per-head log-ratio clamp before exp: exp(20) ~ 4.9e8 stays finite in float32.
@@ -13,11 +13,12 @@ JOINT_LOG_RATIO_CLAMP = 30.0
 # (OpenAI baselines / Spinning Up use 1.5).
 KL_EARLY_STOP_FACTOR = 1.5
 
-# Ratio diagnostics: a joint ratio above EXPLOSION or below COLLAPSE is reported (seed 004, L4).
+# Ratio diagnostics: a joint ratio above EXPLOSION or below COLLAPSE is reported; defined once
+# so the flags and their readers agree (docs/design.md, Ratio diagnostics).
 RATIO_EXPLOSION_THRESHOLD = 5.0
 RATIO_COLLAPSE_THRESHOLD = 0.1
 
-# Adam epsilon: CleanRL and the seed system both use 1e-5 for PPO rather than torch's 1e-8.
+# Adam epsilon: CleanRL and the original agent both use 1e-5 for PPO rather than torch's 1e-8.
 ADAM_EPS = 1e-5
 
 # Advantage normalisation floors the standard deviation so one sample gives no NaN.

@@ -192,7 +192,7 @@ def factored_entropy(
 
 
 class MaskStats(NamedTuple):
-    """Per-head mask diagnostics over all steps, 0-d float32 each (seed 001, part 2).
+    """Per-head mask diagnostics over all steps, 0-d float32 each (docs/design.md, Mask statistics).
 
     single_action_fraction: steps with exactly one valid action (mask collapse: log-prob is
       constant 0 there, so the head gets no gradient by design).

@@ -2,10 +2,10 @@
 
 Per-head quantities are dicts ``head name -> Tensor`` sharing one batch shape ``[...]`` (``[N]``
 or ``[T, B]``). ``causal[h]`` is bool ``[...]``: True where the taken op used head ``h``. The op
-head's causal mask is all True, so the total KL weight is >= 1 (seed 000). Coefficients may be
+head's causal mask is all True, so the total KL weight is >= 1 (no clamp). Coefficients may be
 Python floats or 0-d tensors, so a per-seed sweep can vmap them. Nothing here syncs with the host.
 With ``totals`` (``funcppo.accumulation``), ``ppo_loss`` returns a micro-batch's share of the
-loss of a whole minibatch (gradient accumulation, seed 003, 4.1).
+loss of a whole minibatch (gradient accumulation).
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ class LossCoefs(NamedTuple):
 
 
 class RatioStats(NamedTuple):
-    """Summary of a ratio tensor, all 0-d (seed 004, L4; seed 001, 1.2)."""
+    """Summary of a ratio tensor, all 0-d (docs/design.md, Ratio diagnostics)."""
 
     mean: Tensor
     min: Tensor
@@ -97,7 +97,7 @@ class LossInfo(NamedTuple):
 
     ``head_ratio_max``/``head_ratio_min``: per head, the extremes of ``r_h`` over the steps
     where the head was relevant (-inf/+inf where it never was), for the worst-head diagnostic
-    (seed 004, L4).
+    (docs/design.md, Ratio diagnostics).
     """
 
     policy_loss: Tensor
@@ -152,7 +152,8 @@ def head_log_ratios(
 def joint_log_ratio(log_ratios: Heads, clamp: float = JOINT_LOG_RATIO_CLAMP) -> Tensor:
     """Joint ``log r = clamp(sum_h log r_h, -clamp, clamp)``, ``[...]``.
 
-    The joint ratio of the factored policy is the product of head ratios (seed 001, 1.2).
+    The joint ratio of the factored policy is the product of head ratios: the policy's actual
+    change, even when every head's ratio is inside the clip range (1.15 twice is 1.32).
     """
     return torch.stack(list(log_ratios.values())).sum(0).clamp(-clamp, clamp)
 
@@ -171,7 +172,7 @@ def _head_kl(log_ratios: Heads, causal: Heads, totals: LossTotals) -> dict[str, 
 def _weighted_kl(head_kls: Heads, totals: LossTotals) -> Tensor:
     n, count = totals.num_samples, totals.causal_count
     weights = {h: count[h].to(kl.dtype) / n for h, kl in head_kls.items()}
-    # The op head is relevant at every step, so the total weight is >= 1 (seed 000): no clamp.
+    # The op head is relevant at every step, so the total weight is >= 1: no clamp, no guard.
     total = torch.stack(list(weights.values())).sum()
     return torch.stack([head_kls[h] * w for h, w in weights.items()]).sum() / total
 
@@ -180,7 +181,7 @@ def head_kl(new_logprobs: Heads, old_logprobs: Heads, causal: Heads) -> dict[str
     """Per-head KL3 estimate, 0-d each: ``masked_mean((r_h - 1) - log r_h, causal_h)``.
 
     Schulman, "Approximating KL divergence" (2020), estimator k3, on the CLAMPED head log-ratio
-    (seed 001, 1.3: an unclamped exp overflows). Finite for any finite inputs, >= 0.
+    (an unclamped exp overflows and makes the KL NaN). Finite for any finite inputs, >= 0.
     """
     return _head_kl(
         head_log_ratios(new_logprobs, old_logprobs, causal), causal, loss_totals(causal)
@@ -227,7 +228,7 @@ def value_loss(
 
     ``0.5 mean((v - R)^2)``, or with ``clip_vloss`` (static) CleanRL's clipped form
     ``0.5 mean(max((v - R)^2, (v_old + clamp(v - v_old, -vc, vc) - R)^2))``. ``value_clip`` is
-    its own range, not the policy's ``clip_coef``: values have another scale (seed 004, M2).
+    its own range, not the policy's ``clip_coef``: values have the scale of returns.
     With ``total`` (static), the mean is this part's share of a mean over ``total`` steps.
     """
     sq = (values - returns).square()
@@ -254,8 +255,8 @@ def ratio_stats(ratio: Tensor) -> RatioStats:
 def ratio_diagnostic(
     head_ratio_max: Heads, head_ratio_min: Heads, ratio_max: Tensor, ratio_min: Tensor
 ) -> RatioDiagnostic:
-    """The worst head and the joint-ratio flags (seed 004, L4: diagnose the head whose ratio is
-    worst, not the op head alone; seed 001, 1.2: thresholds on the TRUE joint ratio).
+    """The worst head and the joint-ratio flags: the head whose ratio is worst, not the op head
+    alone, as an explosion is often one argument head's; thresholds on the TRUE joint ratio.
 
     ``head_ratio_max``/``head_ratio_min``: 0-d per head (non-finite: no data for the head);
     ``ratio_max``/``ratio_min``: 0-d extremes of the joint ratio. No host sync.
@@ -305,7 +306,7 @@ def _entropy_floor_penalty(
     head_floor: Mapping[str, Coef], entropies: Heads, availability: Heads | None, totals: LossTotals
 ) -> Tensor:
     # relu(floor_h - mean entropy where head h could have mattered), summed over floored heads
-    # (seed 004, H2: the floor is fed by masks, not by a mask-free global coefficient).
+    # (fed by masks, so it adapts per head, unlike the original's mask-free global coefficient).
     if availability is None:
         raise ValueError(
             "availability: expected per-head weights when coefs.entropy_floor is set, got None"
@@ -350,7 +351,7 @@ def ppo_loss(
       ``r_h = exp(clamped log r_h)`` (per-head clipped surrogate, as the original agent).
     - value = ``value_loss(values, old_values, returns, clip_vloss, value_clip)``.
     - entropy_bonus = ``ent_coef * mean_h(head_ent_coef_h * masked_mean(H_h, causal_h))``,
-      averaged over heads, not summed (seed 003, 3.2).
+      averaged over heads, not summed, so ``ent_coef`` keeps its single-head meaning.
     - floor_penalty = ``entropy_floor_coef * sum_h relu(floor_h - masked_mean(H_h, avail_h))``
       over the heads of ``coefs.entropy_floor`` whose ``availability`` has at least one step (a
       head with none adds 0); 0 when ``coefs.entropy_floor`` is None, and then
@@ -362,7 +363,7 @@ def ppo_loss(
     ``advantages`` are per head (0 where irrelevant, the op head carries the full advantage);
     ``entropies`` are normalised to [0, 1] and unmasked; ``causal`` is bool.
     Info metrics are detached; the clip fraction and ratio stats use the TRUE joint ratio
-    ``exp(joint clamped log r)`` (seed 001, 1.2), never a single head's.
+    ``exp(joint clamped log r)``, never a single head's, which can hide divergence.
 
     ``totals``: the whole minibatch's ``LossTotals`` when the inputs are one of its micro-batches;
     the loss, its gradient and every info field but ``ratio`` are then this micro-batch's share

@@ -8,9 +8,9 @@ Layout (every weight ``w`` is ``[in, out]``, applied as ``x @ w + b``)::
      "heads":  {head_name: {"w", "b"}},                 # one logit layer per action head
      "value":  {"w", "b"}}
 
-Weight decay applies to leaves under the top-level keys "critic" and "value" only (seed 003
-3.1), so those names are part of the interface. The recurrent policy shares torso and LSTM
-between actor and critic (CleanRL ``ppo_atari_lstm``).
+Weight decay applies to leaves under the top-level keys "critic" and "value" only (on the actor
+it kills exploration), so those names are part of the interface. The recurrent policy shares
+torso and LSTM between actor and critic (CleanRL ``ppo_atari_lstm``).
 """
 
 from __future__ import annotations
@@ -358,7 +358,7 @@ def _leaves(tree: Any, path: tuple[str, ...] = ()) -> dict[tuple[str, ...], Any]
 
 
 def check_params(params: Params, config: PPOConfig, batch_dims: int = 0) -> None:
-    """Host-side check that ``params`` match ``config`` (seed 003 5.1, 6.3).
+    """Host-side check that ``params`` match ``config``: fail early, not in a compiled graph.
 
     ``batch_dims`` leading axes (e.g. a stacked seed axis) are allowed on every leaf. Raises
     ValueError naming the leaf, the config fields behind its expected shape, and what came.

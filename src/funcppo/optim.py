@@ -48,8 +48,8 @@ State = Any
 Hyper = float | Tensor
 DecayMask = Any  # None, a pytree of bools shaped like params, or a callable path -> bool
 
-# Keys that mark critic parameters: weight decay on actor heads kills exploration (seed 003 §3.1,
-# seed 004), so the original system decays the critic only.
+# Keys that mark critic parameters: decay on actor heads, whose gradients causal masking leaves
+# sparse, kills exploration, so only the critic decays (docs/design.md, Critic-only weight decay).
 CRITIC_KEYS = frozenset({"value", "critic"})
 
 

@@ -32,7 +32,8 @@ class ActionSpec:
       heads: ``(name, size)`` pairs in a fixed order; sizes may differ.
       op_head: the head whose value selects a row of ``causal``.
       causal: one set of head names per op value. The op head is added to every row, so it is
-        relevant to every op by construction (seed 000: total KL weight is then >= 1).
+        relevant to every op by construction: the weighted KL's total weight is then >= 1 and
+        needs no clamp (docs/design.md, Weighted KL).
       op_conditioned: heads whose validity mask depends on the op; their masks have shape
         ``[..., n_ops, size]`` and the row of the taken op applies.
       op_names: optional readable names of the op values.
@@ -156,7 +157,7 @@ def _uses(spec: ActionSpec, op_hot: Tensor) -> dict[str, Tensor]:
 def causal_masks(spec: ActionSpec, op_actions: Tensor) -> dict[str, Tensor]:
     """Which heads the taken op used: bool ``[...]`` per head, for ``op_actions`` of ``[...]``.
 
-    The op head's mask is all True (seed 000).
+    The op head's mask is all True, so the KL weights sum to at least 1.
     """
     return _uses(spec, _op_one_hot(op_actions, spec.n_ops))
 
@@ -205,7 +206,7 @@ LIFECYCLE_OPS = ("WAIT", "GERMINATE", "SET_ALPHA_TARGET", "PRUNE", "FOSSILIZE", 
 
 
 def lifecycle_spec(num_slots: int = 3) -> ActionSpec:
-    """The seed system's eight heads and causal table; the slot mask depends on the op."""
+    """The original agent's eight heads and causal table; the slot mask depends on the op."""
     if num_slots < 1:
         raise ValueError(f"num_slots: expected >= 1, got {num_slots}")
     heads = {

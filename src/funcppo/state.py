@@ -157,7 +157,7 @@ def with_hparams(state: TrainState, **changes: Any) -> TrainState:
 def make_optimizer(config: PPOConfig, hparams: Hyperparams):
     """AdamW with decay on the critic only and per-seed clipping by global norm.
 
-    Decay on actor layers kills exploration; seed 003 praises keeping it on the critic.
+    Decay on actor layers kills exploration (docs/design.md, Critic-only weight decay).
     """
     return adamw(
         learning_rate=hparams.learning_rate,

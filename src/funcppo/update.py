@@ -315,7 +315,7 @@ def _make_minibatch_step(config: PPOConfig, layouts: Layouts, dp: DataParallel |
 
     def accumulate(params, mb, hidden, hp, totals):
         """Gradient, loss, info and finiteness of the whole minibatch ``mb``, computed over
-        ``accum`` micro-batches of its sequences one at a time (seed 003, 4.1). Data parallel,
+        ``accum`` micro-batches of its sequences one at a time, to bound memory. Data parallel,
         ``totals`` are the global minibatch's and the results this process's shares of it."""
         if accum == 1 and totals is None:
             grads, (loss, (info, finite)) = grad_fn(params, mb, hidden, hp, None)
@@ -353,8 +353,9 @@ def _make_minibatch_step(config: PPOConfig, layouts: Layouts, dp: DataParallel |
             )
         grad_norm = global_norm(grads)
         finite = finite & torch.isfinite(grad_norm)
-        # KL is checked before the optimizer step (seed 004), per seed: a stopped seed's
-        # remaining steps are masked, not skipped, so vmapped seeds stop independently.
+        # KL is checked before the optimizer step, so a step that leaves the trust region is not
+        # applied (docs/design.md, KL before the step). Per seed: a stopped seed's remaining
+        # steps are masked, not skipped, so vmapped seeds stop independently.
         # Always in the graph: without a target hp.target_kl is +inf and never fires, and a
         # sweep may give some seeds a target on a config that has none.
         too_far = info.approx_kl > KL_EARLY_STOP_FACTOR * hp.target_kl
@@ -369,7 +370,7 @@ def _make_minibatch_step(config: PPOConfig, layouts: Layouts, dp: DataParallel |
         n_rel = {h: mb["causal"][h].sum() for h in spec.names} if dp is None else counts["causal"]
         head_grads = unravel(layouts.params, grads)["heads"]
         head_grad_norm = {
-            # NaN, never a silent 0, where no step used the head (seed 001).
+            # NaN where no step used the head: a 0 would pass for a real zero gradient.
             h: torch.where(n_rel[h] > 0, global_norm(head_grads[h]), torch.nan)
             for h in spec.names
         }
@@ -461,7 +462,7 @@ def _finish(
     head_max = {h: top[i] for h, i in info.head_ratio_max.items()}
     head_min = {h: bottom[i] for h, i in info.head_ratio_min.items()}
     for h in config.spec.names:
-        # NaN, never a silent 1, where the head had no relevant step (seed 001).
+        # NaN where the head had no relevant step: a 1 would pass for a healthy ratio.
         metrics[f"ratio_max/{h}"] = torch.where(head_max[h].isfinite(), head_max[h], torch.nan)
         metrics[f"ratio_min/{h}"] = torch.where(head_min[h].isfinite(), head_min[h], torch.nan)
     diag = ratio_diagnostic(head_max, head_min, metrics["ratio_max"], metrics["ratio_min"])

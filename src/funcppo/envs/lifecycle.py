@@ -1,4 +1,4 @@
-"""A stand-in for the seed system's environment: grow a network by planting seeds into slots.
+"""A stand-in for the original agent's environment: grow a network by planting seeds into slots.
 
 Each of ``num_slots`` slots holds a seed whose stage moves
 ``DORMANT -> GERMINATED -> TRAINING -> BLENDING -> HOLDING -> FOSSILIZED`` under the agent's
