@@ -3,40 +3,21 @@ number of envs, the learning rate), the architecture may not, an agent rebuilt f
 alone predicts exactly as the saved one, and a resumed run continues bit-exactly."""
 
 import gymnasium as gym
-import optree
 import pytest
 import torch
 
 from funcppo.agent import PPOAgent
 from funcppo.agent_checkpoint import AgentCarry, carry_from_extra, carry_to_extra
 from funcppo.checkpoint import save_checkpoint
-from funcppo.config import PPOConfig
 from funcppo.gym_adapter import GymAdapter
 from funcppo.networks import LSTMState
 from funcppo.normalize import RewardScaleState, init_running_stats
 from funcppo.spec import ActionSpec
+from test_agent import assert_trees_equal, cartpole, config_for
 
-SMALL = {"torso_sizes": (8,), "compile": False, "update_epochs": 2, "num_minibatches": 2}
 LSTM = {"recurrent": True, "lstm_size": 8, "bptt_len": 4}
 NORMALIZE = {"normalize_obs": True, "normalize_reward": True}
 THREE_ACTIONS = ActionSpec({"action": 3}, "action", [(), (), ()])  # CartPole's has 2
-
-
-def cartpole(num_envs=2, seed=1):
-    vec = gym.make_vec("CartPole-v1", num_envs=num_envs, vectorization_mode="sync")
-    return GymAdapter(vec, seed=seed)
-
-
-def config_for(env, **kw):
-    return PPOConfig(obs_dim=env.obs_dim, spec=env.spec, **(SMALL | kw))
-
-
-def assert_trees_equal(a, b):
-    la, sa = optree.tree_flatten(a, none_is_leaf=False)
-    lb, sb = optree.tree_flatten(b, none_is_leaf=False)
-    assert sa == sb
-    for x, y in zip(la, lb, strict=True):
-        assert x.dtype == y.dtype and torch.equal(x, y)
 
 
 def trained(tmp_path, num_envs, recurrent=False, updates=1, **settings):
