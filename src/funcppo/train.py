@@ -22,17 +22,15 @@ import optree
 import torch
 import torch.utils._pytree as pytree
 from torch import Tensor
+from torch._higher_order_ops.scan import scan
 from torch.func import vmap
 
 from funcppo import random as jr
 from funcppo.compiling import (
-    CompileSettings,
     compile_fn,
     fresh,
-    per_device,
     scan_cacheable,
     scan_carry,
-    scan_op,
     unaliased,
 )
 from funcppo.config import PPOConfig, anneal_left
@@ -244,28 +242,18 @@ def make_rollout(
     num_steps: int,
     time_axis: int,
     compile_: bool,
-    backend: str | None = None,
+    backend: str,
     threads: int | None = None,
-    *,
-    compiler: CompileSettings | None = None,
 ) -> Callable[[RunnerState], tuple[RunnerState, Batch]]:
     """``rollout(rs) -> (rs, batch)``: ``num_steps`` of ``env_step(params, rs)``, the
     transitions stacked on ``time_axis``; compiled as one scan, or driven from Python. With
-    ``threads``, torch's intra-op threads are set to it while the rollout runs.
-
-    ``compiler``: how it is compiled (None: ``CompileSettings.for_device`` of the runner
-    state's key, chosen at the first call); ``backend``, when given, replaces its backend."""
+    ``threads``, torch's intra-op threads are set to it while the rollout runs."""
     if not compile_:
         rollout = _loop_rollout(contiguous_outputs(env_step), num_steps, time_axis)
     else:
         scanned, drive = scan_rollout(env_step, num_steps, time_axis)
-        compiled = per_device(
-            lambda settings: compile_fn(scanned, "rollout", settings),
-            compiler,
-            backend,
-            lambda rs: rs.key.device,
-        )
-        rollout = functools.partial(drive, compiled)
+        scanned = compile_fn(scanned, "rollout", backend, cpp_wrapper=True)
+        rollout = functools.partial(drive, scanned)
     return rollout if threads is None else with_threads(rollout, threads)
 
 
@@ -317,7 +305,6 @@ def scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[Ca
     from one eager step on the first call (a traced body cannot hand it out).
     """
     batch_spec: list[pytree.TreeSpec] = []
-    scan = scan_op()
 
     def scanned(rs: RunnerState) -> tuple[RunnerState, list[Tensor]]:
         train = rs.train
@@ -353,11 +340,10 @@ def make_train(
     config: TrainConfig,
     *,
     num_seeds: int | None = None,
-    backend: str | None = None,
+    backend: str = "inductor",
     data_parallel: DataParallel | None = None,
     compile_scope: str = "scan",
     rollout_threads: int | None = None,
-    compiler: CompileSettings | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Tensor]]]:
     """``train(key, callback=None, hparams=None) -> (final TrainState, metrics history)``.
 
@@ -384,10 +370,6 @@ def make_train(
 
     ``rollout_threads``: torch's intra-op threads while the rollout runs (``with_threads``);
     None leaves the caller's setting for the rollout too.
-
-    ``compiler`` (``funcppo.compiling.CompileSettings``) compiles the rollout and the update;
-    None: ``CompileSettings.for_device`` of the key's device, chosen at the first call.
-    ``backend``, when given, replaces its ``torch.compile`` backend.
     """
     if rollout_threads is not None and (
         isinstance(rollout_threads, bool)
@@ -420,13 +402,7 @@ def make_train(
         init = contiguous_outputs(init)
     time_axis = 0 if num_seeds is None else 1
     rollout = make_rollout(
-        env_step,
-        config.num_steps,
-        time_axis,
-        ppo.compile,
-        backend,
-        rollout_threads,
-        compiler=compiler,
+        env_step, config.num_steps, time_axis, ppo.compile, backend, rollout_threads
     )
     update = make_update_fn(
         ppo,
@@ -435,7 +411,6 @@ def make_train(
         backend=backend,
         data_parallel=data_parallel,
         hparams="state",  # a sweep's per-seed values and the annealed schedule
-        compiler=compiler,
     )
 
     def one_update(rs: RunnerState, u: int, base: Hyperparams):
