@@ -1,6 +1,7 @@
 """Precompiled functions: the key's fingerprint, and files written, read back and replaced."""
 
 import dataclasses
+import hashlib
 import os
 import subprocess
 import sys
@@ -204,3 +205,71 @@ def test_savable_guards_by_kind():
     assert not precompile.savable(Entry(guard_type="CLASS_MATCH", derived_guard_types=()))
     assert not precompile.savable(Entry(guard_type="TYPE_MATCH", derived_guard_types=("ID_MATCH",)))
     assert precompile.savable(Entry(guard_type="TYPE_MATCH", derived_guard_types=None))
+
+
+# One compiled update in a process of its own: the folders come from the environment, the
+# funcppo imported is whichever the parent's PYTHONPATH names.
+CHILD = """
+import hashlib, sys
+import optree, torch
+import torch._dynamo.utils
+torch.set_num_threads(1)
+sys.path.insert(0, sys.argv[1])
+import funcppo
+from funcppo.update import make_update_fn
+from test_update import make_case, small_config
+
+config = small_config(compile=True, update_epochs=1, num_minibatches=2)
+state, batch = make_case(config)
+new_state, _ = make_update_fn(config, compile_scope="scan")(state, batch)
+digest = hashlib.sha256()
+for leaf in optree.tree_leaves(new_state.params):
+    digest.update(leaf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+print("funcppo", funcppo.__file__)
+print("graphs", torch._dynamo.utils.counters["stats"]["unique_graphs"])
+print("params", digest.hexdigest())
+"""
+
+
+def run_update_process(env: dict) -> dict[str, str]:
+    done = subprocess.run(
+        [sys.executable, "-c", CHILD, str(Path(__file__).parent)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,  # a hang guard only
+    )
+    assert done.returncode == 0, done.stderr[-4000:]
+    lines = [line.split(" ", 1) for line in done.stdout.splitlines()]
+    return {key: value for key, value in lines if key in ("funcppo", "graphs", "params")}
+
+
+def files(directory: Path) -> dict[str, tuple[int, int, str]]:
+    """Each file's size, modification time and content hash, by name."""
+    return {
+        path.name: (
+            path.stat().st_size,
+            path.stat().st_mtime_ns,
+            hashlib.sha256(path.read_bytes()).hexdigest(),
+        )
+        for path in directory.iterdir()
+    }
+
+
+@pytest.mark.slow
+def test_a_new_process_loads_the_precompiled_update_instead_of_compiling(tmp_path):
+    """Guards that fail on load (a KeyError on an unnamed scope's global, say) made every run
+    compile again and rewrite its file, silently: the files must be reused across processes."""
+    saved, caches = tmp_path / "precompiled", tmp_path / "inductor"
+    env = dict(os.environ, **{PRECOMPILE_ENV: str(saved), "TORCHINDUCTOR_CACHE_DIR": str(caches)})
+
+    first = run_update_process(env)
+    written = files(saved)
+    assert written and all(name.endswith(".pt2") for name in written), written.keys()
+    assert int(first["graphs"]) > 0  # it compiled
+
+    second = run_update_process(env)
+    assert second["funcppo"] == first["funcppo"]
+    assert files(saved) == written  # read back: no file added, rewritten or touched
+    assert int(second["graphs"]) == 0  # and dynamo traced nothing
+    assert second["params"] == first["params"]
