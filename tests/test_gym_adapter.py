@@ -72,8 +72,9 @@ def test_action_spaces_map_to_specs():
     assert all(row == {"a0", "a1", "a2"} for row in spec.causal) and len(spec.causal) == 3
     with pytest.raises(ValueError, match="action_space: expected Discrete"):
         gym_action_spec(gym.spaces.Box(0, 1, (2,)))
-    with pytest.raises(ValueError, match="observation_space: expected a Box"):
-        GymAdapter(gym.make("FrozenLake-v1"))
+    with pytest.raises(ValueError, match=r"observation_space\['hand'\]: a Tuple inside a Dict"):
+        nested = gym.spaces.Dict({"hand": gym.spaces.Tuple([gym.spaces.Discrete(2)] * 2)})
+        GymAdapter(gym.wrappers.TransformObservation(Clock(), lambda obs: obs, nested))
     with pytest.raises(ValueError, match="DISABLED"):
         GymAdapter(clock_vec(gym.vector.AutoresetMode.DISABLED))
 

@@ -48,6 +48,7 @@ from funcppo.agent_rollout import (
     step_episodes,
     zero_rollout,
 )
+from funcppo.callbacks import as_callback
 from funcppo.checkpoint import load_checkpoint, save_checkpoint
 from funcppo.config import PPOConfig, anneal_left
 from funcppo.constants import ACT_STREAM, CLIP_OBS, PREDICT_STREAM
@@ -336,7 +337,7 @@ class PPOAgent:
         self,
         env: Any,
         total_steps: int,
-        callback=None,
+        callback: Any = None,
         anneal_lr: bool = False,
         anneal_clip: bool = False,
     ) -> list:
@@ -344,7 +345,11 @@ class PPOAgent:
 
         ``anneal_lr`` decays the learning rate linearly to 0 over this call (as CleanRL),
         ``anneal_clip`` the clipping range (as ``TrainConfig.anneal_clip``).
-        ``callback(update_index, metrics)`` returning True stops early. Returns the metrics.
+        ``callback``: an object with ``on_update(agent, metrics)`` (and optionally
+        ``on_training_start(agent)``, ``on_training_end(agent)``), a function
+        ``f(agent, metrics)``, or a list of them (``funcppo.callbacks``: evaluation,
+        checkpoints, TensorBoard); one that returns False stops training after that update,
+        as in Stable-Baselines3. Returns the metrics of every update.
         """
         num_updates = total_steps // (self.num_envs * self.num_steps)
         if num_updates < 1:
@@ -352,17 +357,23 @@ class PPOAgent:
                 f"total_steps: expected at least num_envs * num_steps = "
                 f"{self.num_envs * self.num_steps}, got {total_steps}"
             )
+        callbacks = as_callback(callback)
         lr, clip = float(self.state.hparams.learning_rate), float(self.state.hparams.clip_coef)
         history = []
-        for u in range(num_updates):
-            self.collect(env)
-            left = anneal_left(u, num_updates)
-            metrics = self.update(
-                lr * left if anneal_lr else None, clip_coef=clip * left if anneal_clip else None
-            )
-            history.append(metrics)
-            if callback is not None and callback(u, metrics):
-                break
+        callbacks.on_training_start(self)
+        try:
+            for u in range(num_updates):
+                self.collect(env)
+                left = anneal_left(u, num_updates)
+                metrics = self.update(
+                    lr * left if anneal_lr else None,
+                    clip_coef=clip * left if anneal_clip else None,
+                )
+                history.append(metrics)
+                if not callbacks.on_update(self, metrics):
+                    break
+        finally:
+            callbacks.on_training_end(self)
         return history
 
     def _carry(self) -> AgentCarry:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from funcppo.callbacks import summary_writer
 from funcppo.envs.lifecycle import REFERENCE_RETURN
 
 __all__ = [
@@ -224,11 +225,12 @@ class Recorder:
 
 
 def tensorboard(out: Path):
+    """A TensorBoard writer to ``out/tb``, or None where tensorboard is not installed: the
+    command line logs to TensorBoard only when it can."""
     try:
-        from torch.utils.tensorboard import SummaryWriter
+        return summary_writer(out / "tb")
     except ImportError:
         return None
-    return SummaryWriter(str(out / "tb"))
 
 
 def sweep_groups(sweep: tuple[str, list[float]]) -> list[tuple[float, torch.Tensor]]:

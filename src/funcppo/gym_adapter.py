@@ -2,8 +2,12 @@
 
 Action spaces: ``Discrete(n)`` becomes one head ``"action"``; ``MultiDiscrete(nvec)`` becomes
 heads ``"a0", "a1", ...``, with ``a0`` the op head and every head causally relevant to every
-op (nothing in the space says otherwise). Observations: any ``Box``, flattened to float32;
-one whose size is not the space's is a ValueError naming the env and both shapes.
+op (nothing in the space says otherwise). Any other action space is refused, naming it: the
+heads are categorical, so continuous (``Box``) actions have no encoding. Observations are
+encoded as Stable-Baselines3 encodes them (``funcppo.gym_spaces``: ``Box`` flattened, one-hots
+for ``Discrete`` and ``MultiDiscrete``, ``MultiBinary`` as floats, ``Dict`` and ``Tuple``
+concatenated); ``obs_dim`` is the encoded size. One that does not fit its space is a
+ValueError naming the env, the part and both shapes.
 
 Masks follow sb3-contrib's MaskablePPO, so environments written for it work unchanged: from
 ``info["action_mask"]`` when the env reports one, else from an ``action_masks()`` method, else
@@ -37,9 +41,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from funcppo.agent import EnvStep
 from funcppo.agent_checks import describe
+from funcppo.agent_rollout import EnvStep
 from funcppo.envs.base import check_actions
+from funcppo.gym_spaces import ObsError, make_obs_encoder
 from funcppo.spec import ActionSpec
 
 __all__ = ["GymAdapter", "env_action", "gym_action_spec", "head_masks", "require_gymnasium"]
@@ -69,9 +74,25 @@ def _action_layout(space: Any) -> tuple[ActionSpec, np.ndarray, np.ndarray]:
         spec = ActionSpec(heads, "a0", [names] * int(nvec[0]))
         return spec, nvec, np.broadcast_to(np.asarray(space.start), nvec.shape).astype(np.int64)
     raise ValueError(
-        f"action_space: expected Discrete or a 1-d MultiDiscrete, got {space!r}; "
-        "flatten it with a gymnasium wrapper first"
+        f"action_space: expected Discrete or MultiDiscrete, got {space!r}; {_why(gym, space)}"
     )
+
+
+def _why(gym: Any, space: Any) -> str:
+    """What to do about an action space that has no categorical heads."""
+    spaces = gym.spaces
+    if isinstance(space, spaces.Box):
+        return (
+            "funcppo's heads are categorical, so continuous actions are not supported "
+            "(gymnasium.wrappers.DiscretizeAction makes them Discrete)"
+        )
+    if isinstance(space, spaces.MultiDiscrete):
+        return f"its nvec has shape {space.nvec.shape}; expected one axis, one head per entry"
+    if isinstance(space, spaces.MultiBinary):
+        return "funcppo's heads are categorical: give the env a MultiDiscrete([2] * n) instead"
+    if isinstance(space, (spaces.Tuple, spaces.Dict)):
+        return "composite action spaces are not supported: express the parts as one MultiDiscrete"
+    return "funcppo's heads are categorical"
 
 
 def gym_action_spec(space: Any) -> ActionSpec:
@@ -166,8 +187,10 @@ class GymAdapter:
       seed: passed to the first ``reset``.
       device: where the returned tensors live (None: CPU).
 
-    Attributes: ``num_envs``; ``obs_shape``, one env's observation shape, and ``obs_dim``, its
-    size; ``spec``, the ``ActionSpec``; ``action_space``, one env's action space.
+    Attributes: ``num_envs``; ``obs_shape``, one env's observation space's shape (None for a
+    ``Dict`` or ``Tuple``), and ``obs_dim``, the size of its encoded observation (the ``obs_dim``
+    of its ``PPOConfig``); ``obs_encoder``, the ``funcppo.gym_spaces.ObsEncoder`` that makes it;
+    ``spec``, the ``ActionSpec``; ``action_space``, one env's action space.
     """
 
     def __init__(self, env: Any, seed: int | None = None, device=None) -> None:
@@ -189,15 +212,11 @@ class GymAdapter:
             self.num_envs = 1
             obs_space, act_space = env.observation_space, env.action_space
             self.autoreset_mode = None
-        if not isinstance(obs_space, gym.spaces.Box):
-            raise ValueError(
-                f"observation_space: expected a Box, got {obs_space!r}; wrap the env in "
-                "gymnasium.wrappers.FlattenObservation"
-            )
-        self.obs_shape = tuple(int(n) for n in obs_space.shape)
-        self.obs_dim = int(np.prod(self.obs_shape))
         self.action_space = act_space
         self.spec, self._nvec, _ = _action_layout(act_space)
+        self.obs_encoder = make_obs_encoder(obs_space)
+        self.obs_dim = self.obs_encoder.dim
+        self.obs_shape = obs_space.shape
         self._name = _env_name(env)
         self._mask_source: str | None = None
         self._pending_reset = np.zeros(self.num_envs, dtype=bool)
@@ -208,22 +227,14 @@ class GymAdapter:
         return self.is_vector and self.autoreset_mode.name == "NEXT_STEP"
 
     def _obs_rows(self, obs: Any, what: str = "observation", one: bool = False) -> np.ndarray:
-        """``obs`` as a new float32 ``[num_envs, obs_dim]`` array (``one``: one env's, as
-        ``[1, obs_dim]``); a wrong size is a ValueError naming ``what``, the env and shapes."""
-        rows = 1 if one else self.num_envs
+        """``obs`` encoded as a new float32 ``[num_envs, obs_dim]`` array (``one``: one env's,
+        as ``[1, obs_dim]``); one that does not fit is a ValueError naming ``what``, the env,
+        the part and the shapes."""
+        batched = self.is_vector and not one
         try:
-            array = np.array(obs, dtype=np.float32)
-        except (TypeError, ValueError):
-            array = None
-        if array is None or array.size != rows * self.obs_dim:
-            got = type(obs).__name__ if array is None else array.shape
-            batch = ""
-            if self.is_vector and not one:
-                batch = f" per env (batch {(rows, *self.obs_shape)})"
-            raise ValueError(
-                f"{what} from env {self._name}: expected shape {self.obs_shape}{batch}, got {got}"
-            )
-        return array.reshape(rows, self.obs_dim)
+            return self.obs_encoder.encode_rows(obs, 1 if one else self.num_envs, batched)
+        except ObsError as error:
+            raise ValueError(f"{what}{error.path} from env {self._name}: {error.detail}") from None
 
     def _obs_tensor(self, obs: Any) -> Tensor:
         return torch.from_numpy(self._obs_rows(obs)).to(self.device)
