@@ -143,7 +143,7 @@ def test_an_out_that_is_a_file_or_holds_files_is_refused(tmp_path):
         (["--sweep", "gamma=0.9,2"], "--sweep: gamma: expected a number in (0.0, 1.0], got 2.0"),
         (
             ["--env", "gym:Pendulum-v1", "--seeds", "1"],
-            "--env gym:Pendulum-v1: action_space: expected Discrete or a 1-d MultiDiscrete",
+            "--env gym:Pendulum-v1: action_space: expected Discrete or MultiDiscrete, got Box",
         ),
     ],
 )

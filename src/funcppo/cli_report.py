@@ -201,12 +201,14 @@ class Progress:
 
 class Recorder:
     """Keeps each finished update: its line of ``metrics.jsonl`` (every metric per seed), the
-    mean return over seeds to TensorBoard, the returns for the curve and the summary, and the
-    progress line. A Ctrl-C that comes while it writes is held until the update is kept
-    whole, then raised, which ends the run after that update."""
+    mean return over seeds to TensorBoard under ``tb_dir`` (opened at the first finished
+    update, so a run stopped before it leaves no event file; None: no TensorBoard), the returns
+    for the curve and the summary, and the progress line. A Ctrl-C that comes while it writes
+    is held until the update is kept whole, then raised, which ends the run after that update."""
 
-    def __init__(self, log, writer, progress: Progress, steps_per_update: int) -> None:
-        self.log, self.writer, self.progress, self.steps = log, writer, progress, steps_per_update
+    def __init__(self, log, tb_dir: Path | None, progress: Progress, steps_per_update: int) -> None:
+        self.log, self.tb_dir, self.progress, self.steps = log, tb_dir, progress, steps_per_update
+        self.writer = None
         self.returns: list[list[float]] = []
 
     def __call__(self, u: int, metrics: dict) -> None:
@@ -217,18 +219,22 @@ class Recorder:
             self.returns.append(metrics["episode_return"])
             finite = [r for r in metrics["episode_return"] if not math.isnan(r)]
             mean_return = sum(finite) / len(finite) if finite else float("nan")
+            if self.writer is None and self.tb_dir is not None:
+                self.writer = tensorboard(self.tb_dir)
+                self.tb_dir = None
             if self.writer is not None:
                 self.writer.add_scalar("episode_return", mean_return, env_steps)
+                self.writer.flush()
             self.progress(u, mean_return)
         if held:
             raise KeyboardInterrupt
 
 
-def tensorboard(out: Path):
-    """A TensorBoard writer to ``out/tb``, or None where tensorboard is not installed: the
+def tensorboard(log_dir: Path):
+    """A TensorBoard writer to ``log_dir``, or None where tensorboard is not installed: the
     command line logs to TensorBoard only when it can."""
     try:
-        return summary_writer(out / "tb")
+        return summary_writer(log_dir)
     except ImportError:
         return None
 

@@ -34,7 +34,6 @@ from funcppo.cli_report import (
     held_interrupts,
     print_summary,
     report_end,
-    tensorboard,
     write_plot,
 )
 from funcppo.distributed import (
@@ -121,7 +120,7 @@ def _run_train(
     state, done = None, 0
     with open(out / "metrics.jsonl" if out is not None else os.devnull, "w") as log:
         recorder = Recorder(
-            log, tensorboard(out) if out is not None else None, progress, steps_per_update
+            log, out / "tb" if out is not None else None, progress, steps_per_update
         )
 
         def callback(u: int, metrics: dict) -> None:

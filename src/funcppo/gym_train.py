@@ -25,7 +25,6 @@ from funcppo.cli_report import (
     held_interrupts,
     print_summary,
     report_end,
-    tensorboard,
     write_plot,
 )
 from funcppo.config import PPOConfig, anneal_left
@@ -92,7 +91,7 @@ def run_gym_train(args: argparse.Namespace) -> int:
     progress = Progress(num_updates, steps_per_update, args.seeds, first)
     base = [(float(a.config.learning_rate), float(a.config.clip_coef)) for a, _ in pairs]
     with open(out / "metrics.jsonl", "w") as log:
-        recorder = Recorder(log, tensorboard(out), progress, steps_per_update)
+        recorder = Recorder(log, out / "tb", progress, steps_per_update)
         try:
             progress.start()
             for u in range(num_updates):
