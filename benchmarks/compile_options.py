@@ -3,9 +3,9 @@
 CartPole, the main job's shape (8 seeds vmapped, 4 envs x 128 steps per seed, CleanRL's
 64 x 64 MLP, compiled rollout and update). Variants, each built by its own ``make_train``:
 
-* ``shipped``: ``funcppo.compiling`` and ``funcppo.networks`` as they are (inductor's size and
-  alignment asserts off, tanh in its exp form, the update's kernels called from C++,
-  ``CPP_WRAPPER``; dynamo's guards on the arguments only, ``keep_input_guards``; products
+* ``shipped``: ``CompileSettings.for_device("cpu")`` and ``funcppo.networks`` as they are
+  (inductor's size and alignment asserts off, tanh in its exp form, the kernels called from
+  C++, ``cpp_wrapper``; dynamo's guards on the arguments only, ``guard_filter``; products
   with a thin weight as pointwise sums, ``THIN_MAX``);
 * ``asserts on``: inductor's default asserts, the rest shipped;
 * ``all guards``: every guard dynamo makes, the rest shipped;
@@ -31,36 +31,34 @@ import platform
 
 import torch
 
-from funcppo import compiling, networks
+from funcppo import networks
 from funcppo import random as jr
 from funcppo.cli_args import ppo_config
+from funcppo.compiling import CompileSettings
 from funcppo.envs import make_env
 from funcppo.train import TrainConfig, make_train
 from interleaved import print_table, run_rounds
 
-SHIPPED = dict(compiling.INDUCTOR_OPTIONS)
+SHIPPED = CompileSettings.for_device("cpu")
 ASSERTS = ("size_asserts", "alignment_asserts")
-TANH = "cpp.use_decompose_tanh"
-# name: (guard filter, inductor options, THIN_MAX, CPP_WRAPPER); THIN_MAX is read when a
-# function is traced, the others when it is built.
+TANH = ("cpp.use_decompose_tanh",)
+
+
+def without(names: tuple[str, ...]) -> CompileSettings:
+    kept = tuple((k, v) for k, v in SHIPPED.inductor_options if k not in names)
+    return SHIPPED.replace(inductor_options=kept)
+
+
+# name: (compile settings, THIN_MAX); THIN_MAX is read when a function is traced, the
+# settings when it is built.
 VARIANTS = {
-    "shipped": (compiling.GUARD_FILTER, SHIPPED, networks.THIN_MAX, True),
-    "asserts on": (
-        compiling.GUARD_FILTER,
-        {k: v for k, v in SHIPPED.items() if k not in ASSERTS},
-        networks.THIN_MAX,
-        True,
-    ),
-    "all guards": (None, SHIPPED, networks.THIN_MAX, True),
-    "library tanh": (
-        compiling.GUARD_FILTER,
-        {k: v for k, v in SHIPPED.items() if k != TANH},
-        networks.THIN_MAX,
-        True,
-    ),
-    "matmuls": (compiling.GUARD_FILTER, SHIPPED, 0, True),
-    "python wrapper": (compiling.GUARD_FILTER, SHIPPED, networks.THIN_MAX, False),
-    "none": (None, {}, 0, False),
+    "shipped": (SHIPPED, networks.THIN_MAX),
+    "asserts on": (without(ASSERTS), networks.THIN_MAX),
+    "all guards": (SHIPPED.replace(guard_filter=False), networks.THIN_MAX),
+    "library tanh": (without(TANH), networks.THIN_MAX),
+    "matmuls": (SHIPPED, 0),
+    "python wrapper": (SHIPPED.replace(cpp_wrapper=False), networks.THIN_MAX),
+    "none": (CompileSettings(guard_filter=False), 0),
 }
 
 
@@ -79,20 +77,15 @@ def main() -> None:
     ppo = ppo_config("cartpole", env, True)
     config = TrainConfig("cartpole", ppo, 4, 128, total_steps=4 * 128 * args.updates)
     trains = {}
-    for name, (guard_filter, options, _, cpp_wrapper) in VARIANTS.items():
-        compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS = guard_filter, options
-        compiling.CPP_WRAPPER = cpp_wrapper
-        trains[name] = make_train(config, num_seeds=args.seeds)
-    compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS, _, compiling.CPP_WRAPPER = VARIANTS[
-        "shipped"
-    ]
+    for name, (settings, _) in VARIANTS.items():
+        trains[name] = make_train(config, num_seeds=args.seeds, compiler=settings)
     keys = jr.split(jr.key(0), args.seeds)
 
     def before(name: str) -> None:
-        networks.THIN_MAX = VARIANTS[name][2]
+        networks.THIN_MAX = VARIANTS[name][1]
 
     times, first, params = run_rounds(trains, keys, args.rounds, before)
-    networks.THIN_MAX = VARIANTS["shipped"][2]
+    networks.THIN_MAX = VARIANTS["shipped"][1]
     print_table("variant", "none", times, first, params)
 
 

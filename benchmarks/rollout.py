@@ -34,7 +34,7 @@ from torch.func import vmap
 
 from funcppo import random as jr
 from funcppo.cli_args import ppo_config
-from funcppo.compiling import compile_fn
+from funcppo.compiling import CompileSettings, compile_fn
 from funcppo.envs import make_env
 from funcppo.train import (
     TrainConfig,
@@ -76,9 +76,12 @@ def main() -> None:
     step = contiguous_outputs(vmap(make_env_step(config, env), randomness="error"))
     init = contiguous_outputs(vmap(lambda k: init_runner(config, env, k), randomness="error"))
     rs = init(jr.split(jr.key(0), args.seeds))
-    compiled_step = compile_fn(step, "env_step")
+    # The CPU's settings with inductor's Python wrapper: the loop's step, and the scan whose
+    # loop then runs in Python.
+    python_wrapper = CompileSettings.for_device("cpu").replace(cpp_wrapper=False)
+    compiled_step = compile_fn(step, "env_step", python_wrapper)
     scanned, drive = scan_rollout(step, NUM_STEPS, 1)
-    in_python = compile_fn(scanned, "rollout_python_wrapper", "inductor", cpp_wrapper=False)
+    in_python = compile_fn(scanned, "rollout_python_wrapper", python_wrapper)
     contenders = {
         "loop": make_rollout(compiled_step, NUM_STEPS, 1, False, "inductor"),
         "scan": make_rollout(step, NUM_STEPS, 1, True, "inductor"),

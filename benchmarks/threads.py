@@ -2,8 +2,9 @@
 
 The main job's shape (``--seeds`` seeds vmapped, the env's preset rollout and PPO settings,
 compiled rollout and update). Each variant is its own ``make_train(...,
-rollout_threads=R)`` run with ``torch.set_num_threads(U)``, so it compiles as the CLI's
-``--threads U --rollout-threads R`` would:
+compiler=CompileSettings.for_device("cpu", rollout_threads=R))`` run with
+``torch.set_num_threads(U)``, so it compiles as the CLI's ``--threads U --rollout-threads R``
+would:
 
 * ``1/1``: one thread throughout (the CLI's default);
 * ``2/2``: two threads throughout (``--threads 2``);
@@ -28,6 +29,7 @@ import torch
 from funcppo import random as jr
 from funcppo.cli import PRESETS
 from funcppo.cli_args import ppo_config
+from funcppo.compiling import CompileSettings
 from funcppo.envs import make_env
 from funcppo.train import TrainConfig, make_train
 from interleaved import print_table, run_rounds
@@ -53,7 +55,11 @@ def main() -> None:
     ppo = ppo_config(args.env, env, True)
     config = TrainConfig(args.env, ppo, total_steps=num_envs * num_steps * args.updates, **shape)
     trains = {
-        name: make_train(config, num_seeds=args.seeds, rollout_threads=rollout)
+        name: make_train(
+            config,
+            num_seeds=args.seeds,
+            compiler=CompileSettings.for_device("cpu", rollout_threads=rollout),
+        )
         for name, (rollout, _) in VARIANTS.items()
     }
     keys = jr.split(jr.key(0), args.seeds)

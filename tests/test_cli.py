@@ -436,16 +436,17 @@ def test_first_compile_is_announced_and_its_time_printed_until_it_ends(capsys):
 def test_first_compile_tells_loaded_from_compiled_by_the_precompiled_files(tmp_path, monkeypatch):
     # A tiny function through the library's precompiled path: the first instance compiles
     # and writes its file, a second one (as a later process would) loads it.
-    from funcppo.compiling import compile_fn
+    from funcppo.compiling import CompileSettings, compile_fn
     from funcppo.precompile import PRECOMPILE_ENV
 
     monkeypatch.setenv(PRECOMPILE_ENV, str(tmp_path))
     x = torch.linspace(-1, 1, 5)
+    plain = CompileSettings.for_device("cpu").replace(cpp_wrapper=False)
     said = []
     for _ in range(2):
         first = FirstCompile(True, tmp_path, every=HANG)
         first.start()
-        compile_fn(lambda v: v * 3 + 1, "heartbeat_probe")(x)
+        compile_fn(lambda v: v * 3 + 1, "heartbeat_probe", plain)(x)
         said.append(first.stop())
     assert said == ["compiled (saved for later runs) and ran", "loaded precompiled code and ran"]
 

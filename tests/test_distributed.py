@@ -145,7 +145,7 @@ def collectives(rank: int, dp):
     """``tree_sum``/``tree_max`` eager, vmapped, and compiled (aot_eager) with and without vmap."""
     from torch.func import vmap
 
-    from funcppo.compiling import compile_fn
+    from funcppo.compiling import CompileSettings, compile_fn
 
     def both(tree):
         return dp.tree_sum(tree), dp.tree_max(tree)
@@ -154,11 +154,12 @@ def collectives(rank: int, dp):
     counters = torch._dynamo.utils.counters
     counters.clear()
     tree = collective_inputs(rank)
+    traced = CompileSettings(backend="aot_eager")
     out = {
         "eager": both(tree),
         "vmap": vmap(both)(tree),
-        "compiled": compile_fn(both, "both", "aot_eager")(tree),
-        "compiled_vmap": compile_fn(vmap(both), "both_vmap", "aot_eager")(tree),
+        "compiled": compile_fn(both, "both", traced)(tree),
+        "compiled_vmap": compile_fn(vmap(both), "both_vmap", traced)(tree),
     }
     return out, sum(counters["graph_break"].values())
 

@@ -7,13 +7,14 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import pytest
 import torch
 
 from funcppo import precompile
 from funcppo.atomic import temporary_name
-from funcppo.compiling import compile_fn
+from funcppo.compiling import CompileSettings, compile_fn
 from funcppo.config import TENSOR_HYPERPARAMS
 from funcppo.precompile import PRECOMPILE_ENV, fingerprint
 from funcppo.state import Hyperparams
@@ -21,6 +22,8 @@ from funcppo.update import make_update_fn
 from test_update import make_case, max_diff, small_config
 
 SCALE = 2.0
+# The CPU's settings with inductor's Python wrapper: the tiny functions here compile faster.
+CPU = CompileSettings.for_device("cpu").replace(cpp_wrapper=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,12 +85,12 @@ def precompile_dir(tmp_path, monkeypatch):
 def test_written_once_then_read_back(precompile_dir):
     fn = make_fn(settings())
     x = torch.linspace(-1, 1, 7)
-    torch.testing.assert_close(compile_fn(fn, "tiny")(x), fn(x))
+    torch.testing.assert_close(compile_fn(fn, "tiny", CPU)(x), fn(x))
     (path,) = precompile_dir.iterdir()
     written = path.stat().st_mtime_ns
 
     # A new compiled function (as in a new process) reads the file instead of compiling.
-    again = compile_fn(make_fn(settings()), "tiny")
+    again = compile_fn(make_fn(settings()), "tiny", CPU)
     torch.testing.assert_close(again(x), fn(x))
     assert path.stat().st_mtime_ns == written and len(list(precompile_dir.iterdir())) == 1
 
@@ -99,17 +102,17 @@ def test_written_once_then_read_back(precompile_dir):
 
     # Another closure value is another file, with its own result.
     other = make_fn(settings(rate=-1.0))
-    torch.testing.assert_close(compile_fn(other, "tiny")(x), other(x))
+    torch.testing.assert_close(compile_fn(other, "tiny", CPU)(x), other(x))
     assert len(list(precompile_dir.iterdir())) == 3
 
 
 def test_unreadable_file_is_replaced(precompile_dir):
     fn = make_fn(settings(rate=1.5))
     x = torch.arange(5.0)
-    compile_fn(fn, "tiny")(x)
+    compile_fn(fn, "tiny", CPU)(x)
     (path,) = precompile_dir.iterdir()
     path.write_bytes(b"not a compiled function")
-    torch.testing.assert_close(compile_fn(fn, "tiny")(x), fn(x))
+    torch.testing.assert_close(compile_fn(fn, "tiny", CPU)(x), fn(x))
     assert path.stat().st_size > 100
 
 
@@ -118,7 +121,7 @@ def test_written_file_follows_the_umask_and_clears_dead_writers_temporaries(prec
     x = torch.arange(6.0)
     before = os.umask(0o027)
     try:
-        compile_fn(fn, "tiny")(x)
+        compile_fn(fn, "tiny", CPU)(x)
         (path,) = precompile_dir.iterdir()
         assert path.stat().st_mode & 0o777 == 0o640  # as torch.save's files, not mkstemp's 0600
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -126,7 +129,7 @@ def test_written_file_follows_the_umask_and_clears_dead_writers_temporaries(prec
         stale = precompile_dir / temporary_name(path, dead.pid)
         stale.write_bytes(b"the part a killed writer wrote")
         path.unlink()
-        torch.testing.assert_close(compile_fn(fn, "tiny")(x), fn(x))
+        torch.testing.assert_close(compile_fn(fn, "tiny", CPU)(x), fn(x))
     finally:
         os.umask(before)
     assert [p.name for p in precompile_dir.iterdir()] == [path.name]
@@ -146,7 +149,7 @@ def test_an_interrupted_write_leaves_no_temporary(precompile_dir, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", killed_at_fsync)
     with pytest.raises(Killed):
-        compile_fn(make_fn(settings(rate=0.75)), "tiny")(torch.arange(4.0))
+        compile_fn(make_fn(settings(rate=0.75)), "tiny", CPU)(torch.arange(4.0))
     assert list(precompile_dir.iterdir()) == []
 
 
@@ -158,7 +161,7 @@ def test_unknown_closure_is_compiled_as_usual(precompile_dir):
         return x * 2
 
     x = torch.arange(4.0)
-    torch.testing.assert_close(compile_fn(fn, "locked")(x), x * 2)
+    torch.testing.assert_close(compile_fn(fn, "locked", CPU)(x), x * 2)
     assert not list(precompile_dir.iterdir())
 
 
@@ -167,7 +170,7 @@ def test_off_without_a_folder(monkeypatch, tmp_path):
     assert precompile.precompile_dir() is None
     fn = make_fn(settings(rate=3.0))
     x = torch.arange(3.0)
-    torch.testing.assert_close(compile_fn(fn, "tiny")(x), fn(x))
+    torch.testing.assert_close(compile_fn(fn, "tiny", CPU)(x), fn(x))
 
 
 def test_hyperparameter_values_are_not_in_the_key_and_do_not_reach_the_update():
@@ -205,6 +208,42 @@ def test_savable_guards_by_kind():
     assert not precompile.savable(Entry(guard_type="CLASS_MATCH", derived_guard_types=()))
     assert not precompile.savable(Entry(guard_type="TYPE_MATCH", derived_guard_types=("ID_MATCH",)))
     assert precompile.savable(Entry(guard_type="TYPE_MATCH", derived_guard_types=None))
+
+
+class Pair(NamedTuple):
+    a: torch.Tensor
+    b: torch.Tensor
+
+
+def test_saved_guards_leave_out_the_closure_and_this_process_scopes(precompile_dir):
+    """A namedtuple's ``__new__`` has globals of no module: dynamo guards them as
+    ``G['___unnamed_scope_<id>_c<n>']``, a name that only this process has. The saved file
+    keeps neither those guards nor the closure's, or no later process could load it."""
+    import funcppo.compiling
+
+    fn = make_fn(settings(rate=1.25))
+
+    def paired(x):
+        p = Pair(x, x * 2)
+        return fn(p.a) + p.b
+
+    x = torch.arange(3.0)
+    torch.testing.assert_close(compile_fn(paired, "tiny", CPU)(x), paired(x))
+    # dynamo installed such a scope where the compiled trampoline looks up its globals
+    assert any(name.startswith("___unnamed_scope") for name in vars(funcppo.compiling))
+    (path,) = precompile_dir.iterdir()
+    with path.open("rb") as file, torch._guards.tracing(torch._guards.TracingContext(None)):
+        loaded = torch.compiler.load_compiled_function(file)
+    guards = loaded._artifacts.guard_manager.code_parts
+    assert any("L['args'][0]" in g for g in guards)  # the argument stays guarded
+    assert not [g for g in guards if "___unnamed_scope" in g or "L['fn']" in g]
+
+
+def test_accelerator_models_name_every_device_but_the_cpu():
+    cpu = (torch.zeros(2), {"b": torch.ones(1)}, None, 3)
+    assert precompile.accelerator_models(cpu) == ()  # a CPU-only key has no such part
+    meta = (torch.zeros(2), [torch.zeros(2, device="meta")] * 2)
+    assert precompile.accelerator_models(meta) == (("meta", ""),)
 
 
 # One compiled update in a process of its own: the folders come from the environment, the

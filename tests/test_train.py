@@ -14,6 +14,7 @@ from funcppo import random as jr
 from funcppo.checkpoint import load_checkpoint
 from funcppo.cli import main, parse_sweep
 from funcppo.cli_report import smooth
+from funcppo.compiling import CompileSettings
 from funcppo.config import PPOConfig
 from funcppo.envs import make_env
 from funcppo.networks import policy_apply
@@ -462,18 +463,51 @@ def test_rollout_threads_reach_every_env_step_and_leave_the_run_unchanged():
     rs = contiguous_outputs(lambda key: init_runner(config, env, key))(jr.key(0))
     before = torch.get_num_threads()
     other = 2 if before == 1 else 1
-    _, batch = make_rollout(spy, 16, 0, False, "inductor", threads=other)(rs)
-    _, plain = make_rollout(spy, 16, 0, False, "inductor")(rs)
-    assert seen == [other] * 16 + [before] * 16
+    threaded = CompileSettings.for_device("cpu", rollout_threads=other)
+    _, batch = make_rollout(spy, 16, 0, False, compiler=threaded)(rs)
+    _, plain = make_rollout(spy, 16, 0, False)(rs)
+    # A GPU's settings leave the caller's count, asked for another or not.
+    gpu = CompileSettings.for_device("cuda", rollout_threads=other)
+    make_rollout(spy, 4, 0, False, compiler=gpu)(rs)
+    assert seen == [other] * 16 + [before] * 20
     assert max_diff(batch, plain) == 0.0
-    s1, h1 = make_train(config, rollout_threads=other)(jr.key(0))
+    s1, h1 = make_train(config, compiler=threaded)(jr.key(0))
     s2, h2 = make_train(config)(jr.key(0))
     assert max_diff(s1.params, s2.params) == 0.0 and torch.equal(h1["loss"], h2["loss"])
-    for bad in (0, 1.0, True):
-        with pytest.raises(
-            ValueError, match=f"rollout_threads: expected None or an int >= 1, got {bad!r}"
-        ):
-            make_train(config, rollout_threads=bad)
+
+
+@pytest.mark.slow
+def test_compile_settings_reach_the_rollout_and_the_update():
+    # make_train's settings compile both halves: a counting aot_eager backend sees the
+    # rollout's scan, then the update's pieces, and each graph runs with the thread count
+    # the settings give the rollout, the caller's elsewhere. The same run as eager.
+    from torch._dynamo.backends.common import aot_autograd
+
+    graphs, threads = [], []
+
+    def count(gm, example_inputs):
+        graphs.append(str(gm.graph))
+        index = len(graphs) - 1
+
+        def run(*args):
+            threads.append((index, torch.get_num_threads()))
+            return gm(*args)
+
+        return run
+
+    config = cartpole_config(total_steps=2 * 16 * 2)
+    e_state, e_hist = make_train(config)(jr.key(4))
+    before = torch.get_num_threads()
+    other = 2 if before == 1 else 1
+    counted = CompileSettings(backend=aot_autograd(fw_compiler=count), rollout_threads=other)
+    compiled = make_train(config.replace(ppo=config.ppo.replace(compile=True)), compiler=counted)
+    c_state, c_hist = compiled(jr.key(4))
+    assert "scan" in graphs[0] and len(graphs) >= 2
+    assert {n for i, n in threads if i == 0} == {other}  # the rollout's graph
+    assert {n for i, n in threads if i > 0} == {before}  # the update's
+    assert torch.get_num_threads() == before
+    assert max_diff(c_state.params, e_state.params) < 1e-5
+    assert torch.equal(c_hist["episodes"], e_hist["episodes"])
 
 
 @pytest.mark.parametrize(

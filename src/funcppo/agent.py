@@ -50,6 +50,7 @@ from funcppo.agent_rollout import (
 )
 from funcppo.callbacks import as_callback
 from funcppo.checkpoint import load_checkpoint, save_checkpoint
+from funcppo.compiling import CompileSettings
 from funcppo.config import PPOConfig, anneal_left
 from funcppo.constants import ACT_STREAM, CLIP_OBS, PREDICT_STREAM
 from funcppo.distributions import factored_logprob, factored_sample
@@ -79,6 +80,8 @@ class PPOAgent:
       normalize_obs, clip_obs: running observation normalisation, clipped to ``+-clip_obs``.
       normalize_reward, clip_reward: rewards divided by the running std of the discounted return.
       device: where the state lives (None: CPU). compile_scope, backend: see ``make_update_fn``.
+      compiler: how the update is compiled (``funcppo.compiling.CompileSettings``); None:
+        ``CompileSettings.for_device(device)``.
     """
 
     def __init__(
@@ -94,7 +97,8 @@ class PPOAgent:
         clip_reward: float = 10.0,
         device: torch.device | str | None = None,
         compile_scope: str = "scan",
-        backend: str = "inductor",
+        backend: str | None = None,
+        compiler: CompileSettings | None = None,
     ) -> None:
         check_agent_args(config, num_envs, num_steps, clip_obs, clip_reward)
         self.config, self.num_envs, self.num_steps = config, num_envs, num_steps
@@ -110,7 +114,11 @@ class PPOAgent:
         self.state = init_train_state(jr.key(seed, self.device), config)
         # The state's hyperparameters: update(learning_rate=, clip_coef=) sets them per call.
         self._update = make_update_fn(
-            config, compile_scope=compile_scope, backend=backend, hparams="state"
+            config,
+            compile_scope=compile_scope,
+            backend=backend,
+            hparams="state",
+            compiler=compiler,
         )
         # A rollout of zeros through the update's own checks: a rollout shape that the update
         # would refuse fails here, before any environment step.

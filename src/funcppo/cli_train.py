@@ -36,6 +36,7 @@ from funcppo.cli_report import (
     report_end,
     write_plot,
 )
+from funcppo.compiling import CompileSettings
 from funcppo.distributed import (
     DataParallel,
     close_distributed,
@@ -134,10 +135,10 @@ def _run_train(
             recorder(u, metrics)
 
         try:
-            train = make_train(
-                config, num_seeds=len(seeds), data_parallel=dp, rollout_threads=args.rollout_threads
-            )
             keys = jr.split(jr.key(args.seed), args.seeds)[seeds.start : seeds.stop]
+            # The per-env thread count applies where the rollout's kernels run on the CPU.
+            compiler = CompileSettings.for_device(keys.device, rollout_threads=args.rollout_threads)
+            train = make_train(config, num_seeds=len(seeds), data_parallel=dp, compiler=compiler)
             hparams = None
             if sweep is not None:
                 name, per_seed_values = sweep

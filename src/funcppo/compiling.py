@@ -1,4 +1,5 @@
-"""``compile_fn``: torch.compile with a compile cache of the function's own; and the helpers
+"""``compile_fn``: torch.compile with a compile cache of the function's own, configured by a
+``CompileSettings`` (chosen per device by ``CompileSettings.for_device``); and the helpers
 that a compiled ``scan`` (the rollout, the update's minibatch steps) needs.
 
 Dynamo keeps its compiled graphs and guards on the Python code object that it enters. Every
@@ -6,31 +7,35 @@ Dynamo keeps its compiled graphs and guards on the Python code object that it en
 distinct functions would count against one recompile limit and, with ``fullgraph=True``, fail
 once it is reached. ``compile_fn`` enters ``fn`` through a fresh copy of a trampoline's code
 object, so each compiled function gets its own cache.
+
+Inductor's config is imported where it is read, when settings are made or a scan is compiled.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import re
 import types
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import optree
 import torch
-import torch._inductor.config as inductor_config
 from torch import Tensor
 
 from funcppo.flat import FlatLayout, ravel_leaves, unravel_leaves
 from funcppo.precompile import Precompiled, savable
 
 __all__ = [
-    "GUARD_FILTER",
-    "INDUCTOR_OPTIONS",
+    "CPU_INDUCTOR_OPTIONS",
+    "CompileSettings",
     "compile_fn",
     "fresh",
     "keep_input_guards",
     "pack_by_dtype",
+    "per_device",
     "scan_cacheable",
     "scan_carry",
     "unaliased",
@@ -49,21 +54,35 @@ _counter = itertools.count()
 # (the results agree to 2e-7; benchmarks/RESULTS.md). And under the C++ wrapper, the entry
 # function and the kernels built as two libraries, not one file: a small update with its
 # steps scanned in C++ compiled cold in 83 s instead of 145 s here, and ran as fast
-# (benchmarks/RESULTS.md). And the CPU's vector instruction sets taken from its flags: by
-# default inductor proves each one by compiling a probe and loading it in a fresh Python
-# process, which took 13.9 s of every first compile into an empty cache here and 1.5 s of
-# every later process, for the same list of instruction sets (3.1 s and 0.4 s trusted).
-# A user's TORCHINDUCTOR_VEC_ISA_OK still decides.
-INDUCTOR_OPTIONS = {
-    "size_asserts": False,
-    "alignment_asserts": False,
-    "cpp.use_decompose_tanh": True,
-    "cpp_wrapper_build_separate": True,
-}
-if inductor_config.cpp.vec_isa_ok is None:
-    INDUCTOR_OPTIONS["cpp.vec_isa_ok"] = True
+# (benchmarks/RESULTS.md). All measured on CPUs, and all about inductor's C++ code, so
+# ``CompileSettings.for_device`` gives them to CPUs only. The CPU's vector instruction sets
+# are added there too (see ``_cpu_inductor_options``).
+CPU_INDUCTOR_OPTIONS: tuple[tuple[str, Any], ...] = (
+    ("size_asserts", False),
+    ("alignment_asserts", False),
+    ("cpp.use_decompose_tanh", True),
+    ("cpp_wrapper_build_separate", True),
+)
+
+
+def _cpu_inductor_options() -> tuple[tuple[str, Any], ...]:
+    """``CPU_INDUCTOR_OPTIONS`` and the CPU's vector instruction sets taken from its flags:
+    by default inductor proves each one by compiling a probe and loading it in a fresh Python
+    process, which took 13.9 s of every first compile into an empty cache here and 1.5 s of
+    every later process, for the same list of instruction sets (3.1 s and 0.4 s trusted).
+    A user's choice (``TORCHINDUCTOR_VEC_ISA_OK``, or inductor's config set before the
+    settings are made) still decides."""
+    import torch._inductor.config as inductor_config
+
+    if inductor_config.cpp.vec_isa_ok is None:
+        return (*CPU_INDUCTOR_OPTIONS, ("cpp.vec_isa_ok", True))
+    return CPU_INDUCTOR_OPTIONS
+
 
 # A guard whose source is rooted in the compiled function's closure or in a module's globals.
+# ``G[...]`` also names the dicts that dynamo installs as ``___unnamed_scope_<id>_c<n>`` for a
+# function whose globals are no module's (a namedtuple's ``__new__``): named by an address in
+# this process, they exist in no other, so a saved file that kept them would never load.
 _FIXED_SOURCE = re.compile(r"^(?:(?:type|len|id)\()?(?:fn\b|G\[|__import__\()")
 
 
@@ -81,29 +100,120 @@ def keep_input_guards(entries: list) -> list[bool]:
     return [not (e.is_global or _FIXED_SOURCE.match(e.name)) for e in entries]
 
 
-# Read by compile_fn when a function is built: benchmarks/compile_options.py sets them to
-# None / {} / False to measure what each is worth.
-GUARD_FILTER: Callable | None = keep_input_guards
-CPP_WRAPPER = True
+@dataclass(frozen=True)
+class CompileSettings:
+    """How funcppo compiles and runs its compiled pieces: every knob of torch's compiler that
+    it sets, and the thread count of the rollout.
+
+    ``backend``: ``torch.compile``'s (``"aot_eager"`` traces without generating code; a
+    callable backend is passed as it is). ``cpp_wrapper``: inductor calls a graph's kernels
+    from generated C++ instead of Python (see ``compile_fn``). ``guard_filter``: dynamo keeps
+    only the guards on the arguments (``keep_input_guards``); False keeps every guard.
+    ``inductor_options``: inductor's config, as ``(name, value)`` pairs; with another
+    backend, ``inductor_options`` and ``cpp_wrapper`` are not used. ``rollout_threads``:
+    torch's intra-op threads while ``make_train``'s rollout runs (``train.with_threads``),
+    compiled or not; None leaves the caller's count.
+
+    Frozen and made of plain values: two settings objects share nothing, and each compiled
+    function reads its own when it is built. ``for_device`` gives the tuned choices.
+    """
+
+    backend: str | Callable = "inductor"
+    cpp_wrapper: bool = False
+    guard_filter: bool = True
+    inductor_options: tuple[tuple[str, Any], ...] = ()
+    rollout_threads: int | None = None
+
+    def __post_init__(self) -> None:
+        threads = self.rollout_threads
+        if threads is not None and (
+            isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
+        ):
+            raise ValueError(f"rollout_threads: expected None or an int >= 1, got {threads!r}")
+
+    @classmethod
+    def for_device(
+        cls, device: torch.device | str, *, rollout_threads: int | None = None
+    ) -> CompileSettings:
+        """The settings for compiling for ``device``.
+
+        CPU: the options measured there (``CPU_INDUCTOR_OPTIONS``, the CPU's vector
+        instruction sets trusted unless the user decided, read when this is called), the C++
+        wrapper and ``rollout_threads``. Any other device: a plain
+        ``torch.compile(fullgraph=True)``, since those options and the C++ wrapper tune
+        inductor's C++ code, which a GPU's graphs do not run in, and were never measured
+        there; and the caller's thread count, ``rollout_threads`` ignored, since the kernels
+        that the count splits run on the CPU. The guard filter is kept everywhere: it chooses
+        among dynamo's guards, which are the same Python checks on any device. Needs no
+        accelerator: ``for_device("cuda")`` can be made on a CPU-only machine.
+        """
+        if torch.device(device).type != "cpu":
+            return cls()
+        return cls(
+            cpp_wrapper=True,
+            inductor_options=_cpu_inductor_options(),
+            rollout_threads=rollout_threads,
+        )
+
+    def replace(self, **changes: Any) -> CompileSettings:
+        return dataclasses.replace(self, **changes)
+
+    def options(self) -> dict[str, Any]:
+        """``torch.compile``'s ``options``: the guard filter and, with inductor, its config.
+        A new dict on every call: ``torch.compile`` takes ``guard_filter_fn`` out of the dict
+        it is given."""
+        options: dict[str, Any] = {}
+        if self.guard_filter:
+            options["guard_filter_fn"] = keep_input_guards
+        if self.backend == "inductor":
+            options |= dict(self.inductor_options) | {"cpp_wrapper": self.cpp_wrapper}
+        return options
 
 
-def compile_fn(
-    fn: Callable, name: str, backend: str = "inductor", cpp_wrapper: bool = False
+def per_device(
+    build: Callable[[CompileSettings], Callable],
+    compiler: CompileSettings | None,
+    backend: str | None,
+    device_of: Callable[..., torch.device],
 ) -> Callable:
-    """``torch.compile(fn, fullgraph=True, backend=backend)`` with a cache of its own, the
-    guards that ``GUARD_FILTER`` keeps and, with inductor, ``INDUCTOR_OPTIONS``; with
-    inductor, kept on disk whole when precompiling is on (``funcppo.precompile``).
+    """``build(settings)``: with ``compiler`` given, built now; without, built on the first
+    call for each device type, with ``CompileSettings.for_device(device_of(*args))``, so that
+    a factory needs no device to be named (the state or key it is called with has one).
+    ``backend``, when given, replaces the settings' backend."""
 
-    ``cpp_wrapper``: inductor calls the graph's kernels from generated C++ instead of Python
-    (``CPP_WRAPPER`` must be on too). The update's pieces take it: 1.11x on the MLP update,
-    1.14x on the LSTM's, whose unrolled sequence makes hundreds of calls per step, for some
-    more seconds of cold compile; and the scans, the rollout's (1.48x) and the update's
+    def settings(device: torch.device | None) -> CompileSettings:
+        chosen = compiler if compiler is not None else CompileSettings.for_device(device)
+        return chosen if backend is None else chosen.replace(backend=backend)
+
+    if compiler is not None:
+        return build(settings(None))
+    built: dict[str, Callable] = {}
+
+    def call(*args: Any) -> Any:
+        device = device_of(*args)
+        if device.type not in built:
+            built[device.type] = build(settings(device))
+        return built[device.type](*args)
+
+    return call
+
+
+def compile_fn(fn: Callable, name: str, settings: CompileSettings) -> Callable:
+    """``torch.compile(fn, fullgraph=True)`` with ``settings`` (``CompileSettings.for_device``
+    gives a device's) and a cache of its own; with inductor, kept on disk whole when
+    precompiling is on (``funcppo.precompile``).
+
+    ``settings.cpp_wrapper``: the update's pieces take it: 1.11x on the MLP update, 1.14x on
+    the LSTM's, whose unrolled sequence makes hundreds of calls per step, for some more
+    seconds of cold compile; and the scans, the rollout's (1.48x) and the update's
     minibatch steps (1.06-1.25x), their loop bodies run without Python (benchmarks/RESULTS.md).
     No two carries of a scan under it may be one buffer: torch 2.13's C++ loop moves each
     carried output into its slot, so two carries that inductor computes as one buffer
     (CartPole's observation is its float32 state) leave the second slot empty and the next
     iteration crashes. Carries that could coincide are packed by ``scan_carry``.
     """
+    if not isinstance(settings, CompileSettings):
+        raise TypeError(f"settings: expected a CompileSettings, got {settings!r}")
 
     def trampoline(*args):
         return fn(*args)
@@ -112,23 +222,27 @@ def compile_fn(
     fresh = types.FunctionType(
         code, trampoline.__globals__, code.co_name, None, trampoline.__closure__
     )
-    options = {} if GUARD_FILTER is None else {"guard_filter_fn": GUARD_FILTER}
-    if backend == "inductor":
-        options |= INDUCTOR_OPTIONS | {"cpp_wrapper": cpp_wrapper and CPP_WRAPPER}
+    backend = settings.backend
+    options = settings.options()
     compiled = torch.compile(fresh, fullgraph=True, backend=backend, options=options or None)
     if backend != "inductor":  # only inductor's compiled code can be written to a file
         return compiled
+    # Taken from the settings, not from ``options``: torch.compile pops ``guard_filter_fn``
+    # out of the dict it is given. A file saved without the filter keeps the guards on the
+    # closure and on the ``___unnamed_scope_<id>`` globals of this process (see
+    # ``keep_input_guards``), and fails its check in every later process.
+    guard_filter = keep_input_guards if settings.guard_filter else None
 
     def savable_guards(entries: list) -> list[bool]:
-        keep = [True] * len(entries) if GUARD_FILTER is None else GUARD_FILTER(entries)
+        keep = [True] * len(entries) if guard_filter is None else guard_filter(entries)
         return [k and savable(e) for k, e in zip(keep, entries, strict=True)]
 
     def make_savable() -> Callable:
-        saved = options | {"guard_filter_fn": savable_guards}
+        saved = settings.options() | {"guard_filter_fn": savable_guards}
         return torch.compile(fresh, fullgraph=True, backend=backend, options=saved)
 
-    inductor = sorted((k, v) for k, v in options.items() if k != "guard_filter_fn")
-    context = (inductor, getattr(GUARD_FILTER, "__qualname__", None))
+    inductor = sorted((k, v) for k, v in settings.options().items() if k != "guard_filter_fn")
+    context = (inductor, getattr(guard_filter, "__qualname__", None))
     return Precompiled(fn, name, compiled, make_savable, repr(context))
 
 
@@ -140,6 +254,8 @@ def scan_cacheable():
     the graph module that the cache key hashes; the operators themselves are keyed by the
     torch version, through inductor's own setting for this.
     """
+    import torch._inductor.config as inductor_config
+
     marked = dict(inductor_config.unsafe_marked_cacheable_functions)
     for op in (torch.ops.higher_order.scan, torch.ops.higher_order.while_loop):
         marked[f"{op.__module__}.{op.__name__}"] = torch.__version__

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 from torch.func import vmap
 
+from funcppo.compiling import CompileSettings
 from funcppo.state import TrainState
 from funcppo.train import (
     TrainConfig,
@@ -30,8 +31,9 @@ def make_evaluate(
     config: TrainConfig,
     *,
     num_seeds: int | None = None,
-    backend: str = "inductor",
+    backend: str | None = None,
     chunk_steps: int | None = None,
+    compiler: CompileSettings | None = None,
 ) -> Callable[[TrainState, Tensor], Tensor]:
     """``evaluate(train_state, key) -> returns``: one whole episode in each of ``num_envs`` envs.
 
@@ -45,6 +47,10 @@ def make_evaluate(
     ``config.num_steps``, a compiled evaluation runs training's rollout, same shapes and, without
     an observation normaliser, same closure, so it reuses training's precompiled file
     (``funcppo.precompile``) instead of compiling a rollout of its own.
+
+    ``compiler`` (``funcppo.compiling.CompileSettings``): how the rollout is compiled; None:
+    ``CompileSettings.for_device`` of the key's device, chosen at the first call. ``backend``,
+    when given, replaces its ``torch.compile`` backend.
     """
     if chunk_steps is not None and (
         isinstance(chunk_steps, bool) or not isinstance(chunk_steps, int) or chunk_steps < 1
@@ -67,7 +73,9 @@ def make_evaluate(
     time_axis = 0 if num_seeds is None else 1
     steps = env.max_steps if chunk_steps is None else chunk_steps
     chunks = -(-env.max_steps // steps)
-    rollout = make_rollout(env_step, steps, time_axis, config.ppo.compile, backend)
+    rollout = make_rollout(
+        env_step, steps, time_axis, config.ppo.compile, backend, compiler=compiler
+    )
 
     def play(rs) -> tuple[Tensor, Tensor]:
         """Episode ends and rewards of every step, time first: only these are read."""

@@ -9,11 +9,12 @@ the same first update to 2 s here (benchmarks/RESULTS.md).
 
 Off unless a folder is named by ``FUNCPPO_PRECOMPILE_DIR`` (the CLI names one by default). A
 file is found by a hash of everything the compiled code depends on and its guards do not
-check: torch's and Python's versions, the CPU, the thread count, funcppo's source, inductor's
-options, the function's closure (walked: functions' code, their closures and the plain globals
-they name, configs, tensors) and the arguments' structure, dtypes, shapes, strides and
-aliasing. A closure holding a value the walk does not know, or a function whose guards or
-closure cannot be saved, is compiled as usual (with a warning in the latter case).
+check: torch's and Python's versions, the CPU, the thread count, the model of each GPU the
+arguments live on, funcppo's source, inductor's options, the function's closure (walked:
+functions' code, their closures and the plain globals they name, configs, tensors) and the
+arguments' structure, dtypes, shapes, devices, strides and aliasing. A closure holding a
+value the walk does not know, or a function whose guards or closure cannot be saved, is
+compiled as usual (with a warning in the latter case).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from funcppo.atomic import write_atomic
 __all__ = [
     "PRECOMPILE_ENV",
     "Precompiled",
+    "accelerator_models",
     "fingerprint",
     "precompile_dir",
     "precompiling",
@@ -237,6 +239,18 @@ def _signature(args: tuple) -> list:
     return parts
 
 
+def accelerator_models(args: tuple) -> tuple[tuple[str, str], ...]:
+    """``(device type, model)`` of every non-CPU device that ``args`` live on: code that
+    inductor generated for one GPU (its Triton kernels, tuned for its architecture) need not
+    run on another of another model, and the guards check only the device's index."""
+    found = set()
+    for x in optree.tree_leaves(args, none_is_leaf=True):
+        if isinstance(x, torch.Tensor) and x.device.type != "cpu":
+            cuda = x.device.type == "cuda"
+            found.add((x.device.type, torch.cuda.get_device_name(x.device) if cuda else ""))
+    return tuple(sorted(found))
+
+
 class Precompiled:
     """``torch.compile(fn, fullgraph=True, ...)`` whose compiled code, once made, is written to
     ``precompile_dir()`` and read back by later processes; one file per argument signature.
@@ -285,6 +299,9 @@ class Precompiled:
             self._closure,
             _signature(args),
         )
+        accelerators = accelerator_models(args)
+        if accelerators:  # CPU-only arguments keep the key they had without this part
+            parts += (accelerators,)
         return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
     def _entry(self, directory: Path, args: tuple):

@@ -27,8 +27,10 @@ from torch.func import vmap
 
 from funcppo import random as jr
 from funcppo.compiling import (
+    CompileSettings,
     compile_fn,
     fresh,
+    per_device,
     scan_cacheable,
     scan_carry,
     unaliased,
@@ -242,19 +244,32 @@ def make_rollout(
     num_steps: int,
     time_axis: int,
     compile_: bool,
-    backend: str,
-    threads: int | None = None,
+    backend: str | None = None,
+    *,
+    compiler: CompileSettings | None = None,
 ) -> Callable[[RunnerState], tuple[RunnerState, Batch]]:
     """``rollout(rs) -> (rs, batch)``: ``num_steps`` of ``env_step(params, rs)``, the
-    transitions stacked on ``time_axis``; compiled as one scan, or driven from Python. With
-    ``threads``, torch's intra-op threads are set to it while the rollout runs."""
+    transitions stacked on ``time_axis``; compiled as one scan, or driven from Python.
+
+    ``compiler`` (``funcppo.compiling.CompileSettings``): how the scan is compiled, and the
+    intra-op threads the rollout runs with (``rollout_threads``, compiled or not); None:
+    ``CompileSettings.for_device`` of the runner state's key, chosen at the first call, whose
+    thread count is the caller's. ``backend``, when given, replaces its backend."""
+
+    def threaded(rollout: Callable, settings: CompileSettings | None) -> Callable:
+        threads = None if settings is None else settings.rollout_threads
+        return rollout if threads is None else with_threads(rollout, threads)
+
     if not compile_:
         rollout = _loop_rollout(contiguous_outputs(env_step), num_steps, time_axis)
-    else:
+        return threaded(rollout, compiler)
+
+    def build(settings: CompileSettings) -> Callable:
         scanned, drive = scan_rollout(env_step, num_steps, time_axis)
-        scanned = compile_fn(scanned, "rollout", backend, cpp_wrapper=True)
-        rollout = functools.partial(drive, scanned)
-    return rollout if threads is None else with_threads(rollout, threads)
+        compiled = compile_fn(scanned, "rollout", settings)
+        return threaded(functools.partial(drive, compiled), settings)
+
+    return per_device(build, compiler, backend, lambda rs: rs.key.device)
 
 
 def with_threads(fn: Callable, threads: int) -> Callable:
@@ -266,7 +281,8 @@ def with_threads(fn: Callable, threads: int) -> Callable:
     waking a second thread costs more than it saves: 8 seeds trained 1.04-1.09x faster with
     the rollout on one thread and the update on two than with both on two
     (benchmarks/threads.py, benchmarks/RESULTS.md). Lifecycle's 64 envs per seed went the other
-    way (0.81x), so ``make_train`` keeps the caller's count unless told.
+    way (0.81x), so ``make_train`` keeps the caller's count unless its settings name one
+    (``CompileSettings.rollout_threads``).
     """
 
     def call(*args: Any) -> Any:
@@ -340,10 +356,10 @@ def make_train(
     config: TrainConfig,
     *,
     num_seeds: int | None = None,
-    backend: str = "inductor",
+    backend: str | None = None,
     data_parallel: DataParallel | None = None,
     compile_scope: str = "scan",
-    rollout_threads: int | None = None,
+    compiler: CompileSettings | None = None,
 ) -> Callable[..., tuple[TrainState, dict[str, Tensor]]]:
     """``train(key, callback=None, hparams=None) -> (final TrainState, metrics history)``.
 
@@ -368,15 +384,12 @@ def make_train(
     ``"minibatch"``'s Python loop on 8 CartPole seeds' training loop, benchmarks/RESULTS.md);
     the rollout is one compiled scan either way.
 
-    ``rollout_threads``: torch's intra-op threads while the rollout runs (``with_threads``);
-    None leaves the caller's setting for the rollout too.
+    ``compiler`` (``funcppo.compiling.CompileSettings``) compiles the rollout and the update,
+    and names the rollout's intra-op threads (``rollout_threads``, ``with_threads``); None:
+    ``CompileSettings.for_device`` of the key's device, chosen at the first call (the
+    caller's thread count for the rollout too). ``backend``, when given, replaces its
+    ``torch.compile`` backend.
     """
-    if rollout_threads is not None and (
-        isinstance(rollout_threads, bool)
-        or not isinstance(rollout_threads, int)
-        or rollout_threads < 1
-    ):
-        raise ValueError(f"rollout_threads: expected None or an int >= 1, got {rollout_threads!r}")
     env = config.make_env()
     ppo = config.ppo
     if data_parallel is not None and config.normalize_obs:
@@ -402,7 +415,12 @@ def make_train(
         init = contiguous_outputs(init)
     time_axis = 0 if num_seeds is None else 1
     rollout = make_rollout(
-        env_step, config.num_steps, time_axis, ppo.compile, backend, rollout_threads
+        env_step,
+        config.num_steps,
+        time_axis,
+        ppo.compile,
+        backend,
+        compiler=compiler,
     )
     update = make_update_fn(
         ppo,
@@ -411,6 +429,7 @@ def make_train(
         backend=backend,
         data_parallel=data_parallel,
         hparams="state",  # a sweep's per-seed values and the annealed schedule
+        compiler=compiler,
     )
 
     def one_update(rs: RunnerState, u: int, base: Hyperparams):

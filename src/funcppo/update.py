@@ -35,7 +35,15 @@ from funcppo.accumulation import (
     split_tree,
 )
 from funcppo.advantages import gae, normalize_advantages, per_head_advantages
-from funcppo.compiling import compile_fn, fresh, scan_cacheable, scan_carry, unaliased
+from funcppo.compiling import (
+    CompileSettings,
+    compile_fn,
+    fresh,
+    per_device,
+    scan_cacheable,
+    scan_carry,
+    unaliased,
+)
 from funcppo.config import PPOConfig
 from funcppo.constants import ADV_STD_FLOOR, KL_EARLY_STOP_FACTOR
 from funcppo.distributed import (
@@ -527,9 +535,10 @@ def make_update_fn(
     *,
     num_seeds: int | None = None,
     compile_scope: str = "scan",
-    backend: str = "inductor",
+    backend: str | None = None,
     data_parallel: DataParallel | None = None,
     hparams: str = "config",
+    compiler: CompileSettings | None = None,
 ) -> Callable[[TrainState, Batch], tuple[TrainState, dict[str, Tensor]]]:
     """A pure ``update(state, batch) -> (state, metrics)`` for ``config``.
 
@@ -557,7 +566,11 @@ def make_update_fn(
         slower here, MLP and LSTM, 1 and 8 seeds: benchmarks/RESULTS.md); ``"update"``
         compiles the whole update as one graph, with the epoch and minibatch loops unrolled
         (compile time grows with ``update_epochs * num_minibatches``).
-      backend: the ``torch.compile`` backend (``"aot_eager"`` traces without code generation).
+      compiler: how ``config.compile`` compiles (``funcppo.compiling.CompileSettings``); None:
+        ``CompileSettings.for_device`` of the device the state lives on, chosen at the first
+        call (and again for a state on another kind of device).
+      backend: when given, replaces the compiler's ``torch.compile`` backend (``"aot_eager"``
+        traces without code generation).
       data_parallel: a ``funcppo.distributed.DataParallel``: every process calls ``update``
         with the same state and its own batch of the same shape, and each minibatch step is
         taken on the union of the processes' minibatch k (one all-reduce of the flattened
@@ -630,21 +643,30 @@ def make_update_fn(
     def seeded(fn, in_dims=0):
         return fn if num_seeds is None else vmap(fn, in_dims=in_dims, randomness="error")
 
-    def wrap(fn, in_dims=0):
-        fn = seeded(fn, in_dims)
-        # Data parallel, the graphs hold collectives: they keep the Python wrapper.
-        return compile_fn(fn, "update", backend, cpp_wrapper=dp is None) if config.compile else fn
+    def build(settings: CompileSettings | None) -> Callable:
+        """The update from its pieces, compiled with ``settings`` (None: eager)."""
+        if settings is not None and dp is not None:
+            # Data parallel, the graphs hold collectives: they keep the Python wrapper.
+            settings = settings.replace(cpp_wrapper=False)
 
-    step_dims = (0, 0, 0, None)  # carry, prep, hparams per seed; the step index shared
-    if compile_scope == "update":
-        # One graph: compiling ``drive`` unrolls the minibatch loop.
-        run = wrap(drive(shuffle, prepare, step, finish))
-    elif compile_scope == "scan" and config.compile and dp is None:
-        steps = _scanned_steps(seeded(step, step_dims), num_steps)
-        steps = compile_fn(steps, "update", backend, cpp_wrapper=True)
-        run = drive_scan(shuffle, wrap(prepare), steps, wrap(finish))
+        def wrap(fn, in_dims=0):
+            fn = seeded(fn, in_dims)
+            return fn if settings is None else compile_fn(fn, "update", settings)
+
+        step_dims = (0, 0, 0, None)  # carry, prep, hparams per seed; the step index shared
+        if compile_scope == "update":
+            # One graph: compiling ``drive`` unrolls the minibatch loop.
+            return wrap(drive(shuffle, prepare, step, finish))
+        if compile_scope == "scan" and settings is not None and dp is None:
+            steps = _scanned_steps(seeded(step, step_dims), num_steps)
+            steps = compile_fn(steps, "update", settings)
+            return drive_scan(shuffle, wrap(prepare), steps, wrap(finish))
+        return drive(shuffle, wrap(prepare), wrap(step, step_dims), wrap(finish))
+
+    if config.compile:
+        run = per_device(build, compiler, backend, lambda state, batch: state.key.device)
     else:
-        run = drive(shuffle, wrap(prepare), wrap(step, step_dims), wrap(finish))
+        run = build(None)
 
     checked = []
 
