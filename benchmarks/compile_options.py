@@ -3,17 +3,18 @@
 CartPole, the main job's shape (8 seeds vmapped, 4 envs x 128 steps per seed, CleanRL's
 64 x 64 MLP, compiled rollout and update). Variants, each built by its own ``make_train``:
 
-* ``shipped``: ``funcppo.compiling`` and ``funcppo.networks`` as they are (inductor's size and
-  alignment asserts off, tanh in its exp form, the update's kernels called from C++,
-  ``CPP_WRAPPER``; dynamo's guards on the arguments only, ``keep_input_guards``; products
-  with a thin weight as pointwise sums, ``THIN_MAX``);
+* ``shipped``: ``funcppo.compiling`` as it is (inductor's size and alignment asserts off, tanh
+  in its exp form, the update's kernels called from C++, ``CPP_WRAPPER``; dynamo's guards on
+  the arguments only, ``keep_input_guards``; the graph rewrites: thin products as pointwise
+  sums, ``ThinProducts``, Adam's bias corrections in exp form, ``PowAsExp``);
 * ``asserts on``: inductor's default asserts, the rest shipped;
 * ``all guards``: every guard dynamo makes, the rest shipped;
 * ``library tanh``: inductor's own vectorised tanh, the rest shipped;
-* ``matmuls``: every product a matmul (``THIN_MAX = 0``), the rest shipped;
+* ``matmuls``: every product a matmul (no ``ThinProducts``), the rest shipped;
+* ``pow``: the bias corrections as pow (no ``PowAsExp``), the rest shipped;
 * ``python wrapper``: the update's kernels called from inductor's Python wrapper, the rest
   shipped;
-* ``none``: inductor's and dynamo's defaults, every product a matmul.
+* ``none``: inductor's and dynamo's defaults, no rewrite.
 
 All run in this one process, interleaved: each round trains every variant for ``--updates``
 updates from the same key; the first round's time includes compilation. Reported: the median
@@ -31,7 +32,7 @@ import platform
 
 import torch
 
-from funcppo import compiling, networks
+from funcppo import compiling
 from funcppo import random as jr
 from funcppo.cli_args import ppo_config
 from funcppo.envs import make_env
@@ -41,26 +42,25 @@ from interleaved import print_table, run_rounds
 SHIPPED = dict(compiling.INDUCTOR_OPTIONS)
 ASSERTS = ("size_asserts", "alignment_asserts")
 TANH = "cpp.use_decompose_tanh"
-# name: (guard filter, inductor options, THIN_MAX, CPP_WRAPPER); THIN_MAX is read when a
-# function is traced, the others when it is built.
+THIN, POW = "pre_grad_custom_pass", "post_grad_custom_post_pass"
+# name: (guard filter, inductor options, CPP_WRAPPER), read when a function is built.
 VARIANTS = {
-    "shipped": (compiling.GUARD_FILTER, SHIPPED, networks.THIN_MAX, True),
+    "shipped": (compiling.GUARD_FILTER, SHIPPED, True),
     "asserts on": (
         compiling.GUARD_FILTER,
         {k: v for k, v in SHIPPED.items() if k not in ASSERTS},
-        networks.THIN_MAX,
         True,
     ),
-    "all guards": (None, SHIPPED, networks.THIN_MAX, True),
+    "all guards": (None, SHIPPED, True),
     "library tanh": (
         compiling.GUARD_FILTER,
         {k: v for k, v in SHIPPED.items() if k != TANH},
-        networks.THIN_MAX,
         True,
     ),
-    "matmuls": (compiling.GUARD_FILTER, SHIPPED, 0, True),
-    "python wrapper": (compiling.GUARD_FILTER, SHIPPED, networks.THIN_MAX, False),
-    "none": (None, {}, 0, False),
+    "matmuls": (compiling.GUARD_FILTER, {k: v for k, v in SHIPPED.items() if k != THIN}, True),
+    "pow": (compiling.GUARD_FILTER, {k: v for k, v in SHIPPED.items() if k != POW}, True),
+    "python wrapper": (compiling.GUARD_FILTER, SHIPPED, False),
+    "none": (None, {}, False),
 }
 
 
@@ -79,20 +79,13 @@ def main() -> None:
     ppo = ppo_config("cartpole", env, True)
     config = TrainConfig("cartpole", ppo, 4, 128, total_steps=4 * 128 * args.updates)
     trains = {}
-    for name, (guard_filter, options, _, cpp_wrapper) in VARIANTS.items():
+    for name, (guard_filter, options, cpp_wrapper) in VARIANTS.items():
         compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS = guard_filter, options
         compiling.CPP_WRAPPER = cpp_wrapper
         trains[name] = make_train(config, num_seeds=args.seeds)
-    compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS, _, compiling.CPP_WRAPPER = VARIANTS[
-        "shipped"
-    ]
+    compiling.GUARD_FILTER, compiling.INDUCTOR_OPTIONS, compiling.CPP_WRAPPER = VARIANTS["shipped"]
     keys = jr.split(jr.key(0), args.seeds)
-
-    def before(name: str) -> None:
-        networks.THIN_MAX = VARIANTS[name][2]
-
-    times, first, params = run_rounds(trains, keys, args.rounds, before)
-    networks.THIN_MAX = VARIANTS["shipped"][2]
+    times, first, params = run_rounds(trains, keys, args.rounds, lambda name: None)
     print_table("variant", "none", times, first, params)
 
 
