@@ -3,17 +3,18 @@
 CartPole, the main job's shape (8 seeds vmapped, 4 envs x 128 steps per seed, CleanRL's
 64 x 64 MLP, compiled rollout and update). Variants, each built by its own ``make_train``:
 
-* ``shipped``: ``CompileSettings.for_device("cpu")`` and ``funcppo.networks`` as they are
-  (inductor's size and alignment asserts off, tanh in its exp form, the kernels called from
-  C++, ``cpp_wrapper``; dynamo's guards on the arguments only, ``guard_filter``; products
-  with a thin weight as pointwise sums, ``THIN_MAX``);
+* ``shipped``: ``CompileSettings.for_device("cpu")`` as it is (inductor's size and alignment
+  asserts off, tanh in its exp form, the kernels called from C++, ``cpp_wrapper``; dynamo's
+  guards on the arguments only, ``guard_filter``; the graph rewrites: thin products as
+  pointwise sums, ``ThinProducts``, Adam's bias corrections in exp form, ``PowAsExp``);
 * ``asserts on``: inductor's default asserts, the rest shipped;
 * ``all guards``: every guard dynamo makes, the rest shipped;
 * ``library tanh``: inductor's own vectorised tanh, the rest shipped;
-* ``matmuls``: every product a matmul (``THIN_MAX = 0``), the rest shipped;
+* ``matmuls``: every product a matmul (no ``ThinProducts``), the rest shipped;
+* ``pow``: the bias corrections as pow (no ``PowAsExp``), the rest shipped;
 * ``python wrapper``: the update's kernels called from inductor's Python wrapper, the rest
   shipped;
-* ``none``: inductor's and dynamo's defaults, every product a matmul.
+* ``none``: inductor's and dynamo's defaults, no rewrite.
 
 All run in this one process, interleaved: each round trains every variant for ``--updates``
 updates from the same key; the first round's time includes compilation. Reported: the median
@@ -31,7 +32,6 @@ import platform
 
 import torch
 
-from funcppo import networks
 from funcppo import random as jr
 from funcppo.cli_args import ppo_config
 from funcppo.compiling import CompileSettings
@@ -42,6 +42,7 @@ from interleaved import print_table, run_rounds
 SHIPPED = CompileSettings.for_device("cpu")
 ASSERTS = ("size_asserts", "alignment_asserts")
 TANH = ("cpp.use_decompose_tanh",)
+THIN, POW = ("pre_grad_custom_pass",), ("post_grad_custom_post_pass",)
 
 
 def without(names: tuple[str, ...]) -> CompileSettings:
@@ -49,16 +50,16 @@ def without(names: tuple[str, ...]) -> CompileSettings:
     return SHIPPED.replace(inductor_options=kept)
 
 
-# name: (compile settings, THIN_MAX); THIN_MAX is read when a function is traced, the
-# settings when it is built.
+# name: compile settings, read when a function is built.
 VARIANTS = {
-    "shipped": (SHIPPED, networks.THIN_MAX),
-    "asserts on": (without(ASSERTS), networks.THIN_MAX),
-    "all guards": (SHIPPED.replace(guard_filter=False), networks.THIN_MAX),
-    "library tanh": (without(TANH), networks.THIN_MAX),
-    "matmuls": (SHIPPED, 0),
-    "python wrapper": (SHIPPED.replace(cpp_wrapper=False), networks.THIN_MAX),
-    "none": (CompileSettings(guard_filter=False), 0),
+    "shipped": SHIPPED,
+    "asserts on": without(ASSERTS),
+    "all guards": SHIPPED.replace(guard_filter=False),
+    "library tanh": without(TANH),
+    "matmuls": without(THIN),
+    "pow": without(POW),
+    "python wrapper": SHIPPED.replace(cpp_wrapper=False),
+    "none": CompileSettings(guard_filter=False),
 }
 
 
@@ -77,15 +78,10 @@ def main() -> None:
     ppo = ppo_config("cartpole", env, True)
     config = TrainConfig("cartpole", ppo, 4, 128, total_steps=4 * 128 * args.updates)
     trains = {}
-    for name, (settings, _) in VARIANTS.items():
+    for name, settings in VARIANTS.items():
         trains[name] = make_train(config, num_seeds=args.seeds, compiler=settings)
     keys = jr.split(jr.key(0), args.seeds)
-
-    def before(name: str) -> None:
-        networks.THIN_MAX = VARIANTS[name][1]
-
-    times, first, params = run_rounds(trains, keys, args.rounds, before)
-    networks.THIN_MAX = VARIANTS["shipped"][1]
+    times, first, params = run_rounds(trains, keys, args.rounds, lambda name: None)
     print_table("variant", "none", times, first, params)
 
 

@@ -1,20 +1,24 @@
 """compile_fn's guards: the arguments stay guarded, the closure and modules do not; carries
 packed by dtype, and a scan that carries them in inductor's C++ loop; the settings per device
 and inductor's options (tanh in its exp form, the CPU's instruction sets trusted unless the
-user decides), the rollout's threads; no module-level knob."""
+user decides), the rollout's threads; no module-level knob; the graph rewrites for inductor's
+CPU code, equal to the plain arithmetic they replace."""
 
 import dataclasses
 import math
+import operator
 import os
 import subprocess
 import sys
 from types import SimpleNamespace
 
+import optree
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch._higher_order_ops.scan import scan
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from funcppo.compiling import (
     CompileSettings,
@@ -26,6 +30,7 @@ from funcppo.compiling import (
     scan_carry,
 )
 from funcppo.flat import ravel_leaves, unravel_leaves
+from funcppo.rewrites import PowAsExp, ThinProducts
 
 
 def entry(name: str, is_global: bool = False) -> SimpleNamespace:
@@ -337,3 +342,137 @@ def test_vector_instruction_sets_decided_when_the_settings_are_made():
     assert dict(trusted.inductor_options)["cpp.vec_isa_ok"] is True
     assert "cpp.vec_isa_ok" not in dict(decided.inductor_options)
     assert dict(trusted.inductor_options)["cpp.vec_isa_ok"] is True  # made earlier, kept
+
+
+def test_the_cpu_settings_carry_the_rewrites_and_compare_equal():
+    cpu, other = CompileSettings.for_device("cpu"), CompileSettings.for_device("meta")
+    options = dict(cpu.inductor_options)
+    assert options["pre_grad_custom_pass"] == ThinProducts()
+    assert options["post_grad_custom_post_pass"] == PowAsExp()
+    assert "pre_grad_custom_pass" not in dict(other.inductor_options)
+    assert cpu == CompileSettings.for_device("cpu") and hash(cpu) == hash(
+        CompileSettings.for_device("cpu")
+    )
+
+
+# The seam's forms for inductor's CPU code, equal to the plain ones ----------------------------
+
+MATMULS = (operator.matmul, torch.matmul)
+
+
+def thin_backend(seen: list, rewrite: ThinProducts):
+    """A dynamo backend that applies ``rewrite`` to the graph, as inductor does before autograd,
+    records the graph's call targets and runs it as it is."""
+
+    def backend(gm: torch.fx.GraphModule, _inputs):
+        rewrite(gm.graph)
+        gm.graph.lint()
+        gm.recompile()
+        seen.extend(node.target for node in gm.graph.nodes if node.op == "call_function")
+        return gm.forward
+
+    return backend
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "thin"),
+    [(1, 9, True), (4, 16, True), (3, 3, True), (16, 1, True), (16, 4, True), (5, 16, False)],
+)
+def test_thin_products_equal_the_matmul_with_gradients_and_over_seeds(k, n, thin):
+    """A weight of at most 4 rows or columns: its product becomes pointwise sums before autograd
+    (no matmul left), with the matmul's values and gradients, alone and under vmap."""
+    gen = torch.Generator().manual_seed(k * 100 + n)
+    x, w, g = (
+        torch.randn(*shape, generator=gen) for shape in ((2, 3, 6, k), (2, k, n), (2, 3, 6, n))
+    )
+
+    def value_and_grads(w, x):
+        def loss(w, x):
+            return ((x @ w) * g[0]).sum()
+
+        return x @ w, torch.func.grad(loss, argnums=(0, 1))(w, x)
+
+    # Static shapes: each case's sizes are constants, as in a first compile (a symbolic size is
+    # left as a matmul).
+    seen: list = []
+    compiled = torch.compile(
+        value_and_grads, backend=thin_backend(seen, ThinProducts()), fullgraph=True, dynamic=False
+    )
+    torch.testing.assert_close(compiled(w[0], x[0]), value_and_grads(w[0], x[0]))
+    assert any(t in MATMULS for t in seen) is not thin, (k, n, seen)
+    batched = torch.compile(
+        torch.func.vmap(value_and_grads),
+        backend=thin_backend(seen, ThinProducts()),
+        fullgraph=True,
+        dynamic=False,
+    )
+    looped = [value_and_grads(w[s], x[s]) for s in range(2)]
+    stacked = optree.tree_map(lambda *v: torch.stack(v), *looped)
+    torch.testing.assert_close(batched(w, x), stacked)
+
+
+@pytest.mark.parametrize(
+    ("rewrite", "device"),
+    [(ThinProducts(thin_max=0), "cpu"), (ThinProducts(), "meta")],
+    ids=["off", "not-cpu"],
+)
+def test_thin_products_off_and_off_the_cpu(rewrite, device):
+    x, w = torch.randn(6, 5, device=device), torch.randn(5, 2, device=device)
+    seen: list = []
+    compiled = torch.compile(lambda x, w: x @ w, backend=thin_backend(seen, rewrite), dynamic=False)
+    assert compiled(x, w).shape == (6, 2)
+    assert any(t in MATMULS for t in seen)
+
+
+def post_grad_graph(fn, *args):
+    """``fn`` traced to aten ops on fake tensors, as inductor's passes after autograd see it,
+    with ``PowAsExp`` applied; the module and the names of the ops it calls."""
+    gm = make_fx(fn, tracing_mode="fake")(*args)
+    PowAsExp()(gm.graph)
+    gm.graph.lint()
+    gm.recompile()
+    return gm, [str(n.target) for n in gm.graph.nodes if n.op == "call_function"]
+
+
+@settings(max_examples=50, deadline=None)
+@given(
+    st.sampled_from([1e-300, 0.01, 0.5, 0.9, 0.999, 1.5, 10.0]),
+    st.lists(st.integers(0, 10**7) | st.floats(-50, 50), min_size=1, max_size=5),
+)
+def test_pow_of_a_positive_base_as_exp_equals_pow(base, exponents):
+    """Adam's ``1 - beta^t`` in float64 becomes ``1 - exp(t log beta)``: the same to rounding
+    for any exponent, integer steps to 10^7 included."""
+    t = torch.tensor(exponents, dtype=torch.float64)
+
+    def plain(t):
+        return 1 - base**t
+
+    gm, ops = post_grad_graph(plain, t)
+    assert "aten.pow.Scalar" not in ops and "aten.exp.default" in ops, ops
+    torch.testing.assert_close(gm(t), plain(t), atol=1e-15, rtol=1e-12)
+
+
+@pytest.mark.parametrize(
+    ("base", "dtype", "device"),
+    [
+        (1.0, torch.float64, "cpu"),
+        (0.0, torch.float64, "cpu"),
+        (-0.5, torch.float64, "cpu"),
+        (0.9, torch.float32, "cpu"),
+        (0.9, torch.float64, "meta"),
+    ],
+)
+def test_pow_kept_where_the_exp_form_is_not_exact_or_not_on_cpu(base, dtype, device):
+    # 1^inf and 0^0 are 1, where exp(t log base) is NaN; a negative base has no log; float32
+    # loses digits in t log base.
+    _, ops = post_grad_graph(lambda t: base**t, torch.arange(3.0, dtype=dtype, device=device))
+    assert "aten.pow.Scalar" in ops and "aten.exp.default" not in ops, ops
+
+
+def test_rewrites_key_the_caches_by_their_settings():
+    # Inductor's caches key on uuid(), precompiled files on repr() (compile_fn's options): equal
+    # settings give equal keys in any process, distinct settings distinct keys.
+    assert ThinProducts().uuid() == ThinProducts().uuid() != ThinProducts(thin_max=0).uuid()
+    assert repr(ThinProducts()) == repr(ThinProducts()) != repr(ThinProducts(thin_max=0))
+    assert PowAsExp().uuid() == PowAsExp().uuid() != ThinProducts().uuid()
+    assert "0x" not in repr(ThinProducts()) + repr(PowAsExp())  # no address

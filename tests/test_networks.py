@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-import operator
 
 import optree
 import pytest
@@ -11,8 +10,8 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcppo import networks
 from funcppo import random as fr
+from funcppo.compiling import compile_fn
 from funcppo.config import PPOConfig
 from funcppo.networks import (
     LSTMState,
@@ -430,44 +429,33 @@ def test_compile_fullgraph_matches_eager(cfg):
     )
 
 
-@pytest.mark.parametrize(
-    ("k", "n", "thin"),
-    [(1, 9, True), (4, 16, True), (3, 3, True), (16, 1, True), (16, 4, True), (5, 16, False)],
-)
-def test_thin_products_equal_matmul_compiled_and_vmapped(monkeypatch, k, n, thin):
-    """Compiled, a product whose weight has at most THIN_MAX rows or columns is written as
-    pointwise sums (no matmul in the graph), with the matmul's values and gradients."""
-    monkeypatch.setattr(networks, "THIN_MAX", 4)
-    seen: list = []
+THIN = config(obs_dim=4, torso_sizes=(8, 7))  # first layers' inner size and value head thin
 
-    def backend(gm: torch.fx.GraphModule, _inputs):
-        seen.extend(node.target for node in gm.graph.nodes)
-        return gm.forward
 
-    gen = torch.Generator().manual_seed(k * 100 + n)
-    x, w, g = (
-        torch.randn(*shape, generator=gen) for shape in ((2, 3, 6, k), (2, k, n), (2, 3, 6, n))
-    )
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
+def test_compiled_gradients_over_seeds_equal_an_eager_loop(backend):
+    """``compile_fn`` as the update compiles: under inductor on CPU, the products with a thin
+    weight (the first layers' 4 inputs, the value head's one output) run as the seam's
+    pointwise forms, and their gradients as autograd derives them; values and gradients are
+    the eager loop's."""
+    params = stacked_params(THIN)
+    gen = torch.Generator().manual_seed(3)
+    obs, weights = torch.randn(3, 6, 4, generator=gen), torch.randn(3, 6, generator=gen)
 
-    def loss(w, x):
-        return (networks._dense(x, w) * g[0]).sum()
+    def loss(params, obs, weights):
+        out = policy_apply(THIN, params, obs, None, None)
+        logits = sum(x.logsumexp(-1) for x in out.logits.values())
+        return ((logits + out.value) * weights).sum(), (out.logits, out.value)
 
-    def value_and_grads(w, x):
-        return networks._dense(x, w), torch.func.grad(loss, argnums=(0, 1))(w, x)
+    def value_and_grad(params, obs, weights):
+        return torch.func.grad(loss, has_aux=True)(params, obs, weights)
 
-    def reference(w, x):
-        return x @ w, torch.func.grad(lambda w, x: ((x @ w) * g[0]).sum(), argnums=(0, 1))(w, x)
-
-    compiled = torch.compile(value_and_grads, backend=backend, fullgraph=True)
-    assert_trees_close(compiled(w[0], x[0]), reference(w[0], x[0]), atol=1e-5)
-    uses_matmul = any(t in (operator.matmul, torch.matmul) for t in seen)
-    assert uses_matmul is not thin, (k, n, seen)
-    # Over a leading seed axis, as the training loop runs it.
-    batched = torch.compile(torch.func.vmap(value_and_grads), backend=backend, fullgraph=True)
-    looped = [reference(w[s], x[s]) for s in range(2)]
-    assert_trees_close(
-        batched(w, x), optree.tree_map(lambda *v: torch.stack(v), *looped), atol=1e-5
-    )
+    compiled = compile_fn(torch.func.vmap(value_and_grad), "thin_network", backend)
+    got = compiled(params, obs, weights)
+    for s in range(3):
+        one = optree.tree_map(lambda x, s=s: x[s], params)
+        want = value_and_grad(one, obs[s], weights[s])
+        assert_trees_close(optree.tree_map(lambda x, s=s: x[s], got), want, atol=1e-5)
 
 
 # validation ------------------------------------------------------------------------------------

@@ -11,7 +11,6 @@ from funcppo.constants import ADAM_EPS, CLIP_NORM_EPS
 from funcppo.optim import (
     EmptyState,
     ScaleByAdamState,
-    _bias_correction,
     adamw,
     add_decayed_weights,
     apply_updates,
@@ -132,23 +131,6 @@ def test_scale_by_adam_matches_naive_loop():
         want = naive_adam_steps(grads[:, j].tolist(), b1, b2, eps)
         for step, w in enumerate(want):
             assert got[step][j].item() == pytest.approx(w, rel=1e-12, abs=1e-14)
-
-
-@settings(max_examples=100, deadline=None)
-@given(
-    st.one_of(st.just(0.0), st.floats(0.0, 1.0, exclude_max=True)),
-    st.integers(1, 10**7),
-    st.booleans(),
-)
-def test_bias_correction_is_one_minus_beta_to_the_t(beta, t, as_tensor):
-    # Computed as 1 - exp(t log beta) (see _bias_correction); torch.optim's is 1 - beta**t in
-    # Python doubles; they differ by an absolute 1e-16 or so (exp rounds near 1). A float or a
-    # tensor beta (a per-seed sweep), and beta 0 (log 0 = -inf).
-    b = torch.tensor(beta) if as_tensor else beta
-    got = _bias_correction(b, torch.tensor(float(t), dtype=torch.float64))
-    assert got.dtype == torch.float64
-    want = 1 - float(torch.tensor(beta).double()) ** t if as_tensor else 1 - beta**t
-    assert float(got) == pytest.approx(want, rel=1e-12, abs=1e-15)
 
 
 @settings(max_examples=50, deadline=None)

@@ -56,7 +56,8 @@ _counter = itertools.count()
 # steps scanned in C++ compiled cold in 83 s instead of 145 s here, and ran as fast
 # (benchmarks/RESULTS.md). All measured on CPUs, and all about inductor's C++ code, so
 # ``CompileSettings.for_device`` gives them to CPUs only. The CPU's vector instruction sets
-# are added there too (see ``_cpu_inductor_options``).
+# and the graph rewrites of ``funcppo.rewrites`` are added there too (see
+# ``_cpu_inductor_options``).
 CPU_INDUCTOR_OPTIONS: tuple[tuple[str, Any], ...] = (
     ("size_asserts", False),
     ("alignment_asserts", False),
@@ -71,12 +72,22 @@ def _cpu_inductor_options() -> tuple[tuple[str, Any], ...]:
     process, which took 13.9 s of every first compile into an empty cache here and 1.5 s of
     every later process, for the same list of instruction sets (3.1 s and 0.4 s trusted).
     A user's choice (``TORCHINDUCTOR_VEC_ISA_OK``, or inductor's config set before the
-    settings are made) still decides."""
+    settings are made) still decides. And two rewrites of the plain math into forms that
+    inductor's C++ runs faster (``funcppo.rewrites``): thin matrix products as pointwise work
+    (5-8% on the CartPole job) and ``pow`` of a constant base as ``exp`` (4-7% on the update
+    benchmark; docs/design-notes.md)."""
     import torch._inductor.config as inductor_config
 
+    from funcppo.rewrites import PowAsExp, ThinProducts
+
+    options = (
+        *CPU_INDUCTOR_OPTIONS,
+        ("pre_grad_custom_pass", ThinProducts()),
+        ("post_grad_custom_post_pass", PowAsExp()),
+    )
     if inductor_config.cpp.vec_isa_ok is None:
-        return (*CPU_INDUCTOR_OPTIONS, ("cpp.vec_isa_ok", True))
-    return CPU_INDUCTOR_OPTIONS
+        return (*options, ("cpp.vec_isa_ok", True))
+    return options
 
 
 # A guard whose source is rooted in the compiled function's closure or in a module's globals.

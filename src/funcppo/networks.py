@@ -155,7 +155,7 @@ def lstm_scan(
     step t (torch.where, so no in-place write). The input projection is one matmul for all steps;
     only the recurrence is a Python loop, unrolled over the static T.
     """
-    projected = _dense(x, lstm["w_ih"]) + lstm["b"]
+    projected = x @ lstm["w_ih"] + lstm["b"]
     h, c = state
     outputs = []
     for t in range(x.shape[0]):
@@ -169,35 +169,13 @@ def lstm_scan(
     return torch.stack(outputs), LSTMState(h, c)
 
 
-# A compiled product with at most this many input rows or output columns in its weight is
-# written as pointwise sums: inductor fuses them into the kernels around them, where a batched
-# matmul call for a thin shape cost far more than its arithmetic on CPU (about 100 us for
-# 8 seeds x [128, 64] @ [64, 2], and 6 us for CartPole's [4, 4] @ [4, 128] in the rollout;
-# benchmarks/RESULTS.md). Read when a function is traced; 0 turns it off.
-THIN_MAX = 4
-
-
-def _dense(x: Tensor, w: Tensor) -> Tensor:
-    """``x @ w`` for ``w`` ``[k, n]``: a matmul, or, compiled with k or n at most
-    ``THIN_MAX``, k products summed (thin input) or n row reductions (thin output)."""
-    k, n = w.shape[-2:]
-    if not torch.compiler.is_compiling() or min(k, n) > THIN_MAX:
-        return x @ w
-    if k <= n:
-        out = x[..., 0:1] * w[0]
-        for i in range(1, k):
-            out = out + x[..., i : i + 1] * w[i]
-        return out
-    return torch.stack([(x * w[:, j]).sum(-1) for j in range(n)], -1)
-
-
 def _act(activation: str) -> Callable[[Tensor], Tensor]:
     return torch.tanh if activation == "tanh" else torch.relu
 
 
 def _mlp(layers: Mapping[str, Tensor], x: Tensor, n: int, activation: str) -> Tensor:
     for i in range(n):
-        x = _act(activation)(_dense(x, layers[f"w{i}"]) + layers[f"b{i}"])
+        x = _act(activation)(x @ layers[f"w{i}"] + layers[f"b{i}"])
     return x
 
 
@@ -208,12 +186,12 @@ def _mlp_pair(
     the same numbers as two ``_mlp`` calls)."""
     if n == 0:
         return x, x
-    first = _dense(x, torch.cat([actor["w0"], critic["w0"]], -1))
+    first = x @ torch.cat([actor["w0"], critic["w0"]], -1)
     first = first + torch.cat([actor["b0"], critic["b0"]])
     a, c = _act(activation)(first).split([actor["b0"].shape[-1], critic["b0"].shape[-1]], -1)
     for i in range(1, n):
-        a = _act(activation)(_dense(a, actor[f"w{i}"]) + actor[f"b{i}"])
-        c = _act(activation)(_dense(c, critic[f"w{i}"]) + critic[f"b{i}"])
+        a = _act(activation)(a @ actor[f"w{i}"] + actor[f"b{i}"])
+        c = _act(activation)(c @ critic[f"w{i}"] + critic[f"b{i}"])
     return a, c
 
 
@@ -221,7 +199,7 @@ def _linears(layers: list[Mapping[str, Tensor]], x: Tensor) -> list[Tensor]:
     """``x @ w + b`` for each layer on the same input ``x``, as one matmul."""
     w = torch.cat([layer["w"] for layer in layers], -1)
     b = torch.cat([layer["b"] for layer in layers])
-    return list((_dense(x, w) + b).split([layer["b"].shape[-1] for layer in layers], -1))
+    return list((x @ w + b).split([layer["b"].shape[-1] for layer in layers], -1))
 
 
 def _describe(x: Any) -> str:
@@ -300,7 +278,7 @@ def policy_apply(
         *head_out, value = _linears([*heads, params["value"]], actor)
     else:
         head_out = _linears(heads, actor)
-        value = _dense(critic, params["value"]["w"]) + params["value"]["b"]
+        value = critic @ params["value"]["w"] + params["value"]["b"]
     return PolicyOutput(dict(zip(names, head_out, strict=True)), value.squeeze(-1), hidden)
 
 

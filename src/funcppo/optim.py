@@ -15,7 +15,6 @@ under ``torch.compile`` (torch 2.13) the latter hands the callback wrong paths, 
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -93,6 +92,11 @@ def _like(h: Hyper, x: Tensor) -> Hyper:
     return h.to(x.dtype) if isinstance(h, Tensor) else h
 
 
+def _double(h: Hyper) -> Hyper:
+    """A hyperparameter in float64: a tensor is cast, a Python float already is one."""
+    return h.to(torch.float64) if isinstance(h, Tensor) else h
+
+
 def _leaves(tree: Any, name: str) -> list[Tensor]:
     leaves = optree.tree_leaves(tree)
     for leaf in leaves:
@@ -132,21 +136,6 @@ def clip_by_global_norm(max_norm: Hyper) -> GradientTransformation:
     return GradientTransformation(init, update)
 
 
-def _bias_correction(beta: Hyper, t: Tensor) -> Tensor:
-    """``1 - beta**t`` in float64, as torch.optim computes it in Python doubles.
-
-    Written ``1 - exp(t log beta)``: on CPU inductor computes a value that holds an ``exp``
-    and has several readers once, in a buffer of its own, but inlines a ``pow`` into every
-    vector of each loop over the parameters that reads it (two double-precision ``pow``
-    calls per 8 parameters: most of the fused optimizer's time on a small network).
-    """
-    if isinstance(beta, Tensor):
-        log_beta = torch.log(beta.to(torch.float64))
-    else:
-        log_beta = math.log(beta) if beta > 0 else -math.inf
-    return 1 - torch.exp(t * log_beta)
-
-
 def scale_by_adam(
     b1: Hyper = 0.9, b2: Hyper = 0.999, eps: Hyper = ADAM_EPS
 ) -> GradientTransformation:
@@ -176,13 +165,11 @@ def scale_by_adam(
             raise ValueError(f"state: expected a ScaleByAdamState, got {type(state).__name__}")
         count = state.count + 1
         t = count.to(torch.float64)
-        bc1, bc2 = _bias_correction(b1, t), _bias_correction(b2, t)
+        bc1, bc2 = 1 - _double(b1) ** t, 1 - _double(b2) ** t
         mu = optree.tree_map(lambda g, m: torch.lerp(m, g, _like(1 - b1, g)), updates, state.mu)
         nu = optree.tree_map(
             lambda g, v: v * _like(b2, g) + _like(1 - b2, g) * g * g, updates, state.nu
         )
-
-        # Once per call, not once per leaf: one reused value (see _bias_correction).
         sqrt_bc2, inv_bc1 = bc2.sqrt(), 1 / bc1
 
         def direction(m: Tensor, v: Tensor) -> Tensor:
