@@ -101,6 +101,8 @@ CPU_OPTIONS = {
     "alignment_asserts": False,
     "cpp.use_decompose_tanh": True,
     "cpp_wrapper_build_separate": True,
+    "pre_grad_custom_pass": ThinProducts(),
+    "post_grad_custom_post_pass": PowAsExp(),
     "cpp.vec_isa_ok": True,
     "cpp_wrapper": True,
 }

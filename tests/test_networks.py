@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from funcppo import random as fr
-from funcppo.compiling import compile_fn
+from funcppo.compiling import CompileSettings, compile_fn
 from funcppo.config import PPOConfig
 from funcppo.networks import (
     LSTMState,
@@ -432,8 +432,12 @@ def test_compile_fullgraph_matches_eager(cfg):
 THIN = config(obs_dim=4, torso_sizes=(8, 7))  # first layers' inner size and value head thin
 
 
-@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compiled_gradients_over_seeds_equal_an_eager_loop(backend):
+@pytest.mark.parametrize(
+    "settings",
+    [CompileSettings(backend="aot_eager"), CompileSettings.for_device("cpu")],
+    ids=["aot_eager", "inductor-cpu"],
+)
+def test_compiled_gradients_over_seeds_equal_an_eager_loop(settings):
     """``compile_fn`` as the update compiles: under inductor on CPU, the products with a thin
     weight (the first layers' 4 inputs, the value head's one output) run as the seam's
     pointwise forms, and their gradients as autograd derives them; values and gradients are
@@ -450,7 +454,7 @@ def test_compiled_gradients_over_seeds_equal_an_eager_loop(backend):
     def value_and_grad(params, obs, weights):
         return torch.func.grad(loss, has_aux=True)(params, obs, weights)
 
-    compiled = compile_fn(torch.func.vmap(value_and_grad), "thin_network", backend)
+    compiled = compile_fn(torch.func.vmap(value_and_grad), "thin_network", settings)
     got = compiled(params, obs, weights)
     for s in range(3):
         one = optree.tree_map(lambda x, s=s: x[s], params)
