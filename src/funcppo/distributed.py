@@ -127,8 +127,7 @@ class SingleProcess(NamedTuple):
 
     @property
     def collectives(self) -> bool:
-        """Whether the reductions communicate (a compiled graph that does keeps Python's
-        wrapper around its kernels)."""
+        """Whether the reductions communicate with other processes."""
         return False
 
     def tree_sum(self, tree: Any) -> Any:

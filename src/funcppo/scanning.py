@@ -26,6 +26,7 @@ from torch._higher_order_ops.scan import scan
 from torch.func import vmap
 
 from funcppo.compiling import compile_fn, fresh, scan_cacheable, scan_carry, unaliased
+from funcppo.config import PPOConfig
 
 __all__ = ["SCOPES", "UpdatePieces", "compose_update", "scan_steps"]
 
@@ -36,8 +37,8 @@ class UpdatePieces(NamedTuple):
     """One update as pure functions of one seed's tensors (``state``: a ``TrainState``):
 
     - ``shuffle(state, batch) -> order``, the minibatches' indices; it must also take a
-      leading seed axis: outside the ``"update"`` scope it runs neither vmapped (dispatching
-      a hundred small integer ops per seed cost 1.97 against 1.59 ms for 8 seeds) nor
+      leading seed axis: outside the ``"update"`` scope it runs neither vmapped (vmap's
+      dispatch of its hundred small integer ops cost 1.97 against 1.59 ms for 8 seeds) nor
       compiled (inductor inlines the hash of a hash of the key into one expression, and
       generating its code took 10-20 s of the compile for 0.3 ms of work);
     - ``prepare(state, batch, order) -> (prep, stats, flat)``;
@@ -58,7 +59,8 @@ class UpdatePieces(NamedTuple):
 
 def scan_steps(step: Callable, num_steps: int) -> Callable:
     """``steps(carry, *args) -> (carry, metrics)``: ``step(carry, *args, k) -> (carry, metrics)``
-    for ``k`` in ``range(num_steps)`` as one ``scan``, the metrics stacked on a leading axis.
+    for ``k`` in ``range(num_steps)`` as one ``scan``; ``metrics``, any pytree of tensors, come
+    back as the same pytree with each leaf stacked on a leading step axis.
 
     Inductor lowers the scan to one loop: compile time does not grow with the number of steps,
     and dynamo's guards run once per call, not once per step. The carry's highest-rank leaves
@@ -75,6 +77,7 @@ def scan_steps(step: Callable, num_steps: int) -> Callable:
 
         def body(packed: list, k: torch.Tensor) -> tuple[list, Any]:
             new, metrics = step(pytree.tree_unflatten(unpack(packed), spec), *args, k)
+            # A scan body may return no input and no two views of one buffer: fresh metrics.
             return pack(pytree.tree_leaves(new)), pytree.tree_map(torch.clone, metrics)
 
         ks = torch.arange(num_steps, device=leaves[0].device)
@@ -90,25 +93,28 @@ def _stacked(trees: list) -> Any:
 
 def compose_update(
     pieces: UpdatePieces,
-    num_steps: int,
+    config: PPOConfig,
     scope: str,
-    compile: bool,
     backend: str,
     num_seeds: int | None,
     collectives: bool,
 ) -> Callable:
     """``run(state, batch) -> finish's output``: the pieces composed in compile ``scope`` (see
-    the module), vmapped over a leading seed axis of ``num_seeds`` (None: none), compiled
-    with ``backend`` when ``compile``. ``collectives``: the pieces reduce over processes."""
+    the module), ``update_epochs * num_minibatches`` steps of ``config``, vmapped over a
+    leading seed axis of ``num_seeds`` (None: none), compiled with ``backend`` when
+    ``config.compile``. ``collectives``: the pieces reduce over processes."""
     if scope not in SCOPES:
         raise ValueError(f"compile_scope: expected one of {SCOPES}, got {scope!r}")
     shuffle, prepare, start, step, finish = pieces
+    num_steps = config.update_epochs * config.num_minibatches
 
     def seeded(fn: Callable, in_dims: Any = 0) -> Callable:
         return fn if num_seeds is None else vmap(fn, in_dims=in_dims, randomness="error")
 
     def compiled(fn: Callable, cpp_wrapper: bool) -> Callable:
-        return compile_fn(fn, "update", backend, cpp_wrapper=cpp_wrapper) if compile else fn
+        if not config.compile:
+            return fn
+        return compile_fn(fn, "update", backend, cpp_wrapper=cpp_wrapper)
 
     def wrap(fn: Callable, in_dims: Any = 0) -> Callable:
         # The graphs that hold collectives keep the Python wrapper.
@@ -137,7 +143,7 @@ def compose_update(
     finish_dims = (0, 0, 0, 0, 1)
     if scope == "update":
         return wrap(drive(shuffle, prepare, loop(step), finish))
-    if scope == "scan" and compile and not collectives:
+    if scope == "scan" and config.compile and not collectives:
         scanned = compiled(scan_steps(seeded(step, step_dims), num_steps), cpp_wrapper=True)
 
         def steps(carry, prep, hparams):

@@ -119,8 +119,8 @@ def prepare(s: Setup, state: TrainState, batch: Batch, order: Tensor):
     # The LSTM's state at each sequence's start (for the MLP, the empty tuple that replaced None).
     hidden = optree.tree_map(lambda h: h[:: s.seq_len].flatten(0, 1), b.hidden)
     # Each minibatch's counts over every process: the denominators of its loss's means.
-    floored = data["availability"].keys() & config.entropy_floors().keys()
-    masks = {"causal": data["causal"], "available": {h: data["availability"][h] for h in floored}}
+    available = {h: data["availability"][h] for h in config.entropy_floors()}
+    masks = {"causal": data["causal"], "available": available}
     counts = dp.tree_sum(optree.tree_map(lambda m: m[:, order].sum((0, 2)), masks))
     heads = dp.mask_stats(mask_stats(spec, b.masks, op), op.numel())
     stats = {f"{k}/{h}": v for h, hs in heads.items() for k, v in hs._asdict().items()}
@@ -167,7 +167,7 @@ def minibatch_step(s: Setup, carry: Carry, prep: Prepared, hp: Any, k: Tensor):
         out = policy_apply(config, params, part["obs"], part_hidden, part["episode_start"])
         logprobs, _ = factored_logprob(spec, out.logits, part["masks"], part["actions"])
         entropies = factored_entropy(spec, out.logits, part["masks"], part["actions"])
-        given = {k: part[k] for k in _LOSS_INPUTS}
+        given = {name: part[name] for name in _LOSS_INPUTS}
         stats = losses.loss_stats(
             logprobs, entropies=entropies, values=out.value, coefs=coefs, **given
         )
@@ -331,10 +331,7 @@ def make_update_fn(
     s = Setup(config, dp, config.bptt_len if config.recurrent else 1, layout, opt_layout)
     pieces = (shuffle, prepare, start, minibatch_step, finish)
     pieces = UpdatePieces(*(functools.partial(piece, s) for piece in pieces))
-    num_steps = config.update_epochs * config.num_minibatches
-    run = compose_update(
-        pieces, num_steps, compile_scope, config.compile, backend, num_seeds, dp.collectives
-    )
+    run = compose_update(pieces, config, compile_scope, backend, num_seeds, dp.collectives)
     checked = []
 
     def update(state: TrainState, batch: Batch) -> tuple[TrainState, dict[str, Tensor]]:
