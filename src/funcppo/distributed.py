@@ -101,7 +101,10 @@ def _(info, in_dims, x: Tensor, op: str, group_name: str):
 
 def _tree_reduce(tree: Any, op: str, group_name: str) -> Any:
     """Reduce every leaf of ``tree`` over the group with one collective per dtype."""
-    leaves, treespec = optree.tree_flatten(tree)
+    # Leaves gathered and put back by tree_map: compiled, dynamo's optree flatten fails on an
+    # empty dict (the loss's entropy-floor means without a floor; torch 2.13), its map does not.
+    leaves: list[Tensor] = []
+    optree.tree_map(leaves.append, tree)
     if not leaves:
         return tree
     by_dtype: dict[torch.dtype, list[int]] = {}
@@ -114,7 +117,8 @@ def _tree_reduce(tree: Any, op: str, group_name: str) -> Any:
         sizes = [leaves[i].numel() for i in idx]
         for i, piece in zip(idx, reduced.split(sizes), strict=True):
             out[i] = piece.reshape(leaves[i].shape)
-    return optree.tree_unflatten(treespec, out)
+    pieces = iter(out)
+    return optree.tree_map(lambda _: next(pieces), tree)
 
 
 class SingleProcess(NamedTuple):
