@@ -12,7 +12,7 @@ from torch.func import vmap
 
 from funcppo.compiling import compile_fn
 from funcppo.config import PPOConfig
-from funcppo.scanning import UpdatePieces, compose_update, scan_steps
+from funcppo.scanning import UpdatePieces, compose_update, scan_steps, stacked_tree_map
 from funcppo.spec import ActionSpec
 
 
@@ -131,3 +131,21 @@ def test_compose_update_runs_the_pieces_in_order_and_names_a_bad_scope():
     assert metrics["k"].tolist() == [0, 1] and stats["stat"].item() == 3.0
     with pytest.raises(ValueError, match=r"compile_scope: expected one of .*'epoch'"):
         compose_update(pieces, config, "epoch", "aot_eager", None, False)
+
+
+def test_stacked_tree_map_equals_tree_map_eager_and_compiled():
+    g = torch.Generator().manual_seed(0)
+    tree = {"a": torch.randn(6, generator=g), "b": {"x": torch.randn(6, generator=g), "e": {}}}
+    tree["b"]["x"][2] = float("nan")
+    applied = torch.tensor([True, True, False, True, False, True])
+
+    def mean(x):  # over the last axis, the leading ones a batch
+        ok = applied & torch.isfinite(x)
+        return torch.where(ok, x, 0.0).sum(-1) / ok.sum(-1)
+
+    expected = optree.tree_map(mean, tree)
+    assert_trees_equal(stacked_tree_map(mean, tree), expected)
+    torch._dynamo.reset()
+    compiled = compile_fn(lambda t: stacked_tree_map(mean, t), "stacked", "aot_eager")
+    assert_trees_equal(compiled(tree), expected)
+    assert stacked_tree_map(mean, {"e": {}}) == {"e": {}}

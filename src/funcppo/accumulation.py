@@ -109,8 +109,9 @@ def accumulate(
     than one part in all, a no-grad pre-pass over the parts first gives the minibatch's mean
     entropy where each floored head was available.
     """
+    whole_at_once = len(parts) == 1 and processes.world_size == 1
     floor = None
-    if coefs.entropy_floor and (len(parts) > 1 or processes.world_size > 1):
+    if coefs.entropy_floor and not whole_at_once:
         with torch.no_grad():
             stats = [part_stats(params, *part)[0] for part in parts]
             shares = [weigh(s.means, s.counts, whole).available for s in stats]
@@ -118,7 +119,8 @@ def accumulate(
 
     def objective(params: Any, *part: Any) -> tuple[Tensor, tuple]:
         stats, finite = part_stats(params, *part)
-        shares = weigh(stats.means, stats.counts, whole)
+        # A part that is the whole minibatch has all of each count: weighing it is the identity.
+        shares = stats.means if whole_at_once else weigh(stats.means, stats.counts, whole)
         at = shares
         if floor is not None:
             # Valued at the minibatch's mean, with this part's share of its gradient.

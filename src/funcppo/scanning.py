@@ -22,13 +22,14 @@ from typing import Any, NamedTuple
 import optree
 import torch
 import torch.utils._pytree as pytree
+from torch import Tensor
 from torch._higher_order_ops.scan import scan
 from torch.func import vmap
 
 from funcppo.compiling import compile_fn, fresh, scan_cacheable, scan_carry, unaliased
 from funcppo.config import PPOConfig
 
-__all__ = ["SCOPES", "UpdatePieces", "compose_update", "scan_steps"]
+__all__ = ["SCOPES", "UpdatePieces", "compose_update", "scan_steps", "stacked_tree_map"]
 
 SCOPES = ("minibatch", "scan", "update")
 
@@ -85,6 +86,21 @@ def scan_steps(step: Callable, num_steps: int) -> Callable:
         return pytree.tree_unflatten(fresh(unpack(out)), spec), metrics
 
     return steps
+
+
+def stacked_tree_map(fn: Callable[[Tensor], Tensor], tree: Any) -> Any:
+    """``optree.tree_map(fn, tree)``, computed as one call of ``fn`` on the leaves stacked on
+    a new leading axis: the leaves must share one shape and dtype, and ``fn`` treat leading
+    axes as a batch. Compiled, each leaf of a tree map becomes kernels of its own: the update's
+    ``finish`` reducing its metrics leaf by leaf took 6 s more to compile here (14.9 against
+    8.9 s, benchmarks/update_step.py's MLP).
+    """
+    leaves: list[Tensor] = []
+    optree.tree_map(leaves.append, tree)  # not tree_leaves: see funcppo.distributed
+    if not leaves:
+        return tree
+    columns = iter(fn(torch.stack(leaves)).unbind(0))
+    return optree.tree_map(lambda _: next(columns), tree)
 
 
 def _stacked(trees: list) -> Any:

@@ -27,7 +27,7 @@ from funcppo.distributed import DataParallel, SingleProcess
 from funcppo.distributions import factored_entropy, factored_logprob, mask_stats
 from funcppo.networks import policy_apply, policy_init
 from funcppo.optim import apply_updates, global_norm, is_critic_path
-from funcppo.scanning import UpdatePieces, compose_update
+from funcppo.scanning import UpdatePieces, compose_update, stacked_tree_map
 from funcppo.spec import causal_masks, entropy_floor_masks
 from funcppo.state import Batch, TrainState, make_hyperparams, make_loss_coefs, make_optimizer
 from funcppo.validation import HPARAMS_SOURCES, check_batch
@@ -241,20 +241,20 @@ def finish(s: Setup, step: Tensor, key: Tensor, carry: Carry, stats: dict, metri
     ``metrics["mean"]`` averaged over their finite values, ``"max"`` and ``"min"`` bounded on
     every process, NaN where none; ``step`` counts the update only if a step was applied.
     """
-    applied = metrics["applied"]
+    applied = metrics["applied"]  # [steps]; the metrics are [steps] each, or stacked [n, steps]
 
     def mean(x: Tensor) -> Tensor:
         ok = applied & torch.isfinite(x)
-        count = ok.sum()
-        average = torch.where(ok, x, 0.0).sum() / count.clamp(min=1)
+        count = ok.sum(-1)
+        average = torch.where(ok, x, 0.0).sum(-1) / count.clamp(min=1)
         return torch.where(count > 0, average, torch.nan)
 
     def bound(x: Tensor) -> Tensor:  # the largest over the applied steps, -inf where none
-        return torch.where(applied, x, -torch.inf).amax(0)
+        return torch.where(applied, x, -torch.inf).amax(-1)
 
-    out = optree.tree_map(mean, metrics["mean"])
-    top = optree.tree_map(bound, metrics["max"])
-    bottom = optree.tree_map(lambda x: bound(-x), metrics["min"])
+    out = stacked_tree_map(mean, metrics["mean"])
+    top = stacked_tree_map(bound, metrics["max"])
+    bottom = stacked_tree_map(lambda x: bound(-x), metrics["min"])
     # min(x) = -max(-x): one collective gives every process's maxima and minima.
     top, bottom = s.dp.tree_max((top, bottom))
     out |= optree.tree_map(lambda x: torch.where(x.isfinite(), x, torch.nan), top)
