@@ -1,7 +1,8 @@
-"""Tests for funcppo.accumulation: hand values, loops, properties, vmap and compile.
+"""Tests for funcppo.accumulation: hand values, the parts against the whole, vmap against a loop.
 
-That ``ppo_loss`` shares sum to the whole loss, gradient and info is tested in test_losses.py;
-that a full update with grad_accum_steps > 1 equals the whole-minibatch one, in test_update.py.
+That a full update with grad_accum_steps > 1 equals the whole-minibatch one is tested in
+test_update.py; that a data-parallel one equals one process given every batch, in
+test_distributed.py.
 """
 
 from __future__ import annotations
@@ -9,32 +10,36 @@ from __future__ import annotations
 import math
 
 import optree
-import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from torch.func import grad_and_value, vmap
+from torch.func import vmap
 
-from funcppo.accumulation import (
-    LossTotals,
-    accumulate_grads,
-    check_totals,
-    combine_ratio_stats,
-    loss_totals,
-    split_tree,
+from funcppo.accumulation import accumulate, merge_extremes, split_tree, tree_add, weigh
+from funcppo.distributed import SingleProcess
+from funcppo.losses import (
+    LossCoefs,
+    LossStats,
+    RatioExtremes,
+    loss_info,
+    loss_stats,
+    ppo_loss,
+    ppo_objective,
 )
-from funcppo.losses import ratio_stats
+from test_losses import assert_trees_close, hand_ppo_inputs, make_batch, ratio_batch
 
 SETTINGS = settings(max_examples=40, deadline=None)
+# The tensors a part's loss is differentiated by: in the update, the network's outputs.
+LIVE = ("new_logprobs", "entropies", "values")
 
 
 def t(xs, dtype=torch.float64):
     return torch.tensor(xs, dtype=dtype)
 
 
-def assert_stats_close(got, expected, **kw):
-    for name, x, y in zip(expected._fields, got, expected, strict=True):
-        torch.testing.assert_close(x, y, msg=name, **kw)
+def split_parts(batch, sizes):
+    """Consecutive slices of ``sizes`` steps along the first axis of every tensor."""
+    return [optree.tree_map(lambda x, j=j: x.split(sizes)[j], batch) for j in range(len(sizes))]
 
 
 # split_tree ----------------------------------------------------------------------------------
@@ -64,120 +69,144 @@ def test_split_tree_under_vmap_matches_loop():
             assert torch.equal(part[i], expected)
 
 
-# accumulate_grads ----------------------------------------------------------------------------
+# weigh, merge_extremes -----------------------------------------------------------------------
 
 
-def test_accumulate_grads_hand_values_and_order():
-    # loss_j = sum(w * x_j) + c: the summed gradient is sum_j sum(x_j) per weight.
-    def loss(w, x, c):
-        return (w * x).sum() + c, x.sum()
-
-    grad_fn = grad_and_value(loss, has_aux=True)
-    w = t([2.0])
-    parts = [(t([1.0, 2.0]),), (t([3.0]),), (t([-4.0, 0.5]),)]
-    grads, outs = accumulate_grads(grad_fn, w, parts, 1.0)
-    assert grads.tolist() == [2.5]
-    assert [o[0].item() for o in outs] == [7.0, 7.0, -6.0]  # values, in the parts' order
-    assert [o[1].item() for o in outs] == [3.0, 3.0, -3.5]  # aux
+def test_weigh_hand_values():
+    # The inputs of test_ppo_loss_hand_values, cut into step 0 and steps 1-2.
+    coefs = LossCoefs(entropy_floor={"arg": 0.6})
+    avail = {"op": torch.ones(3, dtype=torch.bool), "arg": torch.tensor([True, True, False])}
+    batch = dict(**hand_ppo_inputs(), availability=avail)
+    whole = loss_stats(**batch, coefs=coefs).counts
+    first, second = (loss_stats(**p, coefs=coefs) for p in split_parts(batch, [1, 2]))
+    assert (first.counts.steps, first.counts.causal["arg"].item()) == (1, 0)
+    share = weigh(first.means, first.counts, whole)
+    # Step 0: op surrogate -1, a third of the op's 3 steps; arg irrelevant there.
+    assert share.causal["policy"]["op"].item() == -1 / 3
+    assert share.causal["policy"]["arg"].item() == 0.0
+    # Value 0.5 * max(1, 0.49) over one step of three.
+    assert share.steps["value"].item() == 0.5 / 3
+    # arg available at steps 0 and 1 (entropies 0.7, 0.4): each part holds one of the two.
+    assert share.available["arg"].item() == 0.7 / 2
+    assert weigh(second.means, second.counts, whole).available["arg"].item() == 0.4 / 2
 
 
 @SETTINGS
-@given(st.integers(0, 2**31 - 1), st.integers(1, 5))
-def test_accumulate_grads_equals_gradient_of_the_sum(seed, k):
-    g = torch.Generator().manual_seed(seed)
-    params = {
-        "w": torch.randn(3, generator=g, dtype=torch.float64),
-        "b": torch.randn((), generator=g, dtype=torch.float64),
-    }
-    xs = torch.randn(2 * k, 3, generator=g, dtype=torch.float64)
+@given(st.integers(0, 2**31 - 1), st.lists(st.integers(1, 5), min_size=1, max_size=4))
+def test_weighed_parts_sum_to_the_whole_means(seed, sizes):
+    coefs = LossCoefs(entropy_floor={"slot": 0.5, "blueprint": 0.2})
+    b = make_batch(seed, shape=(sum(sizes),), scale=2.0)
+    # A head never relevant in the first part: its share is an exact 0, not a NaN.
+    b["causal"]["slot"][: sizes[0]] = False
+    whole = loss_stats(**b, coefs=coefs)
+    parts = [loss_stats(**p, coefs=coefs) for p in split_parts(b, sizes)]
+    summed = tree_add([weigh(p.means, p.counts, whole.counts) for p in parts])
+    assert_trees_close(summed, whole.means, rtol=1e-10, atol=1e-12)
 
-    def loss(p, x):
-        return torch.tanh(x @ p["w"] + p["b"]).square().sum(), x.sum()
 
-    grads, _ = accumulate_grads(
-        grad_and_value(loss, has_aux=True), params, [(x,) for x in xs.split(2)]
+def test_merge_extremes_hand_values():
+    never = {"op": t(2.0), "x": t(-math.inf)}, {"op": t(0.5), "x": t(math.inf)}
+    a = RatioExtremes(t(2.0), t(0.5), *never)  # head x never relevant in this part
+    b = RatioExtremes(t(1.5), t(0.2), {"op": t(1.5), "x": t(1.2)}, {"op": t(0.2), "x": t(1.2)})
+    got = merge_extremes([a, b])
+    assert (got.max.item(), got.min.item()) == (2.0, 0.2)
+    assert {h: x.item() for h, x in got.head_max.items()} == {"op": 2.0, "x": 1.2}
+    assert {h: x.item() for h, x in got.head_min.items()} == {"op": 0.2, "x": 1.2}
+
+
+# accumulate ----------------------------------------------------------------------------------
+
+
+def accumulated(batch, sizes, coefs):
+    """``accumulate`` over consecutive parts of ``sizes`` steps of ``batch``, differentiated by
+    its ``LIVE`` tensors: ``(grads, loss, info, finite)`` of the whole batch."""
+    live = {k: batch[k] for k in LIVE}
+    whole = loss_stats(**batch, coefs=coefs).counts
+    bounds = [(sum(sizes[:j]), sum(sizes[: j + 1])) for j in range(len(sizes))]
+
+    def part_stats(params, start, stop):
+        part = {**batch, **params}
+        part = optree.tree_map(lambda x: x[start:stop], part)
+        return loss_stats(**part, coefs=coefs), torch.isfinite(part["values"]).all()
+
+    grads, means, extremes, finite = accumulate(
+        part_stats, live, bounds, whole, coefs, SingleProcess()
     )
-    expected = torch.func.grad(lambda p: loss(p, xs)[0])(params)
-    for a, b in zip(optree.tree_leaves(grads), optree.tree_leaves(expected), strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-
-
-# loss_totals and check_totals ----------------------------------------------------------------
-
-
-def test_loss_totals_hand_values():
-    causal = {
-        "op": torch.ones(2, 3, dtype=torch.bool),
-        "arg": torch.tensor([[True, False, False], [True, True, False]]),
-    }
-    avail = {"op": torch.ones(2, 3, dtype=torch.bool), "arg": torch.zeros(2, 3, dtype=torch.bool)}
-    totals = loss_totals(causal, avail, {"arg": t(0.5)})
-    assert totals.num_samples == 6
-    assert {h: c.item() for h, c in totals.causal_count.items()} == {"op": 6, "arg": 3}
-    assert {h: c.item() for h, c in totals.availability_count.items()} == {"op": 6, "arg": 0}
-    assert totals.floor_entropy["arg"].item() == 0.5
-    assert loss_totals(causal).availability_count is None
-
-
-def test_check_totals_errors_name_the_field():
-    totals = LossTotals(6, {"op": t(6.0), "arg": t(3.0)}, {"arg": t(2.0)})
-    check_totals(totals, ["op", "arg"], ["arg"], 6)  # the whole batch: no floor_entropy needed
-    with pytest.raises(ValueError, match=r"totals\.floor_entropy.*\['arg'\].*3 of 6"):
-        check_totals(totals, ["op", "arg"], ["arg"], 3)
-    with pytest.raises(ValueError, match=r"totals\.availability_count.*\['op'\]"):
-        check_totals(totals, ["op", "arg"], ["op"], 6)
-    with pytest.raises(
-        ValueError, match=r"totals: expected causal counts for heads \['arg', 'op', 'x'\]"
-    ):
-        check_totals(totals, ["op", "arg", "x"], [], 6)
-    with pytest.raises(ValueError, match="at least 7 steps"):
-        check_totals(totals, ["op", "arg"], [], 7)
-
-
-# combine_ratio_stats -------------------------------------------------------------------------
-
-
-def test_combine_ratio_stats_hand_values():
-    # [1, 3] (mean 2, std 1) and [2, 8, 0.05] (mean 3.35): whole mean 2.81, min 0.05, max 8.
-    parts = [t([1.0, 3.0]), t([2.0, 8.0, 0.05])]
-    got = combine_ratio_stats([ratio_stats(p) for p in parts], [2, 3])
-    squares = [(r - 2.81) ** 2 for r in (1.0, 3.0, 2.0, 8.0, 0.05)]
-    assert got.mean.item() == pytest.approx(2.81)
-    assert (got.min.item(), got.max.item()) == (0.05, 8.0)
-    assert got.std.item() == pytest.approx(math.sqrt(sum(squares) / 5))
-    assert got.explosion_fraction.item() == pytest.approx(1 / 5)  # 8 > 5
-    assert got.collapse_fraction.item() == pytest.approx(1 / 5)  # 0.05 < 0.1
+    info = loss_info(LossStats(whole, means, extremes), coefs)
+    return grads, ppo_objective(means, whole, coefs), info, finite
 
 
 @SETTINGS
-@given(st.lists(st.lists(st.floats(0.0, 10.0), min_size=1, max_size=6), min_size=1, max_size=4))
-def test_combine_ratio_stats_equals_stats_of_concatenation(parts):
-    tensors = [t(p) for p in parts]
-    got = combine_ratio_stats([ratio_stats(x) for x in tensors], [len(p) for p in parts])
-    assert_stats_close(got, ratio_stats(torch.cat(tensors)), rtol=1e-9, atol=1e-9)
+@given(
+    st.integers(0, 2**31 - 1),
+    st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    st.floats(0.0, 1.0),
+    st.booleans(),
+)
+def test_accumulate_equals_the_whole_loss_gradient_and_info(seed, sizes, floor, clip_vloss):
+    b = make_batch(seed, shape=(sum(sizes),), scale=2.0)
+    # slot's floor of 1 is always active; blueprint's random floor may or may not be.
+    coefs = LossCoefs(
+        clip_coef=0.15,
+        vf_coef=0.7,
+        ent_coef=0.02,
+        head_ent_coef={"slot": 2.0},
+        clip_vloss=clip_vloss,
+        value_clip=0.3,
+        entropy_floor={"slot": 1.0, "blueprint": floor},
+        entropy_floor_coef=0.3,
+    )
+
+    def whole_loss(live):
+        return ppo_loss(**{**b, **live}, coefs=coefs)
+
+    live = {k: b[k] for k in LIVE}
+    expected_grads, (expected_loss, expected_info) = torch.func.grad_and_value(
+        whole_loss, has_aux=True
+    )(live)
+    grads, loss, info, finite = accumulated(b, sizes, coefs)
+    assert finite.item()
+    assert math.isclose(loss.item(), expected_loss.item(), rel_tol=1e-10, abs_tol=1e-12)
+    assert_trees_close(grads, expected_grads, rtol=1e-10, atol=1e-12)
+    assert_trees_close(info, expected_info, rtol=1e-10, atol=1e-12)
 
 
-def test_combine_ratio_stats_does_not_cancel_in_float32():
-    # Near-on-policy ratios 1 +- 1e-4: E[r^2] - m^2 loses the variance to float32 rounding.
+def test_accumulate_floor_of_a_head_never_available_adds_nothing():
+    b = make_batch(3, shape=(6,))
+    b["availability"] = dict(b["availability"], slot=torch.zeros(6, dtype=torch.bool))
+    coefs = LossCoefs(entropy_floor={"slot": 0.6}, entropy_floor_coef=0.5)
+    _, loss, info, finite = accumulated(b, [2, 4], coefs)
+    assert finite.item()
+    no_floor, _ = ppo_loss(**b, coefs=coefs._replace(entropy_floor=None))
+    assert info.entropy_floor_penalty.item() == 0.0
+    assert math.isclose(loss.item(), no_floor.item(), rel_tol=1e-12)
+
+
+def test_accumulate_under_vmap_matches_loop():
+    batches = [make_batch(s, shape=(6,), dtype=torch.float32) for s in range(3)]
+    stacked = optree.tree_map(lambda *xs: torch.stack(xs), *batches)
+    coefs = LossCoefs(entropy_floor={"slot": 1.0})
+
+    def run(batch):
+        return accumulated(batch, [2, 4], coefs)
+
+    got = vmap(run)(stacked)
+    for s in range(3):
+        assert_trees_close(optree.tree_map(lambda x, s=s: x[s], got), run(batches[s]))
+
+
+def test_pooled_ratio_std_does_not_cancel_near_one_in_float32():
+    # Near-on-policy ratios 1 +- 1e-4, pooled from four parts: the spread is taken around 1,
+    # where E[r^2] - E[r]^2 would lose the variance to float32 rounding.
     g = torch.Generator().manual_seed(0)
     r = 1.0 + 1e-4 * torch.randn(4096, generator=g)
-    got = combine_ratio_stats([ratio_stats(p) for p in r.split(1024)], [1024] * 4)
+    b = ratio_batch(r, dtype=torch.float32)
+    coefs = LossCoefs()
+    whole = loss_stats(**b, coefs=coefs)
+    parts = [loss_stats(**p, coefs=coefs) for p in split_parts(b, [1024] * 4)]
+    means = tree_add([weigh(p.means, p.counts, whole.counts) for p in parts])
+    info = loss_info(LossStats(whole.counts, means, whole.extremes), coefs)
     exact = r.double().std(correction=0).item()
-    assert got.std.item() == pytest.approx(exact, rel=1e-3)
+    assert math.isclose(info.ratio.std.item(), exact, rel_tol=1e-3)
     naive = ((r.square().mean() - r.mean().square()).clamp_min(0).sqrt()).item()
-    assert naive != pytest.approx(exact, rel=1e-1)  # what the pooled form avoids
-
-
-def test_combine_ratio_stats_vmap_and_compile():
-    x = 0.5 + torch.rand(3, 10)
-
-    def combined(row):
-        a, b = row.split([4, 6])
-        return combine_ratio_stats([ratio_stats(a), ratio_stats(b)], [4, 6])
-
-    got = vmap(combined)(x)
-    for i in range(3):
-        assert_stats_close(optree.tree_map(lambda v, i=i: v[i], got), combined(x[i]))
-    torch._dynamo.reset()
-    compiled = torch.compile(combined, fullgraph=True, backend="aot_eager")
-    assert_stats_close(compiled(x[0]), combined(x[0]))
+    assert not math.isclose(naive, exact, rel_tol=1e-1)  # what the form around 1 avoids

@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcppo.advantages import gae, normalize_advantages, per_head_advantages
+from funcppo.advantages import explained_variance, gae, normalize_advantages, per_head_advantages
 from funcppo.constants import GAE_BLOCK_SIZE
 from funcppo.spec import LIFECYCLE_OPS, causal_masks, lifecycle_spec
 
@@ -405,3 +405,30 @@ def test_non_finite_delta_stays_inside_its_episode():
     poisoned[21:41] = True
     assert torch.isnan(adv[:, 0]).eq(poisoned).all()
     assert torch.isfinite(adv[:, 1]).all()
+
+
+# explained_variance ---------------------------------------------------------------------------
+
+
+def test_explained_variance_hand_worked():
+    returns = torch.tensor([1.0, 2.0, 3.0, 4.0], dtype=torch.float64)
+    values = torch.tensor([1.0, 2.0, 3.0, 5.0], dtype=torch.float64)
+    every = torch.ones(4, dtype=torch.bool)
+    # Var[R] = 1.25; R - V = [0, 0, 0, -1]: mean -0.25, Var = 0.1875 -> 1 - 0.15 = 0.85.
+    assert explained_variance(values, returns, every).item() == pytest.approx(0.85)
+    assert explained_variance(returns, returns, every).item() == 1.0
+    # Weighted: the last step (and its NaN value) left out, the values then exact.
+    nan_last = torch.cat([values[:3], torch.tensor([math.nan], dtype=torch.float64)])
+    first_three = torch.tensor([True, True, True, False])
+    assert explained_variance(nan_last, returns, first_three).item() == 1.0
+    # Constant returns: nothing to explain, NaN (as CleanRL).
+    assert math.isnan(explained_variance(values, torch.ones(4), every).item())
+
+
+def test_explained_variance_vmap_matches_loop():
+    g = torch.Generator().manual_seed(0)
+    values, returns = torch.randn(3, 2, 5, generator=g), torch.randn(3, 2, 5, generator=g)
+    weight = torch.rand(3, 2, 5, generator=g) < 0.7
+    got = torch.func.vmap(explained_variance)(values, returns, weight)
+    for i in range(3):
+        assert torch.equal(got[i], explained_variance(values[i], returns[i], weight[i]))

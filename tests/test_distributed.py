@@ -18,8 +18,15 @@ import pytest
 import torch
 
 import funcppo.random as jr
+from funcppo.advantages import explained_variance, normalize_advantages
 from funcppo.config import PPOConfig
-from funcppo.distributed import shard_seeds
+from funcppo.distributed import (
+    SingleProcess,
+    replicated_advantage_stats,
+    replicated_mask_stats,
+    shard_seeds,
+)
+from funcppo.distributions import mask_stats
 from funcppo.state import init_train_state
 from funcppo.synthetic import synthetic_batch
 from funcppo.update import make_update_fn
@@ -138,7 +145,9 @@ def dp_updates(rank: int, dp):
 
 
 def collective_inputs(rank: int):
-    return {"x": torch.arange(6.0).reshape(2, 3) * (rank + 1), "n": torch.tensor([rank, 7])}
+    # The empty dict: the loss's entropy-floor means without a floor, also reduced compiled.
+    x = torch.arange(6.0).reshape(2, 3) * (rank + 1)
+    return {"x": x, "n": torch.tensor([rank, 7]), "none": {}}
 
 
 def collectives(rank: int, dp):
@@ -246,10 +255,11 @@ def dp_results(tmp_path_factory):
     [*CASES, *[pytest.param(name, marks=SLOW_MARK) for name in SLOW_CASES]],
 )
 def test_data_parallel_update_equals_one_process_with_every_batch(name, dp_results, monkeypatch):
-    # Exact in math: each process computes its part of minibatch k's loss with the global
-    # minibatch's counts (LossTotals), so the summed gradients are the gradient of the loss of
-    # the union of the ranks' minibatches k, which is what the reference's partition trains on;
-    # advantage normalisation uses the moments over both batches, as the reference's does.
+    # Exact in math: each process weighs its part of minibatch k's means by its share of the
+    # global minibatch's counts (funcppo.accumulation), so the summed gradients are the gradient
+    # of the loss of the union of the ranks' minibatches k, which is what the reference's
+    # partition trains on; advantage normalisation uses the moments over both batches, as the
+    # reference's does.
     expected_state, expected = reference(name, monkeypatch)
     (state0, metrics0), (state1, metrics1) = dp_results[0][name], dp_results[1][name]
     assert max_diff(state0, state1) == 0.0
@@ -357,6 +367,42 @@ def test_shard_seeds_covers_every_seed_once_with_sizes_within_one():
         shard_seeds(1, 0, 2)
     with pytest.raises(ValueError, match="rank"):
         shard_seeds(4, 2, 2)
+
+
+def test_single_process_reductions_are_the_plain_formulas():
+    one = SingleProcess()
+    assert (one.world_size, one.rank, one.collectives) == (1, 0, False)
+    tree = collective_inputs(0)
+    assert one.tree_sum(tree) is tree and one.tree_max(tree) is tree
+    _, batch = case_inputs("eager", 0)[2:]
+    adv, returns, values = batch.rewards, batch.next_values, batch.values
+    weight = torch.rand(adv.shape, generator=torch.Generator().manual_seed(0)) < 0.8
+    normed, explained = one.advantage_stats(adv, returns, values, weight)
+    assert torch.equal(normed, normalize_advantages(adv, weight))
+    assert torch.equal(explained, explained_variance(values, returns, weight))
+    stats = mask_stats(small_config().spec, batch.masks, batch.actions["op"])
+    assert one.mask_stats(stats, batch.rewards.numel()) is stats
+    one.check_same_shapes(batch)  # one process: nothing to compare, no collective
+
+
+def test_replicated_formulas_over_one_process_equal_the_plain_ones():
+    # DataParallel's statistics are these formulas over the group's sums; over one process
+    # (SingleProcess's identity sums) they must be normalize_advantages' and the plain ones.
+    config, _, _, batch = case_inputs("eager", 0)
+    g = torch.Generator().manual_seed(1)
+    adv = 3.0 * torch.randn(batch.rewards.shape, generator=g, dtype=torch.float64) + 1.0
+    returns, values = adv + 0.5, torch.randn(adv.shape, generator=g, dtype=torch.float64)
+    weight = torch.rand(adv.shape, generator=g) < 0.8
+    adv = torch.where(weight, adv, math.nan)  # entries off the weight must not leak
+    normed, explained = replicated_advantage_stats(adv, returns, values, weight, SingleProcess())
+    expected = normalize_advantages(adv, weight)
+    torch.testing.assert_close(normed[weight], expected[weight], rtol=1e-12, atol=1e-12)
+    expected = explained_variance(values, returns, weight)
+    torch.testing.assert_close(explained, expected, rtol=1e-12, atol=1e-12)
+    stats = mask_stats(config.spec, batch.masks, batch.actions["op"])
+    pooled = replicated_mask_stats(stats, batch.rewards.numel(), SingleProcess())
+    for h in stats:
+        torch.testing.assert_close(pooled[h], stats[h], msg=h)
 
 
 def test_data_parallel_without_process_group_names_the_problem(monkeypatch):

@@ -11,7 +11,6 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
 
-from funcppo.accumulation import combine_infos, loss_totals
 from funcppo.constants import (
     HEAD_LOG_RATIO_CLAMP,
     JOINT_LOG_RATIO_CLAMP,
@@ -25,10 +24,12 @@ from funcppo.losses import (
     head_kl,
     head_log_ratios,
     joint_log_ratio,
+    loss_info,
+    loss_stats,
     masked_mean,
     ppo_loss,
+    ppo_objective,
     ratio_diagnostic,
-    ratio_stats,
     value_loss,
     weighted_kl,
 )
@@ -269,14 +270,40 @@ def test_value_loss_hand_values():
     assert value_loss(v, vo, ret, True, 10.0).item() == pytest.approx(1 / 3)
 
 
-def test_ratio_stats_hand_values():
-    ratio = t([0.05, 1.0, 2.0, 8.95])  # mean 3, deviations [-2.95, -2, -1, 5.95]
-    s = ratio_stats(ratio)
+def ratio_batch(ratios, dtype=torch.float64):
+    """One head, relevant at every step, whose (joint) ratios are ``ratios``."""
+    r = torch.as_tensor(ratios, dtype=dtype)
+    ones = torch.ones_like(r)
+    return dict(
+        new_logprobs={"op": r.log()},
+        old_logprobs={"op": torch.zeros_like(r)},
+        entropies={"op": 0.5 * ones},
+        values=ones,
+        old_values=ones,
+        returns=ones,
+        advantages={"op": ones},
+        causal={"op": torch.ones_like(r, dtype=torch.bool)},
+    )
+
+
+def test_ratio_info_hand_values():
+    _, info = ppo_loss(**ratio_batch([0.05, 1.0, 2.0, 8.95]), coefs=LossCoefs())
+    s = info.ratio  # mean 3, deviations [-2.95, -2, -1, 5.95]
     assert (s.mean.item(), s.min.item(), s.max.item()) == pytest.approx((3.0, 0.05, 8.95))
     assert s.std.item() == pytest.approx(math.sqrt((2.95**2 + 4 + 1 + 5.95**2) / 4))
     assert s.explosion_fraction.item() == 0.25 and RATIO_EXPLOSION_THRESHOLD < 8.95
     assert s.collapse_fraction.item() == 0.25 and RATIO_COLLAPSE_THRESHOLD > 0.05
-    assert ratio_stats(t([2.0])).std.item() == 0.0
+    _, one = ppo_loss(**ratio_batch([2.0]), coefs=LossCoefs())
+    assert one.ratio.std.item() == 0.0
+
+
+@SETTINGS
+@given(st.lists(st.floats(0.01, 20.0), min_size=1, max_size=12))
+def test_ratio_std_matches_population_std(ratios):
+    # Taken around 1 from two means, it is still the population standard deviation.
+    _, info = ppo_loss(**ratio_batch(ratios), coefs=LossCoefs())
+    r = torch.tensor(ratios, dtype=torch.float64)
+    assert info.ratio.std.item() == pytest.approx(r.std(correction=0).item(), rel=1e-6, abs=1e-6)
 
 
 # ppo_loss ------------------------------------------------------------------------------------
@@ -398,11 +425,6 @@ def test_entropy_floor_of_a_head_never_available_adds_nothing():
     loss, info = ppo_loss(**b, coefs=coefs)
     assert info.entropy_floor_penalty.item() == 0.0
     assert loss.item() == no_floor.item()
-    # As micro-batch shares, every share is 0 too (the whole minibatch has no available step).
-    parts = split_parts(b, [2, 4])
-    totals = share_totals(b, parts, ["slot"])
-    for part in parts:
-        assert ppo_loss(**part, coefs=coefs, totals=totals)[1].entropy_floor_penalty.item() == 0
     # A head available somewhere keeps its floor.
     b["availability"]["slot"][0] = True
     _, info = ppo_loss(**b, coefs=coefs)
@@ -438,101 +460,18 @@ def test_bad_arguments_raise():
         ppo_loss(**b, coefs=LossCoefs(head_ent_coef={"nope": 1.0}))
 
 
-# micro-batch shares (gradient accumulation) --------------------------------------------------
-
-
-def split_parts(batch, sizes):
-    """Consecutive slices of ``sizes`` steps along the first axis of every tensor."""
-    return [optree.tree_map(lambda x, j=j: x.split(sizes)[j], batch) for j in range(len(sizes))]
-
-
-def share_totals(batch, parts, floors):
-    """Whole-batch totals, with the floored heads' mean entropy from a no-grad pass over parts."""
-    totals = loss_totals(batch["causal"], batch["availability"])
-    count = totals.availability_count
-    with torch.no_grad():
-        means = {
-            h: sum(masked_mean(p["entropies"][h], p["availability"][h], count[h]) for p in parts)
-            for h in floors
-        }
-    return totals._replace(floor_entropy=means)
-
-
-def test_shares_hand_values():
-    # The inputs of test_ppo_loss_hand_values, cut into step 0 and steps 1-2.
-    coefs = LossCoefs(entropy_floor={"arg": 0.6})
-    avail = {"op": torch.ones(3, dtype=torch.bool), "arg": torch.tensor([True, True, False])}
-    batch = dict(**hand_ppo_inputs(), availability=avail)
-    parts = split_parts(batch, [1, 2])
-    totals = share_totals(batch, parts, ["arg"])
-    assert totals.num_samples == 3 and totals.causal_count["arg"].item() == 2
-    assert totals.floor_entropy["arg"].item() == pytest.approx(0.55)  # (0.7 + 0.4) / 2
-    (first, first_info), (second, _) = (ppo_loss(**p, coefs=coefs, totals=totals) for p in parts)
-    # Step 0: op surrogate -1 over 3 steps; arg irrelevant; value 0.5 * max(1, 0.49) / 3.
-    assert first_info.head_policy_loss["op"].item() == pytest.approx(-1 / 3)
-    assert first_info.head_policy_loss["arg"].item() == 0.0
-    assert first_info.value_loss.item() == pytest.approx(1 / 6)
-    # Floor linearised at M = 0.55 < 0.6: 0.1 * (0.6 * 1/3 - 0.7 / 2) = -0.015, a negative share;
-    # step 1-2's 0.1 * (0.6 * 2/3 - 0.4 / 2) = 0.02 completes the whole penalty 0.005.
-    assert first_info.entropy_floor_penalty.item() == pytest.approx(-0.015)
-    assert (first + second).item() == pytest.approx(-1.392)  # test_ppo_loss_hand_values
-    assert first_info.ratio.max.item() == 1.0  # ratio stats stay the part's own
-
-
-@SETTINGS
-@given(
-    st.integers(0, 2**31 - 1),
-    st.lists(st.integers(1, 5), min_size=2, max_size=4),
-    st.floats(0.0, 1.0),
-    st.booleans(),
-)
-def test_shares_sum_to_whole_loss_gradient_and_info(seed, sizes, floor, clip_vloss):
-    b = make_batch(seed, shape=(sum(sizes),), scale=2.0)
-    grad_keys = ("new_logprobs", "entropies", "values")
-    b.update({k: optree.tree_map(lambda x: x.clone().requires_grad_(), b[k]) for k in grad_keys})
-    inputs = optree.tree_leaves({k: b[k] for k in grad_keys})
-    # slot's floor of 1 is always active; blueprint's random floor may or may not be.
-    floors = {"slot": 1.0, "blueprint": floor}
-    coefs = LossCoefs(
-        clip_coef=0.15,
-        vf_coef=0.7,
-        ent_coef=0.02,
-        head_ent_coef={"slot": 2.0},
-        clip_vloss=clip_vloss,
-        value_clip=0.3,
-        entropy_floor=floors,
-        entropy_floor_coef=0.3,
-    )
-    whole, whole_info = ppo_loss(**b, coefs=coefs)
-    whole_grads = torch.autograd.grad(whole, inputs)
-    parts = split_parts(b, sizes)
-    totals = share_totals(b, parts, floors)
-    losses, infos, grads = [], [], [torch.zeros_like(x) for x in inputs]
-    for part in parts:  # one part's graph at a time, as the update does
-        loss, info = ppo_loss(**part, coefs=coefs, totals=totals)
-        grads = [g + d for g, d in zip(grads, torch.autograd.grad(loss, inputs), strict=True)]
-        losses.append(loss.detach())
-        infos.append(info)
-    assert sum(losses).item() == pytest.approx(whole.item(), rel=1e-10, abs=1e-12)
-    for g, expected in zip(grads, whole_grads, strict=True):
-        torch.testing.assert_close(g, expected, rtol=1e-10, atol=1e-12)
-    assert_trees_close(combine_infos(infos, sizes), whole_info, rtol=1e-10, atol=1e-12)
-
-
-def test_bad_totals_raise():
-    b = make_batch(0, shape=(6,))
-    coefs = LossCoefs(entropy_floor={"slot": 0.5})
-    part = optree.tree_map(lambda x: x[:3], b)
-    totals = loss_totals(b["causal"], b["availability"])
-    with pytest.raises(ValueError, match=r"totals\.floor_entropy.*3 of 6 steps"):
-        ppo_loss(**part, coefs=coefs, totals=totals)
-    with pytest.raises(ValueError, match=r"totals\.availability_count"):
-        ppo_loss(**part, coefs=coefs, totals=totals._replace(availability_count=None))
-    with pytest.raises(ValueError, match=r"totals: expected causal counts.*at least 6 steps"):
-        ppo_loss(**b, coefs=LossCoefs(), totals=loss_totals(part["causal"]))
-    # The whole batch needs no floor_entropy: its exact, nonlinear floor is used.
-    loss, _ = ppo_loss(**b, coefs=coefs, totals=totals)
-    assert loss.item() == pytest.approx(ppo_loss(**b, coefs=coefs)[0].item(), rel=1e-12)
+def test_ppo_loss_is_the_objective_of_its_stats():
+    b = make_batch(4, shape=(7,))
+    coefs = LossCoefs(entropy_floor={"slot": 0.9}, head_ent_coef={"blueprint": 2.0})
+    loss, info = ppo_loss(**b, coefs=coefs)
+    stats = loss_stats(**b, coefs=coefs)
+    assert ppo_objective(stats.means, stats.counts, coefs).item() == loss.item()
+    assert_trees_close(loss_info(stats, coefs), info)
+    assert stats.counts.steps == 7
+    assert {h: c.item() for h, c in stats.counts.causal.items()} == {
+        h: int(c.sum()) for h, c in b["causal"].items()
+    }
+    assert list(stats.counts.available) == ["slot"] == list(stats.means.available)
 
 
 # vmap and compile ----------------------------------------------------------------------------
@@ -561,20 +500,6 @@ def test_vmap_over_seeds_with_per_seed_coefs_matches_loop():
     for s in range(n_seeds):
         expected = loss_fn(batches[s], clip[s], ent[s], floor[s])
         assert_trees_close(optree.tree_map(lambda x, s=s: x[s], got), expected)
-
-
-def test_vmap_of_shares_matches_loop():
-    batches = [make_batch(s, shape=(6,), dtype=torch.float32) for s in range(3)]
-    stacked = optree.tree_map(lambda *xs: torch.stack(xs), *batches)
-    coefs = LossCoefs(entropy_floor={"slot": 1.0})
-
-    def first_share(batch):
-        parts = split_parts(batch, [2, 4])
-        return ppo_loss(**parts[0], coefs=coefs, totals=share_totals(batch, parts, ["slot"]))
-
-    got = vmap(first_share)(stacked)
-    for s in range(3):
-        assert_trees_close(optree.tree_map(lambda x, s=s: x[s], got), first_share(batches[s]))
 
 
 @pytest.mark.slow

@@ -345,16 +345,17 @@ def test_finiteness_gate_leaves_params_untouched():
 
 
 def capture_steps(monkeypatch):
-    """Record every update's per-step metric rows ``[steps, columns]`` and their columns."""
+    """Record every update's per-step metrics, stacked on a leading step axis, as ``finish``
+    receives them."""
     import funcppo.update as update_module
 
-    real, seen = update_module._finish, []
+    real, seen = update_module.finish, []
 
-    def spy(config, layouts, step, key, carry, stats, infos):
-        seen.append((layouts.columns, torch.stack(infos)))
-        return real(config, layouts, step, key, carry, stats, infos)
+    def spy(s, step, key, carry, stats, metrics):
+        seen.append(metrics)
+        return real(s, step, key, carry, stats, metrics)
 
-    monkeypatch.setattr(update_module, "_finish", spy)
+    monkeypatch.setattr(update_module, "finish", spy)
     return seen
 
 
@@ -363,9 +364,10 @@ def test_metrics_after_a_kl_stop_average_the_applied_steps_only(monkeypatch):
     state, batch = make_case(config)
     seen = capture_steps(monkeypatch)
     _, free = make_update_fn(config)(state, batch)
-    columns, rows = seen[-1]
-    kl = rows[:, columns["info"].approx_kl]
+    rows = seen[-1]["mean"]
+    kl = rows["approx_kl"]
     assert float(free["updates_applied"]) == 4.0
+    assert seen[-1]["applied"].tolist() == [True] * 4
     # A target between the first two steps' KL and the third's: the third step stops the
     # update, so two steps are applied, the same two as without a target.
     assert float(kl[2]) > float(kl[:2].max())
@@ -374,18 +376,14 @@ def test_metrics_after_a_kl_stop_average_the_applied_steps_only(monkeypatch):
     state = state._replace(hparams=make_hyperparams(stopping))
     stopped_state, stopped = make_update_fn(stopping)(state, batch)
     assert float(stopped["updates_applied"]) == 2.0 and float(stopped["early_stopped"]) == 1.0
+    assert seen[-1]["applied"].tolist() == [True, True, False, False]
     assert int(stopped_state.step) == 1  # a stop after applied steps is a train step
-    info = columns["info"]
-    for name, column in (
-        ("approx_kl", info.approx_kl),
-        ("loss", columns["loss"]),
-        ("clip_fraction", info.clip_fraction),
-        ("grad_norm", columns["grad_norm"]),
-        ("kl/a", info.head_kl["a"]),
-    ):
-        expected = rows[:2, column].mean()
+    for name in ("approx_kl", "loss", "clip_fraction", "grad_norm", "kl/a"):
+        expected = rows[name][:2].mean()
         assert torch.allclose(stopped[name], expected, atol=1e-7, rtol=1e-6), name
-    assert float(stopped["ratio_max"]) == pytest.approx(float(rows[:2, info.ratio.max].max()))
+    ratio_max = seen[-1]["max"]["ratio_max"]
+    assert float(stopped["ratio_max"]) == pytest.approx(float(ratio_max[:2].max()))
+    assert float(ratio_max[2:].max()) > float(ratio_max[:2].max())  # the refused steps' left out
 
 
 def test_finiteness_gate_skips_only_affected_minibatches():

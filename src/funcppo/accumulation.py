@@ -1,37 +1,40 @@
-"""Gradient accumulation over micro-batches: exact shares of a minibatch loss.
+"""Gradient accumulation: one minibatch's PPO loss, gradient and metrics from its parts, exactly.
 
-A minibatch is split into micro-batches that run forward and backward one at a time, so only
-one micro-batch's autograd graph is alive. ``ppo_loss`` given the whole minibatch's
-``LossTotals`` returns one micro-batch's share of the whole-minibatch loss: every mean divides
-by the whole minibatch's count (``max(1, n)`` as before) and the entropy floor, nonlinear in
-its mean, is linearised at the whole minibatch's mean entropy. The shares and their gradients
-sum to the whole; ``combine_infos`` merges the micro-batches' metrics into the whole's.
+A minibatch may be cut into parts: micro-batches, run forward and backward one at a time so that
+only one part's autograd graph is alive, and in a data-parallel step the processes' shares of
+the global minibatch. Every mean of the loss (``funcppo.losses.LossMeans``) divides by a count,
+so the minibatch's means are its parts' means, each weighted by the part's share of that count,
+summed (``weigh``). The loss is linear in its means except for the entropy floor's relu, so by
+the chain rule through the means a part's share of the minibatch's gradient is the gradient of
+``ppo_objective`` at the part's weighted means, with the floor's mean set to the minibatch's own
+(from a no-grad pre-pass) so that the relu's slope is the minibatch's. The shares' gradients sum
+to the minibatch's, and its loss and metrics follow from the summed means: equal, up to
+rounding, to the minibatch computed at once.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any, NamedTuple
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
 
 import optree
 import torch
 from torch import Tensor
+from torch.func import grad_and_value
 
-if TYPE_CHECKING:
-    from funcppo.losses import LossInfo, RatioStats
+from funcppo.losses import LossCoefs, LossCounts, LossMeans, LossStats, RatioExtremes, ppo_objective
 
-__all__ = [
-    "LossTotals",
-    "accumulate_grads",
-    "check_totals",
-    "combine_infos",
-    "combine_ratio_stats",
-    "loss_totals",
-    "split_tree",
-]
+__all__ = ["Processes", "accumulate", "merge_extremes", "split_tree", "tree_add", "weigh"]
 
-Heads = Mapping[str, Tensor]
+
+class Processes(Protocol):
+    """The processes a minibatch is spread over (``funcppo.distributed``): their number and
+    an elementwise sum of a pytree of tensors over them."""
+
+    world_size: int
+
+    def tree_sum(self, tree: Any) -> Any: ...
 
 
 def split_tree(tree: Any, parts: int, dim: int) -> list[Any]:
@@ -44,113 +47,93 @@ def split_tree(tree: Any, parts: int, dim: int) -> list[Any]:
     return [optree.tree_unflatten(treespec, [p[j] for p in pieces]) for j in range(parts)]
 
 
-def accumulate_grads(
-    grad_fn: Callable[..., tuple[Any, Any]], params: Any, parts: Sequence[tuple], *args: Any
-) -> tuple[Any, list[Any]]:
-    """Sum over ``parts`` of the gradients of ``grad_fn(params, *part, *args) -> (grads, out)``
-    and the list of the ``out`` in order. Each call runs forward and backward before the next
-    starts, so one part's autograd graph is alive at a time."""
-    grads, outs = None, []
-    for part in parts:
-        g, out = grad_fn(params, *part, *args)
-        grads = g if grads is None else optree.tree_map(torch.add, grads, g)
-        outs.append(out)
-    return grads, outs
+def tree_add(trees: Sequence[Any]) -> Any:
+    """The elementwise sum of ``trees``, pytrees of tensors of one structure."""
+    return optree.tree_map(lambda *xs: functools.reduce(torch.add, xs), *trees)
 
 
-class LossTotals(NamedTuple):
-    """Whole-minibatch denominators that make ``ppo_loss`` return one micro-batch's share.
+def weigh(means: LossMeans, part: LossCounts, whole: LossCounts) -> LossMeans:
+    """A part's ``means``, each times the part's share of the count it divides by: summed over
+    the parts, the whole batch's means. A part's mean ``s / max(1, n_p)`` times
+    ``n_p / max(1, n)`` is ``s / max(1, n)``, its share of the whole's, also where ``n_p = 0``."""
 
-    ``num_samples``: steps in the whole minibatch (static int). ``causal_count[h]`` and
-    ``availability_count[h]``: 0-d sums of the whole minibatch's masks (the latter None without
-    availability). ``floor_entropy[h]``: per floored head, the whole minibatch's detached
-    ``masked_mean(H_h, avail_h)`` (None: the micro-batch must be the whole minibatch).
-    """
+    def share(mean: Tensor, n_part: Tensor, n_whole: Tensor) -> Tensor:
+        return mean * (n_part.to(mean.dtype) / n_whole.to(mean.dtype).clamp(min=1.0))
 
-    num_samples: int
-    causal_count: dict[str, Tensor]
-    availability_count: dict[str, Tensor] | None = None
-    floor_entropy: dict[str, Tensor] | None = None
-
-
-def loss_totals(
-    causal: Heads, availability: Heads | None = None, floor_entropy: Heads | None = None
-) -> LossTotals:
-    """``LossTotals`` of the whole minibatch's masks ``causal`` (and ``availability``), ``[...]``
-    each, and its mean entropy ``floor_entropy`` of floored heads (0-d each) where needed."""
-    return LossTotals(
-        num_samples=next(iter(causal.values())).numel(),
-        causal_count={h: c.sum() for h, c in causal.items()},
-        availability_count=None
-        if availability is None
-        else {h: a.sum() for h, a in availability.items()},
-        floor_entropy=None if floor_entropy is None else dict(floor_entropy),
+    return LossMeans(
+        causal={
+            f: {h: share(m, part.causal[h], whole.causal[h]) for h, m in heads.items()}
+            for f, heads in means.causal.items()
+        },
+        steps={f: m * (part.steps / whole.steps) for f, m in means.steps.items()},
+        available={
+            h: share(m, part.available[h], whole.available[h]) for h, m in means.available.items()
+        },
     )
 
 
-def check_totals(totals: LossTotals, heads: Iterable[str], floored: Iterable[str], n: int) -> None:
-    """Raise ValueError unless ``totals`` fit a micro-batch of ``n`` steps over ``heads`` with an
-    entropy floor on ``floored`` (static checks only)."""
-    heads, floored = sorted(heads), sorted(floored)
-    if sorted(totals.causal_count) != heads or totals.num_samples < n:
-        raise ValueError(
-            f"totals: expected causal counts for heads {heads} over at least {n} steps, "
-            f"got {sorted(totals.causal_count)} over {totals.num_samples}"
-        )
-    if not floored:
-        return
-    if totals.availability_count is None or set(floored) - set(totals.availability_count):
-        raise ValueError(f"totals.availability_count: expected counts for heads {floored}")
-    if totals.num_samples != n and (
-        totals.floor_entropy is None or set(floored) - set(totals.floor_entropy)
-    ):
-        got = None if totals.floor_entropy is None else sorted(totals.floor_entropy)
-        raise ValueError(
-            f"totals.floor_entropy: expected the whole minibatch's mean entropy of heads "
-            f"{floored} for a micro-batch of {n} of {totals.num_samples} steps, got {got}"
-        )
+def merge_extremes(extremes: Sequence[RatioExtremes]) -> RatioExtremes:
+    """The ratio extremes of a batch from its parts': the largest maxima, the smallest minima."""
 
+    def top(*xs: Tensor) -> Tensor:
+        return functools.reduce(torch.maximum, xs)
 
-def combine_ratio_stats(stats: Sequence[RatioStats], counts: Sequence[int]) -> RatioStats:
-    """``ratio_stats`` of a concatenation, from its parts' stats and element ``counts``.
+    def bottom(*xs: Tensor) -> Tensor:
+        return functools.reduce(torch.minimum, xs)
 
-    Means and fractions average with weights ``n_j / n``; the population variance pools as
-    ``sum_j n_j / n (s_j^2 + (m_j - m)^2)`` (Chan, Golub & LeVeque 1979), which does not cancel
-    as ``E[r^2] - m^2`` does in float32. Min and max are those of the parts'.
-    """
-    n = sum(counts)
-    weights = [c / n for c in counts]
-
-    def average(values: Iterable[Tensor]) -> Tensor:
-        return functools.reduce(torch.add, [w * v for w, v in zip(weights, values, strict=True)])
-
-    mean = average(s.mean for s in stats)
-    return stats[0]._replace(
-        mean=mean,
-        min=functools.reduce(torch.minimum, [s.min for s in stats]),
-        max=functools.reduce(torch.maximum, [s.max for s in stats]),
-        std=average(s.std.square() + (s.mean - mean).square() for s in stats).sqrt(),
-        explosion_fraction=average(s.explosion_fraction for s in stats),
-        collapse_fraction=average(s.collapse_fraction for s in stats),
+    return RatioExtremes(
+        max=top(*[e.max for e in extremes]),
+        min=bottom(*[e.min for e in extremes]),
+        head_max=optree.tree_map(top, *[e.head_max for e in extremes]),
+        head_min=optree.tree_map(bottom, *[e.head_min for e in extremes]),
     )
 
 
-def combine_infos(infos: Sequence[LossInfo], counts: Sequence[int]) -> LossInfo:
-    """The whole minibatch's ``LossInfo`` from its micro-batches' (``ppo_loss`` with totals).
+def accumulate(
+    part_stats: Callable[..., tuple[LossStats, Tensor]],
+    params: Any,
+    parts: Sequence[tuple],
+    whole: LossCounts,
+    coefs: LossCoefs,
+    processes: Processes,
+) -> tuple[Any, LossMeans, RatioExtremes, Tensor]:
+    """``(grads, means, extremes, finite)`` of a minibatch cut into ``parts`` on this process
+    and spread over ``processes``: the gradient of its PPO loss with respect to ``params``
+    and its means, summed over every part and process; the ratio extremes of this process's
+    parts (merged over the processes once per update, by the caller); and whether every
+    part on every process was finite.
 
-    Every field but the ratio summaries is a share, so the shares sum; ``ratio`` summarises its
-    own micro-batch of ``counts[j]`` steps and merges with ``combine_ratio_stats``; the per-head
-    ratio extremes merge by max and min.
+    ``part_stats(params, *part) -> (stats, finite)`` runs one part forward (``finite``: its
+    outputs are finite); ``whole``: the minibatch's counts over every part and process. Each
+    part runs forward and backward before the next starts. With an entropy floor and more
+    than one part in all, a no-grad pre-pass over the parts first gives the minibatch's mean
+    entropy where each floored head was available.
     """
-    extremes = {"ratio": None, "head_ratio_max": None, "head_ratio_min": None}
-    shares = [info._replace(**extremes) for info in infos]
-    summed = optree.tree_map(lambda *xs: functools.reduce(torch.add, xs), *shares)
-    return summed._replace(
-        ratio=combine_ratio_stats([i.ratio for i in infos], counts),
-        head_ratio_max=optree.tree_map(
-            lambda *xs: functools.reduce(torch.maximum, xs), *[i.head_ratio_max for i in infos]
-        ),
-        head_ratio_min=optree.tree_map(
-            lambda *xs: functools.reduce(torch.minimum, xs), *[i.head_ratio_min for i in infos]
-        ),
-    )
+    whole_at_once = len(parts) == 1 and processes.world_size == 1
+    floor = None
+    if coefs.entropy_floor and not whole_at_once:
+        with torch.no_grad():
+            stats = [part_stats(params, *part)[0] for part in parts]
+            shares = [weigh(s.means, s.counts, whole).available for s in stats]
+        floor = processes.tree_sum(tree_add(shares))
+
+    def objective(params: Any, *part: Any) -> tuple[Tensor, tuple]:
+        stats, finite = part_stats(params, *part)
+        # A part that is the whole minibatch has all of each count: weighing it is the identity.
+        shares = stats.means if whole_at_once else weigh(stats.means, stats.counts, whole)
+        at = shares
+        if floor is not None:
+            # Valued at the minibatch's mean, with this part's share of its gradient.
+            moved = {h: floor[h] + m - m.detach() for h, m in shares.available.items()}
+            at = shares._replace(available=moved)
+        loss = ppo_objective(at, whole, coefs)
+        return loss, (shares, stats.extremes, finite & torch.isfinite(loss))
+
+    grad_fn = grad_and_value(objective, has_aux=True)
+    outs = [grad_fn(params, *part) for part in parts]
+    grads = tree_add([g for g, _ in outs])
+    means = tree_add([aux[0] for _, (_, aux) in outs])
+    finite = torch.stack([aux[2] for _, (_, aux) in outs]).all()
+    # One collective for all three: what decides the step (KL, finiteness) is then global.
+    grads, means, bad = processes.tree_sum((grads, means, (~finite).to(means.steps["value"])))
+    return grads, means, merge_extremes([aux[1] for _, (_, aux) in outs]), bad == 0

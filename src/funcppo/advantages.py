@@ -14,7 +14,7 @@ from torch import Tensor
 
 from funcppo.constants import ADV_STD_FLOOR, GAE_BLOCK_SIZE
 
-__all__ = ["gae", "normalize_advantages", "per_head_advantages"]
+__all__ = ["explained_variance", "gae", "normalize_advantages", "per_head_advantages"]
 
 Scalar = float | Tensor
 
@@ -195,3 +195,19 @@ def normalize_advantages(advantages: Tensor, weights: Tensor | None = None) -> T
     var = (w * centered * centered).sum() / safe_total
     normed = (advantages - mean) / var.clamp(min=ADV_STD_FLOOR**2).sqrt()
     return torch.where(total > 0, normed, 0.0)
+
+
+def explained_variance(values: Tensor, returns: Tensor, weight: Tensor) -> Tensor:
+    """``1 - Var[R - V] / Var[R]`` over the steps where ``weight`` (bool), 0-d; NaN where
+    ``Var[R] = 0``, as CleanRL reports it. Population variances; ``values``, ``returns`` and
+    ``weight`` share ``[...]``; entries off the weight are ignored, even if NaN."""
+    w = weight.to(values.dtype)
+    n = w.sum().clamp(min=1.0)
+
+    def var(x: Tensor) -> Tensor:
+        x = torch.where(weight, x, 0.0)
+        mean = (x * w).sum() / n
+        return ((x - mean) ** 2 * w).sum() / n
+
+    var_r = var(returns)
+    return torch.where(var_r > 0, 1.0 - var(returns - values) / var_r, torch.nan)

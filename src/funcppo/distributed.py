@@ -8,7 +8,8 @@ Two ways to use K processes:
   and rank 0 gathers per-seed metrics and states (``gather_to_root``).
 - Data-parallel updates: ``DataParallel`` sums pytrees over the processes inside the update
   step (``make_update_fn(..., data_parallel=...)``), so one agent (or one vmapped set of seeds)
-  learns from the rollouts of every process.
+  learns from the rollouts of every process. ``SingleProcess`` has the same interface, each
+  reduction the identity or the plain formula, so the update reads the same for one process.
 
 The sum is one custom operator, ``funcppo::all_reduce``, wrapping ``dist.all_reduce`` on a
 copy. ``torch.compile(fullgraph=True)`` keeps it as one opaque node (aot_eager and inductor),
@@ -18,8 +19,8 @@ vmap batching rule: on 2 gloo processes with torch 2.13 the per-slice fallback r
 *unreduced* input under eager vmap, and a wrong slice under compiled vmap, with only a
 performance warning. Hence the custom operator.
 
-A data-parallel update makes one all-reduce per minibatch step (gradients, loss and metric
-shares, finiteness: one float buffer), plus one more per step with an entropy floor (the
+A data-parallel update makes one all-reduce per minibatch step (gradients, the loss's weighted
+means, finiteness: one float buffer), plus one more per step with an entropy floor (the
 floor's mean entropy); and per update five small ones (moments for advantage normalisation
 and explained variance, mask statistics, every minibatch's counts, ratio extremes).
 
@@ -38,21 +39,22 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from funcppo.advantages import explained_variance, normalize_advantages
+from funcppo.constants import ADV_STD_FLOOR
 from funcppo.distributions import MaskStats
-from funcppo.losses import LossInfo
 
 __all__ = [
     "DataParallel",
     "DistributedError",
+    "SingleProcess",
     "check_same_shapes",
     "close_distributed",
     "data_parallel",
     "gather_to_root",
     "init_distributed",
+    "replicated_advantage_stats",
     "replicated_mask_stats",
     "replicated_moments",
-    "replicated_ratio_extremes",
-    "replicated_step",
     "shard_seeds",
 ]
 
@@ -99,7 +101,10 @@ def _(info, in_dims, x: Tensor, op: str, group_name: str):
 
 def _tree_reduce(tree: Any, op: str, group_name: str) -> Any:
     """Reduce every leaf of ``tree`` over the group with one collective per dtype."""
-    leaves, treespec = optree.tree_flatten(tree)
+    # Leaves gathered and put back by tree_map: compiled, dynamo's optree flatten fails on an
+    # empty dict (the loss's entropy-floor means without a floor; torch 2.13), its map does not.
+    leaves: list[Tensor] = []
+    optree.tree_map(leaves.append, tree)
     if not leaves:
         return tree
     by_dtype: dict[torch.dtype, list[int]] = {}
@@ -112,7 +117,41 @@ def _tree_reduce(tree: Any, op: str, group_name: str) -> Any:
         sizes = [leaves[i].numel() for i in idx]
         for i, piece in zip(idx, reduced.split(sizes), strict=True):
             out[i] = piece.reshape(leaves[i].shape)
-    return optree.tree_unflatten(treespec, out)
+    pieces = iter(out)
+    return optree.tree_map(lambda _: next(pieces), tree)
+
+
+class SingleProcess(NamedTuple):
+    """One process: the interface of ``DataParallel`` with nothing to reduce over. The sums and
+    maxima are the identity, the statistics the plain formulas (``normalize_advantages``,
+    ``explained_variance``, the mask statistics as they are)."""
+
+    world_size: int = 1
+    rank: int = 0
+
+    @property
+    def collectives(self) -> bool:
+        """Whether the reductions communicate with other processes."""
+        return False
+
+    def tree_sum(self, tree: Any) -> Any:
+        return tree
+
+    def tree_max(self, tree: Any) -> Any:
+        return tree
+
+    def advantage_stats(
+        self, advantages: Tensor, returns: Tensor, values: Tensor, weight: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """``(normalised advantages, explained variance)`` over the steps where ``weight``."""
+        normed = normalize_advantages(advantages, weight)
+        return normed, explained_variance(values, returns, weight)
+
+    def mask_stats(self, stats: dict[str, MaskStats], num_steps: int) -> dict[str, MaskStats]:
+        return stats
+
+    def check_same_shapes(self, tree: Any) -> None:
+        pass
 
 
 class DataParallel(NamedTuple):
@@ -121,18 +160,34 @@ class DataParallel(NamedTuple):
 
     ``tree_sum``/``tree_max`` reduce a pytree of tensors over the group, elementwise, with
     one collective per leaf dtype: every process must pass the same structure and shapes. They
-    work eager, under ``torch.func.vmap`` and under ``torch.compile(fullgraph=True)``.
+    work eager, under ``torch.func.vmap`` and under ``torch.compile(fullgraph=True)``. The
+    statistics are those of every process's steps (``SingleProcess`` has the same methods).
     """
 
     world_size: int
     rank: int
     group_name: str
 
+    @property
+    def collectives(self) -> bool:
+        return True
+
     def tree_sum(self, tree: Any) -> Any:
         return _tree_reduce(tree, "sum", self.group_name)
 
     def tree_max(self, tree: Any) -> Any:
         return _tree_reduce(tree, "max", self.group_name)
+
+    def advantage_stats(
+        self, advantages: Tensor, returns: Tensor, values: Tensor, weight: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        return replicated_advantage_stats(advantages, returns, values, weight, self)
+
+    def mask_stats(self, stats: dict[str, MaskStats], num_steps: int) -> dict[str, MaskStats]:
+        return replicated_mask_stats(stats, num_steps, self)
+
+    def check_same_shapes(self, tree: Any) -> None:
+        check_same_shapes(tree, self)
 
 
 def data_parallel(group: dist.ProcessGroup | None = None) -> DataParallel:
@@ -221,7 +276,7 @@ def gather_to_root(obj: Any) -> list[Any] | None:
 
 
 def replicated_moments(
-    xs: list[Tensor], weight: Tensor, dp: DataParallel
+    xs: list[Tensor], weight: Tensor, dp: DataParallel | SingleProcess
 ) -> tuple[list[Tensor], list[Tensor], Tensor]:
     """Weighted means and population variances of each ``x`` over every process's entries.
 
@@ -244,8 +299,26 @@ def replicated_moments(
     return means, [s / safe for s in squares], total
 
 
+def replicated_advantage_stats(
+    advantages: Tensor,
+    returns: Tensor,
+    values: Tensor,
+    weight: Tensor,
+    dp: DataParallel | SingleProcess,
+) -> tuple[Tensor, Tensor]:
+    """``SingleProcess.advantage_stats`` over every process's steps: the formulas of
+    ``normalize_advantages`` and ``explained_variance`` on the moments of ``replicated_moments``
+    (``dp``: anything with ``tree_sum``)."""
+    (mean, _, _), (var, var_r, var_e), total = replicated_moments(
+        [advantages, returns, returns - values], weight, dp
+    )
+    normed = (advantages - mean) / var.clamp(min=ADV_STD_FLOOR**2).sqrt()
+    explained = torch.where(var_r > 0, 1.0 - var_e / var_r, torch.nan)
+    return torch.where(total > 0, normed, 0.0), explained
+
+
 def replicated_mask_stats(
-    stats: dict[str, MaskStats], num_steps: int, dp: DataParallel
+    stats: dict[str, MaskStats], num_steps: int, dp: DataParallel | SingleProcess
 ) -> dict[str, MaskStats]:
     """``mask_stats`` over every process's steps from each process's own (``num_steps`` each).
 
@@ -263,49 +336,6 @@ def replicated_mask_stats(
         h: MaskStats(single / k, rel_frac / k, learn / rel.clamp(min=1))
         for h, (single, rel_frac, rel, learn) in summed.items()
     }
-
-
-# LossInfo fields that merge by max or min, not by summing shares (when LossInfo has them).
-_EXTREMES = {"head_ratio_max": "max", "head_ratio_min": "min"}
-
-
-def replicated_step(
-    dp: DataParallel, grads: Any, loss: Tensor, info: LossInfo, finite: Tensor, share: float
-) -> tuple[Any, Tensor, LossInfo, Tensor]:
-    """One minibatch step's gradients, loss and metrics over every process: one collective.
-
-    Each process computed its part of the global minibatch with the global ``LossTotals``, so
-    gradients, loss and every ``LossInfo`` field but the ratio summaries are shares that sum to
-    the whole. ``share`` is this process's fraction of the global minibatch's steps: the ratio's
-    mean, fractions and spread (as a second moment around 1, where ratios sit) pool with it.
-    ``finite`` is True only if every process's is. Ratio extremes (min, max, per head) stay
-    local here: ``replicated_ratio_extremes`` reduces them once per update.
-    """
-    r = info.ratio
-    second = r.std.square() + (r.mean - 1).square()
-    pooled = (r.mean, second, r.explosion_fraction, r.collapse_fraction)
-    local = {f: None for f in ("ratio", *_EXTREMES) if f in info._fields}
-    tree = (grads, loss, info._replace(**local), (~finite).float(), [share * x for x in pooled])
-    grads, loss, summed, bad, (mean, second, explosion, collapse) = dp.tree_sum(tree)
-    std = (second - (mean - 1).square()).clamp(min=0).sqrt()
-    ratio = r._replace(mean=mean, std=std, explosion_fraction=explosion, collapse_fraction=collapse)
-    kept = {f: getattr(info, f) for f in local if f != "ratio"}
-    return grads, loss, summed._replace(ratio=ratio, **kept), bad == 0
-
-
-def replicated_ratio_extremes(infos: list[Tensor], columns: LossInfo, dp: DataParallel):
-    """Every step's ratio extremes over all processes (max of maxima, min of minima), in one
-    collective per update. ``infos``: the minibatch steps' metric vectors; ``columns``: their
-    ``LossInfo`` with each field's column index."""
-    maxima = [columns.ratio.max, *columns.head_ratio_max.values()]
-    minima = [columns.ratio.min, *columns.head_ratio_min.values()]
-    stacked = torch.stack(infos)
-    # min(x) = -max(-x): one max-reduction serves both.
-    signed = torch.cat([stacked[..., maxima], -stacked[..., minima]], -1)
-    top = dp.tree_max(signed)
-    top = torch.cat([top[..., : len(maxima)], -top[..., len(maxima) :]], -1)
-    index = torch.tensor(maxima + minima, device=stacked.device)
-    return list(stacked.index_copy(stacked.dim() - 1, index, top).unbind(0))
 
 
 def check_same_shapes(tree: Any, dp: DataParallel) -> None:

@@ -4,8 +4,10 @@ Per-head quantities are dicts ``head name -> Tensor`` sharing one batch shape ``
 or ``[T, B]``). ``causal[h]`` is bool ``[...]``: True where the taken op used head ``h``. The op
 head's causal mask is all True, so the total KL weight is >= 1 (no clamp). Coefficients may be
 Python floats or 0-d tensors, so a per-seed sweep can vmap them. Nothing here syncs with the host.
-With ``totals`` (``funcppo.accumulation``), ``ppo_loss`` returns a micro-batch's share of the
-loss of a whole minibatch (gradient accumulation).
+
+``ppo_loss`` is ``ppo_objective`` of the batch's means (``loss_stats``), its metrics
+``loss_info`` of the same: a batch cut into parts (``funcppo.accumulation``) has as means its
+parts' means weighted by their share of each count, so its loss follows from theirs exactly.
 """
 
 from __future__ import annotations
@@ -13,10 +15,10 @@ from __future__ import annotations
 from collections.abc import Iterable, Mapping
 from typing import NamedTuple
 
+import optree
 import torch
 from torch import Tensor
 
-from funcppo.accumulation import LossTotals, check_totals, loss_totals
 from funcppo.constants import (
     HEAD_LOG_RATIO_CLAMP,
     JOINT_LOG_RATIO_CLAMP,
@@ -26,18 +28,24 @@ from funcppo.constants import (
 
 __all__ = [
     "LossCoefs",
+    "LossCounts",
     "LossInfo",
+    "LossMeans",
+    "LossStats",
     "RatioDiagnostic",
+    "RatioExtremes",
     "RatioStats",
     "clip_fraction",
     "clipped_surrogate",
     "head_kl",
     "head_log_ratios",
     "joint_log_ratio",
+    "loss_info",
+    "loss_stats",
     "masked_mean",
     "ppo_loss",
+    "ppo_objective",
     "ratio_diagnostic",
-    "ratio_stats",
     "value_loss",
     "weighted_kl",
 ]
@@ -115,21 +123,62 @@ class LossInfo(NamedTuple):
     head_ratio_min: dict[str, Tensor]
 
 
-def masked_mean(x: Tensor, weight: Tensor, total: Tensor | float | None = None) -> Tensor:
+class LossCounts(NamedTuple):
+    """The step counts a batch's means divide by (``max(1, n)``): ``steps`` (a Python int), and
+    per head 0-d ``causal[h]``, the steps where head h was relevant, and ``available[h]``, the
+    steps where it was available (entropy-floored heads only)."""
+
+    steps: int
+    causal: dict[str, Tensor]
+    available: dict[str, Tensor]
+
+
+class LossMeans(NamedTuple):
+    """The means a batch's PPO loss and metrics are functions of, 0-d each.
+
+    ``causal[f][h]``: the mean of f over the steps where head h was relevant, for f in
+    ``policy`` (clipped surrogate), ``entropy``, ``kl`` (KL3) and ``clip`` (head ratio outside
+    the clip range). ``steps[f]``: over all steps, for f in ``value`` (the value loss), ``clip``
+    (joint ratio outside the clip range), ``ratio`` (the joint ratio r), ``ratio_sq``
+    ((r - 1)^2), ``explosion`` and ``collapse`` (r beyond the thresholds). ``available[h]``:
+    floored head h's entropy over the steps where it was available. Each divides by the
+    ``LossCounts`` field of its name. Policy, entropy, value and ``available`` carry gradients.
+    """
+
+    causal: dict[str, dict[str, Tensor]]
+    steps: dict[str, Tensor]
+    available: dict[str, Tensor]
+
+
+class RatioExtremes(NamedTuple):
+    """The joint ratio's ``max`` and ``min`` over a batch's steps, and per head the extremes of
+    ``r_h`` over the steps where the head was relevant (-inf / +inf where it never was)."""
+
+    max: Tensor
+    min: Tensor
+    head_max: dict[str, Tensor]
+    head_min: dict[str, Tensor]
+
+
+class LossStats(NamedTuple):
+    """Everything a batch's loss (``ppo_objective``) and metrics (``loss_info``) are made of."""
+
+    counts: LossCounts
+    means: LossMeans
+    extremes: RatioExtremes
+
+
+def masked_mean(x: Tensor, weight: Tensor) -> Tensor:
     """Weighted mean ``sum(x * w) / max(1, W)`` over all elements, 0-d; ``W = sum(w)``.
 
     The floor of 1 on the denominator is the original agent's ``mask.sum().clamp(min=1)``: an
     empty mask gives 0, not NaN. Entries with ``w == 0`` are dropped with ``torch.where``, so a
     non-finite value where the mask is off leaks neither into the mean nor into its gradient.
-    ``x``: ``[...]``; ``weight``: bool or float ``[...]``. ``total``, when given, replaces ``W``
-    (the weight of a whole batch of which ``x`` is a part: the parts' means sum to the whole's).
+    ``x``: ``[...]``; ``weight``: bool or float ``[...]``.
     """
     w = weight.to(x.dtype)
     numerator = torch.where(w != 0, x * w, torch.zeros_like(x)).sum()
-    denominator = (
-        w.sum() if total is None else torch.as_tensor(total, dtype=x.dtype, device=x.device)
-    )
-    return numerator / denominator.clamp_min(1.0)
+    return numerator / w.sum().clamp_min(1.0)
 
 
 def head_log_ratios(
@@ -164,14 +213,8 @@ def _kl3(log_ratio: Tensor) -> Tensor:
     return (torch.expm1(log_ratio) - log_ratio).clamp_min(0.0)
 
 
-def _head_kl(log_ratios: Heads, causal: Heads, totals: LossTotals) -> dict[str, Tensor]:
-    n = totals.causal_count
-    return {h: masked_mean(_kl3(lr), causal[h], n[h]) for h, lr in log_ratios.items()}
-
-
-def _weighted_kl(head_kls: Heads, totals: LossTotals) -> Tensor:
-    n, count = totals.num_samples, totals.causal_count
-    weights = {h: count[h].to(kl.dtype) / n for h, kl in head_kls.items()}
+def _weighted_kl(head_kls: Heads, counts: Heads, steps: int) -> Tensor:
+    weights = {h: counts[h].to(kl.dtype) / steps for h, kl in head_kls.items()}
     # The op head is relevant at every step, so the total weight is >= 1: no clamp, no guard.
     total = torch.stack(list(weights.values())).sum()
     return torch.stack([head_kls[h] * w for h, w in weights.items()]).sum() / total
@@ -183,9 +226,8 @@ def head_kl(new_logprobs: Heads, old_logprobs: Heads, causal: Heads) -> dict[str
     Schulman, "Approximating KL divergence" (2020), estimator k3, on the CLAMPED head log-ratio
     (an unclamped exp overflows and makes the KL NaN). Finite for any finite inputs, >= 0.
     """
-    return _head_kl(
-        head_log_ratios(new_logprobs, old_logprobs, causal), causal, loss_totals(causal)
-    )
+    log_ratios = head_log_ratios(new_logprobs, old_logprobs, causal)
+    return {h: masked_mean(_kl3(lr), causal[h]) for h, lr in log_ratios.items()}
 
 
 def weighted_kl(new_logprobs: Heads, old_logprobs: Heads, causal: Heads) -> Tensor:
@@ -194,7 +236,9 @@ def weighted_kl(new_logprobs: Heads, old_logprobs: Heads, causal: Heads) -> Tens
     Each head's KL3 (see ``head_kl``) is weighted by the fraction of steps where it was
     relevant, as the original agent's early-stopping KL. Exactly 0 when new == old.
     """
-    return _weighted_kl(head_kl(new_logprobs, old_logprobs, causal), loss_totals(causal))
+    steps = next(iter(causal.values())).numel()
+    counts = {h: c.sum() for h, c in causal.items()}
+    return _weighted_kl(head_kl(new_logprobs, old_logprobs, causal), counts, steps)
 
 
 def clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_coef: Coef) -> Tensor:
@@ -207,13 +251,11 @@ def clipped_surrogate(ratio: Tensor, advantages: Tensor, clip_coef: Coef) -> Ten
     return -torch.minimum(ratio * advantages, clipped * advantages)
 
 
-def clip_fraction(
-    ratio: Tensor, clip_coef: Coef, weight: Tensor | None = None, total: Coef | None = None
-) -> Tensor:
+def clip_fraction(ratio: Tensor, clip_coef: Coef, weight: Tensor | None = None) -> Tensor:
     """Fraction of steps with ``|r - 1| > c``, 0-d: ``masked_mean`` over ``weight`` (None: all
-    steps) with denominator ``max(1, total)`` when ``total`` is given."""
+    steps)."""
     clipped = ((ratio - 1.0).abs() > clip_coef).to(ratio.dtype)
-    return masked_mean(clipped, torch.ones_like(clipped) if weight is None else weight, total)
+    return masked_mean(clipped, torch.ones_like(clipped) if weight is None else weight)
 
 
 def value_loss(
@@ -222,34 +264,18 @@ def value_loss(
     returns: Tensor,
     clip_vloss: bool,
     value_clip: Coef,
-    total: int | None = None,
 ) -> Tensor:
     """Value loss, 0-d, for ``values``, ``old_values``, ``returns`` of ``[...]``.
 
     ``0.5 mean((v - R)^2)``, or with ``clip_vloss`` (static) CleanRL's clipped form
     ``0.5 mean(max((v - R)^2, (v_old + clamp(v - v_old, -vc, vc) - R)^2))``. ``value_clip`` is
     its own range, not the policy's ``clip_coef``: values have the scale of returns.
-    With ``total`` (static), the mean is this part's share of a mean over ``total`` steps.
     """
     sq = (values - returns).square()
     if clip_vloss:
         v_clipped = old_values + torch.clamp(values - old_values, -value_clip, value_clip)
         sq = torch.maximum(sq, (v_clipped - returns).square())
-    return 0.5 * (sq.mean() if total is None else sq.sum() / total)
-
-
-def ratio_stats(ratio: Tensor) -> RatioStats:
-    """Mean, min, max, population std, and the fractions above ``RATIO_EXPLOSION_THRESHOLD`` and
-    below ``RATIO_COLLAPSE_THRESHOLD`` of a ratio tensor ``[...]`` (std uses correction 0, so
-    one element gives 0, not NaN)."""
-    return RatioStats(
-        mean=ratio.mean(),
-        min=ratio.amin(),
-        max=ratio.amax(),
-        std=ratio.std(correction=0),
-        explosion_fraction=(ratio > RATIO_EXPLOSION_THRESHOLD).to(ratio.dtype).mean(),
-        collapse_fraction=(ratio < RATIO_COLLAPSE_THRESHOLD).to(ratio.dtype).mean(),
-    )
+    return 0.5 * sq.mean()
 
 
 def ratio_diagnostic(
@@ -302,33 +328,149 @@ def _check_inputs(new_logprobs, old_logprobs, entropies, advantages, causal, val
             raise ValueError(f"causal[{h!r}]: expected dtype torch.bool, got {c.dtype}")
 
 
-def _entropy_floor_penalty(
-    head_floor: Mapping[str, Coef], entropies: Heads, availability: Heads | None, totals: LossTotals
-) -> Tensor:
-    # relu(floor_h - mean entropy where head h could have mattered), summed over floored heads
-    # (fed by masks, so it adapts per head, unlike the original's mask-free global coefficient).
+def _check_coefs(coefs: LossCoefs, heads: list[str], availability: Heads | None, shape) -> None:
+    for name, extra in [
+        ("head_ent_coef", coefs.head_ent_coef),
+        ("entropy_floor", coefs.entropy_floor),
+    ]:
+        unknown = sorted(set(extra or {}) - set(heads))
+        if unknown:
+            raise ValueError(f"coefs.{name}: expected heads among {heads}, got unknown {unknown}")
+    if not coefs.entropy_floor:
+        return
     if availability is None:
         raise ValueError(
             "availability: expected per-head weights when coefs.entropy_floor is set, got None"
         )
-    missing = sorted(set(head_floor) - set(availability))
+    _check_heads("availability", availability, availability, shape)
+    missing = sorted(set(coefs.entropy_floor) - set(availability))
     if missing:
         raise ValueError(f"availability: expected entries for floored heads {missing}, got none")
-    share = next(iter(entropies.values())).numel() / totals.num_samples
-    gaps = []
-    for h, floor in head_floor.items():
-        count = totals.availability_count[h]
-        part = masked_mean(entropies[h], availability[h], count)
-        if totals.floor_entropy is None:
-            gap = torch.relu(floor - part)
-        else:
-            # Linearised at the whole-minibatch mean M_h: the shares sum to relu(floor_h - M_h)
-            # and their gradients to its gradient, -1[floor_h > M_h] dM_h.
-            active = floor > totals.floor_entropy[h]
-            gap = torch.where(active, floor * share - part, torch.zeros_like(part))
+
+
+def loss_stats(
+    new_logprobs: Heads,
+    old_logprobs: Heads,
+    entropies: Heads,
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    advantages: Heads,
+    causal: Heads,
+    coefs: LossCoefs,
+    availability: Heads | None = None,
+) -> LossStats:
+    """The counts, means and ratio extremes of one batch (arguments as ``ppo_loss``'s).
+
+    The ratio summaries use the TRUE joint ratio ``exp(joint clamped log r)``, never a single
+    head's, which can hide divergence; they, the KL and the clip fractions are detached.
+    """
+    _check_inputs(new_logprobs, old_logprobs, entropies, advantages, causal, values)
+    heads = list(new_logprobs)
+    _check_coefs(coefs, heads, availability, values.shape)
+    floored = list(coefs.entropy_floor or {})
+    log_ratios = head_log_ratios(new_logprobs, old_logprobs, causal)
+    ratios = {h: torch.exp(lr) for h, lr in log_ratios.items()}
+    detached = {h: lr.detach() for h, lr in log_ratios.items()}
+    seen = {h: r.detach() for h, r in ratios.items()}  # the ratios, for metrics only
+    joint = torch.exp(joint_log_ratio(detached))
+    c = coefs.clip_coef
+
+    def over_causal(per_head: Heads) -> dict[str, Tensor]:
+        return {h: masked_mean(per_head[h], causal[h]) for h in heads}
+
+    def fraction(hit: Tensor) -> Tensor:
+        return hit.to(joint.dtype).mean()
+
+    means = LossMeans(
+        causal={
+            "policy": over_causal(
+                {h: clipped_surrogate(ratios[h], advantages[h], c) for h in heads}
+            ),
+            "entropy": over_causal(entropies),
+            "kl": over_causal({h: _kl3(lr) for h, lr in detached.items()}),
+            "clip": {h: clip_fraction(seen[h], c, causal[h]) for h in heads},
+        },
+        steps={
+            "value": value_loss(values, old_values, returns, coefs.clip_vloss, coefs.value_clip),
+            "clip": clip_fraction(joint, c),
+            "ratio": joint.mean(),
+            "ratio_sq": (joint - 1.0).square().mean(),
+            "explosion": fraction(joint > RATIO_EXPLOSION_THRESHOLD),
+            "collapse": fraction(joint < RATIO_COLLAPSE_THRESHOLD),
+        },
+        available={h: masked_mean(entropies[h], availability[h]) for h in floored},
+    )
+    extremes = RatioExtremes(
+        max=joint.amax(),
+        min=joint.amin(),
+        head_max={h: torch.where(causal[h], r, -torch.inf).amax() for h, r in seen.items()},
+        head_min={h: torch.where(causal[h], r, torch.inf).amin() for h, r in seen.items()},
+    )
+    counts = LossCounts(
+        steps=values.numel(),
+        causal={h: causal[h].sum() for h in heads},
+        available={h: availability[h].sum() for h in floored},
+    )
+    return LossStats(counts, means, extremes)
+
+
+def _floor_penalty(means: LossMeans, counts: LossCounts, coefs: LossCoefs) -> Tensor:
+    # relu(floor_h - mean entropy where head h could have mattered), summed over floored heads
+    # (fed by masks, so it adapts per head, unlike the original's mask-free global coefficient).
+    if not coefs.entropy_floor:
+        return torch.zeros_like(means.steps["value"])
+    gaps = [
         # Without an available step the mean is an empty 0, not an entropy below the floor.
-        gaps.append(torch.where(count > 0, gap, torch.zeros_like(gap)))
-    return torch.stack(gaps).sum()
+        torch.where(counts.available[h] > 0, torch.relu(floor - means.available[h]), 0.0)
+        for h, floor in coefs.entropy_floor.items()
+    ]
+    return coefs.entropy_floor_coef * torch.stack(gaps).sum()
+
+
+def ppo_objective(means: LossMeans, counts: LossCounts, coefs: LossCoefs) -> Tensor:
+    """The PPO loss of a batch from its means and counts (see ``ppo_loss``), 0-d."""
+    policy = torch.stack(list(means.causal["policy"].values())).sum()
+    head_ent_coef = dict(coefs.head_ent_coef or {})
+    entropy = [head_ent_coef.get(h, 1.0) * e for h, e in means.causal["entropy"].items()]
+    entropy_bonus = coefs.ent_coef * torch.stack(entropy).mean()
+    value = means.steps["value"]
+    return policy + coefs.vf_coef * value - entropy_bonus + _floor_penalty(means, counts, coefs)
+
+
+def loss_info(stats: LossStats, coefs: LossCoefs) -> LossInfo:
+    """The metrics of a batch from its stats (see ``ppo_loss``), detached.
+
+    The ratio's spread is taken around 1, where ratios sit, from the means of ``r`` and
+    ``(r - 1)^2``: ``std^2 = E[(r - 1)^2] - (E[r] - 1)^2`` (population), a mean of means, so
+    parts of a batch pool it exactly as they pool everything else.
+    """
+    counts, extremes = stats.counts, stats.extremes
+    means = optree.tree_map(Tensor.detach, stats.means)
+    heads, steps = means.causal, means.steps
+    spread = steps["ratio_sq"] - (steps["ratio"] - 1.0).square()
+    return LossInfo(
+        policy_loss=torch.stack(list(heads["policy"].values())).sum(),
+        head_policy_loss=heads["policy"],
+        value_loss=steps["value"],
+        entropy=torch.stack(list(heads["entropy"].values())).mean(),
+        head_entropy=heads["entropy"],
+        entropy_floor_penalty=_floor_penalty(means, counts, coefs),
+        approx_kl=_weighted_kl(heads["kl"], counts.causal, counts.steps),
+        head_kl=heads["kl"],
+        clip_fraction=steps["clip"],
+        head_clip_fraction=heads["clip"],
+        ratio=RatioStats(
+            mean=steps["ratio"],
+            min=extremes.min,
+            max=extremes.max,
+            std=spread.clamp(min=0.0).sqrt(),
+            explosion_fraction=steps["explosion"],
+            collapse_fraction=steps["collapse"],
+        ),
+        head_ratio_max=extremes.head_max,
+        head_ratio_min=extremes.head_min,
+    )
 
 
 def ppo_loss(
@@ -342,8 +484,6 @@ def ppo_loss(
     causal: Heads,
     coefs: LossCoefs,
     availability: Heads | None = None,
-    *,
-    totals: LossTotals | None = None,
 ) -> tuple[Tensor, LossInfo]:
     """Factored PPO loss, 0-d: ``policy + vf_coef * value - entropy_bonus + floor_penalty``.
 
@@ -365,64 +505,18 @@ def ppo_loss(
     Info metrics are detached; the clip fraction and ratio stats use the TRUE joint ratio
     ``exp(joint clamped log r)``, never a single head's, which can hide divergence.
 
-    ``totals``: the whole minibatch's ``LossTotals`` when the inputs are one of its micro-batches;
-    the loss, its gradient and every info field but ``ratio`` are then this micro-batch's share
-    (see ``funcppo.accumulation``).
+    It is ``ppo_objective`` of ``loss_stats``' means and counts, with ``loss_info`` of them.
     """
-    _check_inputs(new_logprobs, old_logprobs, entropies, advantages, causal, values)
-    heads = list(new_logprobs)
-    head_ent_coef = dict(coefs.head_ent_coef or {})
-    for name, extra in [("head_ent_coef", head_ent_coef), ("entropy_floor", coefs.entropy_floor)]:
-        unknown = sorted(set(extra or {}) - set(heads))
-        if unknown:
-            raise ValueError(f"coefs.{name}: expected heads among {heads}, got unknown {unknown}")
-    if totals is None:
-        totals = loss_totals(causal, availability)
-    else:
-        check_totals(totals, heads, coefs.entropy_floor or {}, values.numel())
-    n_causal, n = totals.causal_count, totals.num_samples
-
-    log_ratios = head_log_ratios(new_logprobs, old_logprobs, causal)
-    ratios = {h: torch.exp(lr) for h, lr in log_ratios.items()}
-    surrogates = {h: clipped_surrogate(ratios[h], advantages[h], coefs.clip_coef) for h in heads}
-    head_pl = {h: masked_mean(surrogates[h], causal[h], n_causal[h]) for h in heads}
-    policy = torch.stack(list(head_pl.values())).sum()
-    v_loss = value_loss(values, old_values, returns, coefs.clip_vloss, coefs.value_clip, n)
-    head_ent = {h: masked_mean(entropies[h], causal[h], n_causal[h]) for h in heads}
-    scaled_ent = [head_ent_coef.get(h, 1.0) * head_ent[h] for h in heads]
-    entropy_bonus = coefs.ent_coef * torch.stack(scaled_ent).mean()
-    if coefs.entropy_floor is None:
-        floor_penalty = torch.zeros_like(policy)
-    else:
-        if availability is not None:
-            _check_heads("availability", availability, availability, values.shape)
-        gap = _entropy_floor_penalty(coefs.entropy_floor, entropies, availability, totals)
-        floor_penalty = coefs.entropy_floor_coef * gap
-    loss = policy + coefs.vf_coef * v_loss - entropy_bonus + floor_penalty
-
-    detached = {h: lr.detach() for h, lr in log_ratios.items()}
-    joint_ratio = torch.exp(joint_log_ratio(detached))
-    head_kls = _head_kl(detached, causal, totals)
-    info = LossInfo(
-        policy_loss=policy.detach(),
-        head_policy_loss={h: x.detach() for h, x in head_pl.items()},
-        value_loss=v_loss.detach(),
-        entropy=torch.stack(list(head_ent.values())).mean().detach(),
-        head_entropy={h: x.detach() for h, x in head_ent.items()},
-        entropy_floor_penalty=floor_penalty.detach(),
-        approx_kl=_weighted_kl(head_kls, totals),
-        head_kl=head_kls,
-        clip_fraction=clip_fraction(joint_ratio, coefs.clip_coef, None, n),
-        head_clip_fraction={
-            h: clip_fraction(ratios[h].detach(), coefs.clip_coef, causal[h], n_causal[h])
-            for h in heads
-        },
-        ratio=ratio_stats(joint_ratio),
-        head_ratio_max={
-            h: torch.where(causal[h], ratios[h].detach(), -torch.inf).amax() for h in heads
-        },
-        head_ratio_min={
-            h: torch.where(causal[h], ratios[h].detach(), torch.inf).amin() for h in heads
-        },
+    stats = loss_stats(
+        new_logprobs,
+        old_logprobs,
+        entropies,
+        values,
+        old_values,
+        returns,
+        advantages,
+        causal,
+        coefs,
+        availability,
     )
-    return loss, info
+    return ppo_objective(stats.means, stats.counts, coefs), loss_info(stats, coefs)

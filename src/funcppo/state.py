@@ -10,6 +10,7 @@ from torch import Tensor
 
 from funcppo import random as jr
 from funcppo.config import PPOConfig, check_hparam
+from funcppo.losses import LossCoefs
 from funcppo.networks import policy_init
 from funcppo.optim import adamw, is_critic_path
 
@@ -19,6 +20,7 @@ __all__ = [
     "TrainState",
     "init_train_state",
     "make_hyperparams",
+    "make_loss_coefs",
     "make_optimizer",
     "with_hparams",
 ]
@@ -165,6 +167,20 @@ def make_optimizer(config: PPOConfig, hparams: Hyperparams):
         weight_decay=config.weight_decay,
         decay_mask=is_critic_path,
         max_grad_norm=hparams.max_grad_norm,
+    )
+
+
+def make_loss_coefs(config: PPOConfig, hparams: Hyperparams) -> LossCoefs:
+    """The loss's coefficients: the tensor ones from ``hparams``, the others from ``config``."""
+    return LossCoefs(
+        clip_coef=hparams.clip_coef,
+        vf_coef=hparams.vf_coef,
+        ent_coef=hparams.ent_coef,
+        head_ent_coef=config.head_ent_coefs(),
+        clip_vloss=config.clip_vloss,
+        value_clip=config.value_clip,
+        entropy_floor=config.entropy_floors() or None,
+        entropy_floor_coef=config.entropy_floor_coef,
     )
 
 
