@@ -57,6 +57,10 @@ MAIN_SEEDS = 8
 VMAP_SEEDS = 4
 
 
+def seeds_label(n: int) -> str:
+    return "1 seed" if n == 1 else f"{n} seeds"
+
+
 def device_name(device: torch.device) -> str:
     """The GPU's name, or the CPU model from /proc/cpuinfo (the platform's name elsewhere)."""
     if device.type == "cuda":
@@ -149,12 +153,13 @@ def update_part(
         compiled = make_update_fn(compiled_cfg, num_seeds=seeds)
         want = eager(*args)
         got, compile_s = first_call(compiled, args, device)
-        report.check(f"compiled == eager, {kind} update, {num_seeds} seed(s)", got, want)
+        report.check(f"compiled == eager, {kind} update, {seeds_label(num_seeds)}", got, want)
         _, eager_s = time_calls(eager, args, repeats, device)
         _, compiled_s = time_calls(compiled, args, repeats, device)
-        report.figure(f"{kind} update, {num_seeds} seed(s), eager", f"{eager_s * 1e3:.1f} ms")
+        label = f"{kind} update, {seeds_label(num_seeds)}"
+        report.figure(f"{label}, eager", f"{eager_s * 1e3:.1f} ms")
         report.figure(
-            f"{kind} update, {num_seeds} seed(s), compiled",
+            f"{label}, compiled",
             f"{compiled_s * 1e3:.1f} ms ({eager_s / compiled_s:.2f}x eager; "
             f"first call {compile_s:.1f} s)",
         )
