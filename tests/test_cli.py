@@ -145,6 +145,14 @@ def test_an_out_that_is_a_file_or_holds_files_is_refused(tmp_path):
             ["--env", "gym:Pendulum-v1", "--seeds", "1"],
             "--env gym:Pendulum-v1: action_space: expected Discrete or MultiDiscrete, got Box",
         ),
+        (["--device", "nonsense"], "--device: expected cpu, cuda or cuda:N, got 'nonsense'"),
+        (["--device", "meta"], "--device: expected cpu, cuda or cuda:N, got 'meta'"),
+        # No machine has 100 GPUs: refused with or without CUDA.
+        (["--device", "cuda:99"], "--device: expected a device this machine has, got 'cuda:99'"),
+        (
+            ["--env", "gym:CartPole-v1", "--seeds", "1", "--device", "cuda:99"],
+            "--device: expected a device this machine has, got 'cuda:99'",
+        ),
     ],
 )
 def test_a_mistake_seen_only_by_the_library_still_writes_nothing(tmp_path, args, message):

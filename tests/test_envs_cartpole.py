@@ -195,9 +195,9 @@ def test_same_key_same_trajectory():
     assert a[..., -2].sum() > 0 and a[..., -1].sum() > 0  # both kinds of reset happened
 
 
-def test_vmap_over_seeds_equals_loop():
+def test_vmap_over_seeds_equals_loop(device):
     env = CartPole(5, max_steps=6)
-    keys = torch.stack([random.key(s) for s in (7, 8, 9)])
+    keys = torch.stack([random.key(s, device) for s in (7, 8, 9)])
     res = torch.func.vmap(env.reset)(keys)
     assert res.obs.shape == (3, 5, 4) and res.masks["action"].shape == (3, 5, 2)
     states = res.env_state

@@ -416,9 +416,9 @@ def test_same_key_same_trajectory():
     assert a[..., -1].sum() > 0
 
 
-def test_vmap_over_seeds_equals_loop():
+def test_vmap_over_seeds_equals_loop(device):
     env = Lifecycle(5, max_steps=8)
-    keys = torch.stack([random.key(s) for s in (7, 8, 9)])
+    keys = torch.stack([random.key(s, device) for s in (7, 8, 9)])
     res = torch.func.vmap(env.reset)(keys)
     assert res.obs.shape == (3, 5, env.obs_dim) and res.masks["slot"].shape == (3, 5, 6, 3)
     states, masks = res.env_state, res.masks

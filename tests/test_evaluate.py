@@ -49,11 +49,11 @@ def test_cartpole_returns_are_episode_lengths_and_every_env_ends():
     assert torch.equal(returns, make_evaluate(cfg)(state, jr.key(1)))
 
 
-def test_vmapped_seeds_match_a_loop_over_seeds():
+def test_vmapped_seeds_match_a_loop_over_seeds(device):
     cfg = config("lifecycle")
-    keys = jr.split(jr.key(2), 2)
+    keys = jr.split(jr.key(2, device), 2)
     states = init_train_state(keys, cfg.ppo)
-    eval_keys = jr.split(jr.key(3), 2)
+    eval_keys = jr.split(jr.key(3, device), 2)
     together = make_evaluate(cfg, num_seeds=2)(states, eval_keys)
     alone = make_evaluate(cfg)
     assert together.shape == (2, 3)
@@ -63,12 +63,12 @@ def test_vmapped_seeds_match_a_loop_over_seeds():
 
 
 @pytest.mark.slow
-def test_compiled_matches_eager():
+def test_compiled_matches_eager(device):
     cfg = config(num_envs=2)
-    state = init_train_state(jr.key(5), cfg.ppo)
-    eager = make_evaluate(cfg)(state, jr.key(6))
+    state = init_train_state(jr.key(5, device), cfg.ppo)
+    eager = make_evaluate(cfg)(state, jr.key(6, device))
     compiled_cfg = cfg.replace(ppo=cfg.ppo.replace(compile=True))
-    compiled = make_evaluate(compiled_cfg, backend="aot_eager")(state, jr.key(6))
+    compiled = make_evaluate(compiled_cfg, backend="aot_eager")(state, jr.key(6, device))
     assert torch.equal(eager, compiled)
 
 

@@ -39,16 +39,19 @@ MLP, SHARED, LSTM = config(), config(shared_torso=True), config(recurrent=True)
 
 
 def randomized(params, seed: int = 0, scale: float = 0.5):
-    """Every leaf replaced by N(0, scale^2): init has zero biases and tiny heads."""
+    """Every leaf replaced by N(0, scale^2) on the leaf's device: init has zero biases and tiny
+    heads."""
     gen = torch.Generator().manual_seed(seed)
-    return optree.tree_map(lambda x: scale * torch.randn(x.shape, generator=gen), params)
+    return optree.tree_map(
+        lambda x: scale * torch.randn(x.shape, generator=gen).to(x.device), params
+    )
 
 
-def inputs(t: int | None, b: int, seed: int = 0, p_start: float = 0.3):
+def inputs(t: int | None, b: int, seed: int = 0, p_start: float = 0.3, device=None):
     gen = torch.Generator().manual_seed(seed)
     lead = (b,) if t is None else (t, b)
     obs = torch.randn(*lead, OBS, generator=gen)
-    return obs, torch.rand(*lead, generator=gen) < p_start
+    return obs.to(device), (torch.rand(*lead, generator=gen) < p_start).to(device)
 
 
 def assert_trees_close(a, b, atol=1e-6, rtol=1e-5):
@@ -368,9 +371,9 @@ def test_func_grad_matches_autograd():
 # vmap and compile ------------------------------------------------------------------------------
 
 
-def stacked_params(cfg, n=3):
+def stacked_params(cfg, n=3, device=None):
     return torch.func.vmap(lambda k: randomized_like(policy_init(k, cfg), k))(
-        torch.stack([fr.key(s) for s in range(n)])
+        torch.stack([fr.key(s, device) for s in range(n)])
     )
 
 
@@ -385,12 +388,12 @@ def randomized_like(params, k):
     )
 
 
-def test_vmap_over_seeds_equals_loop_recurrent():
-    params = stacked_params(LSTM)
-    obs, starts = inputs(4, 2)
+def test_vmap_over_seeds_equals_loop_recurrent(device):
+    params = stacked_params(LSTM, device=device)
+    obs, starts = inputs(4, 2, device=device)
     obs = torch.stack([obs, obs + 1.0, obs - 1.0])
     starts = torch.stack([starts, ~starts, starts])
-    hidden = init_hidden(LSTM, (3, 2))
+    hidden = init_hidden(LSTM, (3, 2), device)
     got = torch.func.vmap(make_policy_apply(LSTM))(params, obs, hidden, starts)
     for s in range(3):
         one = optree.tree_map(lambda x, s=s: x[s], params)
@@ -398,10 +401,10 @@ def test_vmap_over_seeds_equals_loop_recurrent():
         assert_trees_close(optree.tree_map(lambda x, s=s: x[s], got), ref)
 
 
-def test_vmap_over_seeds_equals_loop_mlp_shared_obs():
+def test_vmap_over_seeds_equals_loop_mlp_shared_obs(device):
     """MLP hidden is None: vmap needs out_dims=None for it (torch's pytree keeps None a leaf)."""
-    params = stacked_params(MLP)
-    obs, _ = inputs(None, 5)
+    params = stacked_params(MLP, device=device)
+    obs, _ = inputs(None, 5, device=device)
     apply = torch.func.vmap(
         make_policy_apply(MLP), in_dims=(0, None, None, None), out_dims=PolicyOutput(0, 0, None)
     )
@@ -418,10 +421,10 @@ def test_vmap_over_seeds_equals_loop_mlp_shared_obs():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("cfg", [MLP, LSTM], ids=["mlp", "lstm"])
-def test_compile_fullgraph_matches_eager(cfg):
-    params = randomized(policy_init(fr.key(5), cfg))
-    obs, starts = inputs(4, 3)  # T=4: compile time grows with the unrolled steps
-    hidden = None if not cfg.recurrent else LSTMState(*torch.randn(2, 3, 6))
+def test_compile_fullgraph_matches_eager(cfg, device):
+    params = randomized(policy_init(fr.key(5, device), cfg))
+    obs, starts = inputs(4, 3, device=device)  # T=4: compile time grows with the unrolled steps
+    hidden = None if not cfg.recurrent else LSTMState(*torch.randn(2, 3, 6, device=device))
     apply = make_policy_apply(cfg)
     compiled = torch.compile(apply, fullgraph=True)
     assert_trees_close(

@@ -56,9 +56,9 @@ def test_same_key_same_run_and_different_keys_differ():
 
 
 @pytest.mark.parametrize("normalize_obs", [False, True])
-def test_seed_alone_matches_seed_in_vmapped_run(normalize_obs):
+def test_seed_alone_matches_seed_in_vmapped_run(normalize_obs, device):
     config = cartpole_config(normalize_obs=normalize_obs)
-    keys = jr.split(jr.key(5), 3)
+    keys = jr.split(jr.key(5, device), 3)
     v_state, v_hist = make_train(config, num_seeds=3)(keys)
     alone = make_train(config)
     for i in range(3):
@@ -70,11 +70,11 @@ def test_seed_alone_matches_seed_in_vmapped_run(normalize_obs):
         assert max_diff(stats, s_state.obs_stats) < 1e-9 if normalize_obs else stats == ()
 
 
-def test_sweep_seed_matches_a_run_alone_with_its_setting():
+def test_sweep_seed_matches_a_run_alone_with_its_setting(device):
     # One program, two learning rates and two entropy coefficients: seed i of the sweep is the
     # run of key i with a config that holds seed i's values.
     config = cartpole_config()
-    keys = jr.split(jr.key(8), 2)
+    keys = jr.split(jr.key(8, device), 2)
     lrs, ents = torch.tensor([1e-3, 4e-3]), torch.tensor([0.0, 0.05])
     v_state, v_hist = make_train(config, num_seeds=2)(
         keys, hparams={"learning_rate": lrs, "ent_coef": ents}
@@ -113,17 +113,18 @@ def test_sweep_errors_name_the_argument():
 
 
 @pytest.mark.slow
-def test_compiled_matches_eager():
+def test_compiled_matches_eager(device):
     # With the normaliser, whose statistics the compiled rollout carries per seed. The update's
     # default scope, the scan (the minibatch scope's tracing is tested in test_update.py).
     config = cartpole_config(total_steps=2 * 16 * 2, normalize_obs=True)
-    e_state, e_hist = make_train(config, num_seeds=2)(jr.split(jr.key(3), 2))
+    keys = jr.split(jr.key(3, device), 2)
+    e_state, e_hist = make_train(config, num_seeds=2)(keys)
     compiled = make_train(
         config.replace(ppo=config.ppo.replace(compile=True)),
         num_seeds=2,
         backend="aot_eager",
     )
-    c_state, c_hist = compiled(jr.split(jr.key(3), 2))
+    c_state, c_hist = compiled(keys)
     assert max_diff(c_state.params, e_state.params) < 1e-5
     with pytest.raises(ValueError, match="compile_scope: expected one of"):
         make_train(config, compile_scope="scans")  # the scope reaches make_update_fn
@@ -142,7 +143,7 @@ def test_compiled_matches_eager():
     ],
 )
 def test_scanned_rollout_matches_the_python_loop(
-    env_name, recurrent, seeds, normalize_obs, backend
+    env_name, recurrent, seeds, normalize_obs, backend, device
 ):
     # The compiled rollout is one scan over time; the eager one a Python loop over the step.
     env = make_env(env_name, 3)
@@ -158,7 +159,7 @@ def test_scanned_rollout_matches_the_python_loop(
     if seeds is not None:
         step, init = contiguous_outputs(vmap(step)), contiguous_outputs(vmap(init))
         time_axis = 1
-    keys = jr.key(5) if seeds is None else jr.split(jr.key(5), seeds)
+    keys = jr.key(5, device) if seeds is None else jr.split(jr.key(5, device), seeds)
     rs = init(keys)
     loop = make_rollout(step, config.num_steps, time_axis, False, "inductor")
     scanned = make_rollout(step, config.num_steps, time_axis, True, backend)

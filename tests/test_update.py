@@ -42,9 +42,9 @@ def small_config(**changes) -> PPOConfig:
     return PPOConfig(**base)
 
 
-def make_case(config, seed=0):
-    state = init_train_state(jr.key(seed), config)
-    batch = synthetic_batch(config, state.params, jr.key(seed + 100), T, B)
+def make_case(config, seed=0, device=None):
+    state = init_train_state(jr.key(seed, device), config)
+    batch = synthetic_batch(config, state.params, jr.key(seed + 100, device), T, B)
     return state, batch
 
 
@@ -122,9 +122,9 @@ def reference_update(config, state, batch):
     return optree.tree_map(lambda p: p.detach(), params)
 
 
-def test_one_step_matches_plain_torch_reference():
+def test_one_step_matches_plain_torch_reference(device):
     config = small_config(update_epochs=1, num_minibatches=1)
-    state, batch = make_case(config)
+    state, batch = make_case(config, device=device)
     new_state, metrics = make_update_fn(config)(state, batch)
     expected = reference_update(config, state, batch)
     assert max_diff(new_state.params, expected) < 1e-6
@@ -173,9 +173,9 @@ def test_states_have_row_major_strides_before_and_after_an_update(num_seeds):
     ("scope", "backend"),
     [("scan", "inductor"), ("minibatch", "aot_eager"), ("update", "aot_eager")],
 )
-def test_compiled_matches_eager_without_graph_breaks(scope, backend):
+def test_compiled_matches_eager_without_graph_breaks(scope, backend, device):
     config = small_config(target_kl=0.05, update_epochs=1)
-    state, batch = make_case(config)
+    state, batch = make_case(config, device=device)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()
@@ -189,13 +189,13 @@ def test_compiled_matches_eager_without_graph_breaks(scope, backend):
 
 
 @pytest.mark.slow
-def test_scan_scope_matches_eager_for_vmapped_seeds_without_graph_breaks():
+def test_scan_scope_matches_eager_for_vmapped_seeds_without_graph_breaks(device):
     # The minibatch steps as one scan: vmapped inside the scan body, an LSTM replayed in it.
     config = small_config(recurrent=True, bptt_len=4, target_kl=0.02, update_epochs=2)
-    states = init_train_state(jr.split(jr.key(5), 2), config)
+    states = init_train_state(jr.split(jr.key(5, device), 2), config)
     batches = [
         synthetic_batch(
-            config, optree.tree_map(lambda x, i=i: x[i], states.params), jr.key(6 + i), T, B
+            config, optree.tree_map(lambda x, i=i: x[i], states.params), jr.key(6 + i, device), T, B
         )
         for i in range(2)
     ]
@@ -215,15 +215,15 @@ def test_scan_scope_matches_eager_for_vmapped_seeds_without_graph_breaks():
         assert torch.allclose(c_metrics[name], value, atol=1e-5, equal_nan=True), name
 
 
-def test_vmapped_seeds_match_each_seed_alone():
+def test_vmapped_seeds_match_each_seed_alone(device):
     config = small_config(target_kl=0.02)
-    keys = jr.split(jr.key(3), 4)
+    keys = jr.split(jr.key(3, device), 4)
     states = init_train_state(keys, config)
     batches = [
         synthetic_batch(
             config,
             optree.tree_map(lambda x, i=i: x[i], states.params),
-            jr.fold_in(jr.key(4), i),
+            jr.fold_in(jr.key(4, device), i),
             T,
             B,
         )
@@ -240,17 +240,17 @@ def test_vmapped_seeds_match_each_seed_alone():
             assert torch.allclose(v_metrics[name][i], value, atol=1e-5, equal_nan=True), name
 
 
-def test_learning_rate_sweep_in_one_vmapped_call():
+def test_learning_rate_sweep_in_one_vmapped_call(device):
     config = small_config()
     lrs = torch.tensor([1e-3, 3e-2])
-    keys = torch.stack([jr.key(7), jr.key(7)])
+    keys = torch.stack([jr.key(7, device), jr.key(7, device)])
     states = init_train_state(keys, config, learning_rate=lrs)
     state0 = optree.tree_map(lambda x: x[0], states)
-    batch = synthetic_batch(config, state0.params, jr.key(8), T, B)
+    batch = synthetic_batch(config, state0.params, jr.key(8, device), T, B)
     batches = optree.tree_map(lambda x: torch.stack([x, x]), batch, none_is_leaf=False)
     v_state, _ = make_update_fn(config, num_seeds=2, hparams="state")(states, batches)
     for i, lr in enumerate(lrs.tolist()):
-        alone = init_train_state(jr.key(7), config.replace(learning_rate=lr))
+        alone = init_train_state(jr.key(7, device), config.replace(learning_rate=lr))
         s_state, _ = make_update_fn(config.replace(learning_rate=lr))(alone, batch)
         assert max_diff(optree.tree_map(lambda x, i=i: x[i], v_state.params), s_state.params) < 1e-6
     assert (
@@ -262,12 +262,12 @@ def test_learning_rate_sweep_in_one_vmapped_call():
     )
 
 
-def test_kl_early_stopping_is_per_seed_and_before_the_step():
+def test_kl_early_stopping_is_per_seed_and_before_the_step(device):
     config = small_config(target_kl=1.0, learning_rate=0.05)
-    keys = torch.stack([jr.key(1), jr.key(1)])
+    keys = torch.stack([jr.key(1, device), jr.key(1, device)])
     states = init_train_state(keys, config, target_kl=torch.tensor([1e-9, 1e9]))
     state0 = optree.tree_map(lambda x: x[0], states)
-    batch = synthetic_batch(config, state0.params, jr.key(2), T, B)
+    batch = synthetic_batch(config, state0.params, jr.key(2, device), T, B)
     batches = optree.tree_map(lambda x: torch.stack([x, x]), batch, none_is_leaf=False)
     v_state, metrics = make_update_fn(config, num_seeds=2, hparams="state")(states, batches)
     # Seed 0: the first step is on-policy (KL 0), so it applies; the second sees KL > 0 and
@@ -291,14 +291,14 @@ def test_kl_early_stopping_is_per_seed_and_before_the_step():
 
 
 @pytest.mark.slow
-def test_vmapped_seed_without_an_applied_step_keeps_its_step_and_reports_nan():
+def test_vmapped_seed_without_an_applied_step_keeps_its_step_and_reports_nan(device):
     # Seed 0's data is non-finite (every step skipped), seed 1's target stops it after one
     # applied step, seed 2 runs every step: vmapped, eager and compiled, as one at a time.
     config = small_config(target_kl=1.0, learning_rate=0.05, update_epochs=1)
-    keys = torch.stack([jr.key(1)] * 3)
+    keys = torch.stack([jr.key(1, device)] * 3)
     states = init_train_state(keys, config, target_kl=torch.tensor([1e9, 1e-9, 1e9]))
     state0 = optree.tree_map(lambda x: x[0], states)
-    batch = synthetic_batch(config, state0.params, jr.key(2), T, B)
+    batch = synthetic_batch(config, state0.params, jr.key(2, device), T, B)
     bad = batch._replace(obs=torch.full_like(batch.obs, math.nan))
     batches = [bad, batch, batch]
     stacked = optree.tree_map(lambda *xs: torch.stack(xs), *batches, none_is_leaf=False)
@@ -437,9 +437,9 @@ def test_entropy_floor_of_a_head_never_available_adds_nothing(accum):
 
 
 @pytest.mark.slow
-def test_recurrent_update_runs_compiled_and_matches_eager():
+def test_recurrent_update_runs_compiled_and_matches_eager(device):
     config = small_config(recurrent=True, bptt_len=4, update_epochs=1, num_minibatches=2)
-    state, batch = make_case(config)
+    state, batch = make_case(config, device=device)
     e_state, e_metrics = make_update_fn(config)(state, batch)
     compiled = make_update_fn(config.replace(compile=True), backend="aot_eager")
     c_state, _ = compiled(state, batch)
@@ -478,11 +478,12 @@ def test_bad_batch_errors_name_the_argument():
 
 
 @pytest.mark.slow
-def test_vmapped_compiled_matches_vmapped_eager():
+def test_vmapped_compiled_matches_vmapped_eager(device):
     # The minibatch scope's loop over a vmapped step (the scan of vmapped steps: above).
     config = small_config(update_epochs=1)
-    states = init_train_state(jr.split(jr.key(5), 2), config)
-    batch = synthetic_batch(config, optree.tree_map(lambda x: x[0], states.params), jr.key(6), T, B)
+    states = init_train_state(jr.split(jr.key(5, device), 2), config)
+    params0 = optree.tree_map(lambda x: x[0], states.params)
+    batch = synthetic_batch(config, params0, jr.key(6, device), T, B)
     batches = optree.tree_map(lambda x: torch.stack([x, x]), batch, none_is_leaf=False)
     e_state, e_metrics = make_update_fn(config, num_seeds=2)(states, batches)
     compiled = make_update_fn(
@@ -566,12 +567,12 @@ def test_grad_accumulation_runs_each_forward_on_one_micro_batch(monkeypatch):
     assert seen == ([(2, False)] * 4 + [(2, True)] * 4) * 2
 
 
-def test_grad_accumulation_vmapped_seeds_match_each_seed_alone():
+def test_grad_accumulation_vmapped_seeds_match_each_seed_alone(device):
     config = small_config(update_epochs=1, entropy_floor=FLOORS, target_kl=0.02)
-    states = init_train_state(jr.split(jr.key(9), 2), config)
+    states = init_train_state(jr.split(jr.key(9, device), 2), config)
     batches = [
         synthetic_batch(
-            config, optree.tree_map(lambda x, i=i: x[i], states.params), jr.key(i), T, B
+            config, optree.tree_map(lambda x, i=i: x[i], states.params), jr.key(i, device), T, B
         )
         for i in range(2)
     ]
@@ -587,9 +588,9 @@ def test_grad_accumulation_vmapped_seeds_match_each_seed_alone():
 
 
 @pytest.mark.slow
-def test_grad_accumulation_compiled_matches_eager_whole_minibatch():
+def test_grad_accumulation_compiled_matches_eager_whole_minibatch(device):
     config = small_config(update_epochs=1, entropy_floor=FLOORS, target_kl=0.05)
-    state, batch = make_case(config)
+    state, batch = make_case(config, device=device)
     torch._dynamo.reset()
     counters = torch._dynamo.utils.counters
     counters.clear()

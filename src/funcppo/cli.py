@@ -164,6 +164,12 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     )
     train.add_argument("--seed", type=int, default=0, help="the key every seed's key is split from")
     train.add_argument(
+        "--device",
+        default="cpu",
+        help="where the agents' tensors live and their programs run: cpu, cuda or cuda:N (under "
+        "torchrun, cuda is each process's own GPU, cuda:LOCAL_RANK)",
+    )
+    train.add_argument(
         "--data-parallel",
         action="store_true",
         help="under torchrun: all seeds on every process, each with its own envs; updates "

@@ -32,6 +32,7 @@ __all__ = [
     "make_out_dir",
     "parse_sweep",
     "ppo_config",
+    "torch_device",
 ]
 
 GYM_PREFIX = "gym:"
@@ -292,6 +293,27 @@ def make_out_dir(args: argparse.Namespace) -> Path:
             continue
         return out
     raise AssertionError("unreachable")
+
+
+def torch_device(name: str):
+    """``--device`` as a ``torch.device`` this machine has, or a ``UsageError``. It imports
+    torch, so the runs call it once the other arguments are known to be good."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise UsageError(f"--device: expected cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if (device.index or 0) >= count:
+            raise UsageError(
+                f"--device: expected a device this machine has, got {name!r}, and torch "
+                f"{torch.__version__} sees {count} CUDA device(s)"
+            )
+    return device
 
 
 def ppo_config(env_name: str, env, compile_: bool):

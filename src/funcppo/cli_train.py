@@ -26,6 +26,7 @@ from funcppo.cli_args import (
     make_out_dir,
     parse_sweep,
     ppo_config,
+    torch_device,
 )
 from funcppo.cli_report import (
     FirstCompile,
@@ -55,20 +56,23 @@ __all__ = ["run_builtin"]
 
 def run_builtin(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
+    device = torch_device(args.device)
     folder = None
     if args.precompile:
         folder = os.environ.get(PRECOMPILE_ENV) or os.path.join(inductor_cache_dir(), "funcppo")
     with precompiling(folder):
-        return _run_processes(args, None if folder is None else Path(folder))
+        return _run_processes(args, None if folder is None else Path(folder), device)
 
 
-def _run_processes(args: argparse.Namespace, folder: Path | None) -> int:
+def _run_processes(args: argparse.Namespace, folder: Path | None, device: torch.device) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) == 1:
-        return _run_train(args, 0, 1, None, folder)
-    rank, world = init_distributed(args.dist_timeout)
+        return _run_train(args, 0, 1, None, folder, device)
+    # The collectives run on the tensors' device: NCCL for GPUs, gloo for the CPU. NCCL's
+    # processes each take the GPU of their LOCAL_RANK, which "cuda" then names.
+    rank, world = init_distributed(args.dist_timeout, "nccl" if device.type == "cuda" else "gloo")
     try:
         dp = data_parallel() if args.data_parallel else None
-        code = _run_train(args, rank, world, dp, folder)
+        code = _run_train(args, rank, world, dp, folder, device)
     except BaseException:
         close_distributed(wait=False)
         raise
@@ -89,7 +93,12 @@ def _merge_seeds(parts: list[tuple[int, dict]]) -> dict:
 
 
 def _run_train(
-    args: argparse.Namespace, rank: int, world: int, dp: DataParallel | None, folder: Path | None
+    args: argparse.Namespace,
+    rank: int,
+    world: int,
+    dp: DataParallel | None,
+    folder: Path | None,
+    device: torch.device,
 ) -> int:
     # Split seeds: this process's shard of the keys of a single-process run.
     split_seeds = world > 1 and dp is None
@@ -135,9 +144,9 @@ def _run_train(
             recorder(u, metrics)
 
         try:
-            keys = jr.split(jr.key(args.seed), args.seeds)[seeds.start : seeds.stop]
+            keys = jr.split(jr.key(args.seed, device), args.seeds)[seeds.start : seeds.stop]
             # The per-env thread count applies where the rollout's kernels run on the CPU.
-            compiler = CompileSettings.for_device(keys.device, rollout_threads=args.rollout_threads)
+            compiler = CompileSettings.for_device(device, rollout_threads=args.rollout_threads)
             train = make_train(config, num_seeds=len(seeds), data_parallel=dp, compiler=compiler)
             hparams = None
             if sweep is not None:
@@ -173,16 +182,19 @@ def _run_train(
     interrupted = interrupted or bool(held)
     if not interrupted:
         try:
-            kept.append(_evaluate(args, config, state, world, folder, out))
+            kept.append(_evaluate(args, config, state, world, folder, out, device))
         except KeyboardInterrupt:
             interrupted = True
     return report_end(kept, done, config.num_updates, interrupted)
 
 
-def _evaluate(args, config: TrainConfig, state, world: int, folder: Path | None, out: Path) -> Path:
+def _evaluate(
+    args, config: TrainConfig, state, world: int, folder: Path | None, out: Path, device
+) -> Path:
     """One whole episode per env and seed under the final policy, printed and written."""
     evaluate = _evaluator(config, args.seeds, world, precompiled=folder is not None)
-    eval_keys = jr.split(jr.fold_in(jr.key(args.seed), 1), args.seeds)
+    state = optree.tree_map(lambda x: x.to(device), state)  # split seeds come back on the CPU
+    eval_keys = jr.split(jr.fold_in(jr.key(args.seed, device), 1), args.seeds)
     per_seed = evaluate(state, eval_keys).mean(1)
     path = out / "evaluation.json"
     path.write_text(json.dumps({"episode_return": per_seed.tolist()}))

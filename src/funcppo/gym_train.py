@@ -17,7 +17,13 @@ import time
 import torch
 
 from funcppo.agent import PPOAgent
-from funcppo.cli_args import UsageError, check_sweep_values, make_out_dir, parse_sweep
+from funcppo.cli_args import (
+    UsageError,
+    check_sweep_values,
+    make_out_dir,
+    parse_sweep,
+    torch_device,
+)
 from funcppo.cli_report import (
     FirstCompile,
     Progress,
@@ -40,7 +46,10 @@ USUAL_COMPILE = "usually a minute or more on a first run, less when inductor's c
 
 
 def _agents(
-    args: argparse.Namespace, env_id: str, sweep: tuple[str, list[float]] | None
+    args: argparse.Namespace,
+    env_id: str,
+    sweep: tuple[str, list[float]] | None,
+    device: torch.device,
 ) -> list[tuple[PPOAgent, GymAdapter]]:
     """One agent and vector env per seed; a mistake the env or the sweep shows (an action
     space funcppo cannot drive, a swept value out of range) as a ``UsageError``."""
@@ -49,7 +58,7 @@ def _agents(
     for i in range(args.seeds):
         try:
             vec = gym.make_vec(env_id, num_envs=args.num_envs, vectorization_mode="sync")
-            env = GymAdapter(vec, seed=args.seed + i)
+            env = GymAdapter(vec, seed=args.seed + i, device=device)
         except (ValueError, gym.error.Error) as error:
             raise UsageError(f"--env {PREFIX}{env_id}: {error}") from None
         config = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=not args.no_compile)
@@ -66,6 +75,7 @@ def _agents(
             args.num_steps,
             seed=args.seed + i,
             normalize_obs=args.normalize_obs,
+            device=device,
         )
         pairs.append((agent, env))
     return pairs
@@ -76,7 +86,7 @@ def run_gym_train(args: argparse.Namespace) -> int:
     torch.set_num_threads(args.threads)
     env_id = args.env.removeprefix(PREFIX)
     sweep = parse_sweep(args.sweep, args.seeds)
-    pairs = _agents(args, env_id, sweep)
+    pairs = _agents(args, env_id, sweep, torch_device(args.device))
     steps_per_update = args.num_envs * args.num_steps
     num_updates = args.total_steps // steps_per_update
     out = make_out_dir(args)

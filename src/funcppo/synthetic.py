@@ -49,7 +49,7 @@ def synthetic_batch(
     u = jr.uniform(k_done, (t, b, 2))
     terminated, truncated = u[..., 0] < done_prob, u[..., 1] < done_prob / 2
     done = terminated | truncated
-    episode_start = torch.cat([torch.ones(1, b, dtype=torch.bool), done[:-1]])
+    episode_start = torch.cat([torch.ones(1, b, dtype=torch.bool, device=key.device), done[:-1]])
     hidden = init_hidden(config, b, key.device)
     hiddens, logits_t, values = [], [], []
     for step in range(t):
