@@ -46,11 +46,11 @@ import time
 import optree
 import torch
 
-from funcppo import random as jr
-from funcppo.cli_args import PRESETS, ppo_config
+from funcppo.cli.args import PRESETS, ppo_config
+from funcppo.core import random as jr
 from funcppo.envs import make_env
-from funcppo.train import TrainConfig, make_train
-from funcppo.update import make_update_fn
+from funcppo.training.train import TrainConfig, make_train
+from funcppo.training.update import make_update_fn
 from update_step import loop_over_seeds, make_config, make_inputs, sync, time_calls
 
 MAIN_SEEDS = 8

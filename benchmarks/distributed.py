@@ -39,12 +39,12 @@ from pathlib import Path
 import optree
 import torch
 
-from funcppo import random as jr
-from funcppo.config import PPOConfig
-from funcppo.spec import ActionSpec
-from funcppo.state import init_train_state
-from funcppo.synthetic import synthetic_batch
-from funcppo.update import make_update_fn
+from funcppo.core import random as jr
+from funcppo.core.config import PPOConfig
+from funcppo.core.spec import ActionSpec
+from funcppo.training.state import init_train_state
+from funcppo.training.synthetic import synthetic_batch
+from funcppo.training.update import make_update_fn
 
 SPEC = ActionSpec(
     {"op": 3, "a": 5, "b": 4, "c": 6}, "op", [(), ("a",), ("a", "b", "c")], op_conditioned=("a",)
@@ -101,7 +101,7 @@ def median_seconds(update, state, batch, repeats: int, barrier) -> float:
 
 def overhead(args: dict, out: str) -> None:
     """Plain and group-of-1 data-parallel updates in one process, alternating calls."""
-    from funcppo.distributed import data_parallel, init_distributed
+    from funcppo.training.distributed import data_parallel, init_distributed
 
     init_distributed(timeout_s=600)
     config = make_config(args["compile"])
@@ -130,7 +130,7 @@ def worker(rank: int, world: int, port: int, case: str, args: dict, out: str) ->
     torch.set_num_threads(1)
     if case == "overhead":
         return overhead(args, out)
-    from funcppo.distributed import data_parallel, init_distributed
+    from funcppo.training.distributed import data_parallel, init_distributed
 
     init_distributed(timeout_s=600)
     import torch.distributed as dist

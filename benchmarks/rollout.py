@@ -32,11 +32,11 @@ os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="funcppo-rollout
 import torch
 from torch.func import vmap
 
-from funcppo import random as jr
-from funcppo.cli_args import ppo_config
-from funcppo.compiling import CompileSettings, compile_fn
+from funcppo.accel.compiling import CompileSettings, compile_fn
+from funcppo.cli.args import ppo_config
+from funcppo.core import random as jr
 from funcppo.envs import make_env
-from funcppo.train import (
+from funcppo.training.train import (
     TrainConfig,
     contiguous_outputs,
     init_runner,

@@ -26,12 +26,12 @@ import platform
 
 import torch
 
-from funcppo import random as jr
-from funcppo.cli import PRESETS
-from funcppo.cli_args import ppo_config
-from funcppo.compiling import CompileSettings
+from funcppo.accel.compiling import CompileSettings
+from funcppo.cli.args import ppo_config
+from funcppo.cli.main import PRESETS
+from funcppo.core import random as jr
 from funcppo.envs import make_env
-from funcppo.train import TrainConfig, make_train
+from funcppo.training.train import TrainConfig, make_train
 from interleaved import print_table, run_rounds
 
 # name: (rollout threads, update threads)

@@ -32,8 +32,8 @@ import torch._inductor.config as inductor_config
 from torch._dynamo.utils import compile_times
 from torch.profiler import ProfilerActivity, profile
 
-from funcppo.precompile import PRECOMPILE_ENV
-from funcppo.update import make_update_fn
+from funcppo.accel.precompile import PRECOMPILE_ENV
+from funcppo.training.update import make_update_fn
 from update_step import make_config, make_inputs, time_calls
 
 MATMULS = ("aoti_torch_cpu_mm_out", "aoti_torch_cpu_addmm_out", "aoti_torch_cpu_bmm_out")

@@ -22,12 +22,12 @@ import time
 import optree
 import torch
 
-from funcppo import random as jr
-from funcppo.config import PPOConfig
-from funcppo.spec import ActionSpec
-from funcppo.state import init_train_state
-from funcppo.synthetic import synthetic_batch
-from funcppo.update import make_update_fn
+from funcppo.core import random as jr
+from funcppo.core.config import PPOConfig
+from funcppo.core.spec import ActionSpec
+from funcppo.training.state import init_train_state
+from funcppo.training.synthetic import synthetic_batch
+from funcppo.training.update import make_update_fn
 
 SPEC = ActionSpec(
     {"op": 3, "a": 5, "b": 4, "c": 6}, "op", [(), ("a",), ("a", "b", "c")], op_conditioned=("a",)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 import cleanrl_style
-from funcppo.update import make_update_fn
+from funcppo.training.update import make_update_fn
 from update_step import NUM_ENVS, NUM_STEPS, make_config, make_inputs
 
 EPOCHS, MINIBATCHES, HIDDEN = 4, 4, 128

@@ -1,5 +1,5 @@
 """Warm start: how long a new process takes to the end of its first update, with inductor's
-on-disk caches alone against precompiled functions (``funcppo.precompile``).
+on-disk caches alone against precompiled functions (``funcppo.accel.precompile``).
 
 Each measurement is a fresh process running ``make_train`` for 8 CartPole seeds (the main
 job's shape) for two updates; the modes alternate, after one unmeasured process per mode
@@ -27,9 +27,9 @@ def child(seeds: int) -> None:
     start = time.perf_counter()
     torch.set_num_threads(1)
     from funcppo import random as jr
-    from funcppo.cli_args import ppo_config
+    from funcppo.cli.args import ppo_config
     from funcppo.envs import make_env
-    from funcppo.train import TrainConfig, make_train
+    from funcppo.training.train import TrainConfig, make_train
 
     imported = time.perf_counter() - start
     env = make_env("cartpole", 4)

@@ -1,4 +1,5 @@
-"""Tests for funcppo.accumulation: hand values, the parts against the whole, vmap against a loop.
+"""Tests for funcppo.training.accumulation: hand values, the parts against the whole, vmap against
+a loop.
 
 That a full update with grad_accum_steps > 1 equals the whole-minibatch one is tested in
 test_update.py; that a data-parallel one equals one process given every batch, in
@@ -15,9 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
 
-from funcppo.accumulation import accumulate, merge_extremes, split_tree, tree_add, weigh
-from funcppo.distributed import SingleProcess
-from funcppo.losses import (
+from funcppo.core.losses import (
     LossCoefs,
     LossStats,
     RatioExtremes,
@@ -26,6 +25,8 @@ from funcppo.losses import (
     ppo_loss,
     ppo_objective,
 )
+from funcppo.training.accumulation import accumulate, merge_extremes, split_tree, tree_add, weigh
+from funcppo.training.distributed import SingleProcess
 from test_losses import assert_trees_close, hand_ppo_inputs, make_batch, ratio_batch
 
 SETTINGS = settings(max_examples=40, deadline=None)

@@ -1,4 +1,4 @@
-"""Tests for funcppo.advantages: GAE, per-head masking and normalisation."""
+"""Tests for funcppo.core.advantages: GAE, per-head masking and normalisation."""
 
 from __future__ import annotations
 
@@ -9,9 +9,15 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcppo.advantages import explained_variance, gae, normalize_advantages, per_head_advantages
-from funcppo.constants import GAE_BLOCK_SIZE
-from funcppo.spec import LIFECYCLE_OPS, causal_masks, lifecycle_spec
+from funcppo.core.advantages import (
+    explained_variance,
+    gae,
+    normalize_advantages,
+    per_head_advantages,
+)
+from funcppo.core.constants import GAE_BLOCK_SIZE
+from funcppo.core.spec import causal_masks
+from funcppo.envs.lifecycle_spec import LIFECYCLE_OPS, lifecycle_spec
 
 SETTINGS = settings(max_examples=40, deadline=None)
 unit = st.floats(0.0, 1.0)

@@ -13,17 +13,17 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcppo.agent import EnvStep, PPOAgent
-from funcppo.agent_checkpoint import AgentCarry, carry_from_extra, carry_to_extra
-from funcppo.agent_predict import factored_argmax
-from funcppo.agent_rollout import compact_rollout, zero_rollout
-from funcppo.config import PPOConfig
-from funcppo.gym_adapter import GymAdapter
-from funcppo.networks import LSTMState, init_hidden, policy_apply
-from funcppo.normalize import init_reward_scale, init_running_stats, normalize_obs
-from funcppo.spec import ActionSpec
-from funcppo.state import Batch
-from funcppo.update import make_update_fn
+from funcppo.agent.agent import EnvStep, PPOAgent
+from funcppo.agent.checkpoint import AgentCarry, carry_from_extra, carry_to_extra
+from funcppo.agent.gym_adapter import GymAdapter
+from funcppo.agent.predict import factored_argmax
+from funcppo.agent.rollout import compact_rollout, zero_rollout
+from funcppo.core.config import PPOConfig
+from funcppo.core.networks import LSTMState, init_hidden, policy_apply
+from funcppo.core.normalize import init_reward_scale, init_running_stats, normalize_obs
+from funcppo.core.spec import ActionSpec
+from funcppo.training.state import Batch
+from funcppo.training.update import make_update_fn
 
 SMALL = {"torso_sizes": (8,), "compile": False, "update_epochs": 2, "num_minibatches": 2}
 SPEC = ActionSpec({"op": 3, "a1": 4}, "op", [(), ("a1",), ("a1",)])
@@ -323,7 +323,7 @@ def test_act_takes_an_explicit_lstm_state():
     agent = PPOAgent(config, 2, 16)
     agent.episode_start = no  # mid-episode, so the given state is used, not zeroed
     agent.act(obs, hidden=given)
-    want = policy_apply(config, agent.state.params, obs, given, no).hidden
+    want = policy_apply(agent.state.params, config, obs, given, no).hidden
     agent.observe(EnvStep(obs, torch.zeros(2), no, no))
     assert_trees_equal(agent.hidden, want)
     with pytest.raises(ValueError, match=r"hidden: expected None"):
@@ -452,8 +452,8 @@ def test_predict_leaves_the_agent_and_its_next_actions_as_they_were():
     assert_trees_equal(run(plain, 3), run(probed, 3, probe))
     # predict acts on the observation normalised by the current statistics.
     out = policy_apply(
-        config,
         probed.state.params,
+        config,
         normalize_obs(probed.obs_stats, obs, 10.0),
         init_hidden(config, 3),
         torch.zeros(3, dtype=bool),
@@ -487,7 +487,7 @@ def test_predict_carries_an_lstm_through_an_evaluation_loop():
         actions, hidden = agent.predict(obs[t], None, hidden, True, episode_start=starts[t])
         stepped.append(actions)
     # The same steps as one sequence through the LSTM.
-    out = policy_apply(config, agent.state.params, obs, init_hidden(config, 3), starts)
+    out = policy_apply(agent.state.params, config, obs, init_hidden(config, 3), starts)
     full = {"op": torch.ones(5, 3, 3, dtype=bool), "a1": torch.ones(5, 3, 4, dtype=bool)}
     want = factored_argmax(SPEC, out.logits, full)
     for name in SPEC.names:

@@ -6,13 +6,13 @@ import gymnasium as gym
 import pytest
 import torch
 
-from funcppo.agent import PPOAgent
-from funcppo.agent_checkpoint import AgentCarry, carry_from_extra, carry_to_extra
-from funcppo.checkpoint import save_checkpoint
-from funcppo.gym_adapter import GymAdapter
-from funcppo.networks import LSTMState
-from funcppo.normalize import RewardScaleState, init_running_stats
-from funcppo.spec import ActionSpec
+from funcppo.agent.agent import PPOAgent
+from funcppo.agent.checkpoint import AgentCarry, carry_from_extra, carry_to_extra
+from funcppo.agent.gym_adapter import GymAdapter
+from funcppo.core.networks import LSTMState
+from funcppo.core.normalize import RewardScaleState, init_running_stats
+from funcppo.core.spec import ActionSpec
+from funcppo.training.checkpoint import save_checkpoint
 from test_agent import assert_trees_equal, cartpole, config_for
 
 LSTM = {"recurrent": True, "lstm_size": 8, "bptt_len": 4}

@@ -9,7 +9,7 @@ import time
 import pytest
 import torch
 
-from funcppo.atomic import STALE_AFTER_S, temporary_name, write_atomic
+from funcppo.core.atomic import STALE_AFTER_S, temporary_name, write_atomic
 
 
 class Killed(BaseException):

@@ -11,17 +11,17 @@ import optree
 import pytest
 import torch
 
-from funcppo.agent import PPOAgent
-from funcppo.callbacks import (
+from funcppo.agent.agent import PPOAgent
+from funcppo.agent.callbacks import (
     Callback,
     CheckpointCallback,
     EvalCallback,
     TensorBoardCallback,
     summary_writer,
 )
-from funcppo.config import PPOConfig
-from funcppo.gym_adapter import GymAdapter
-from funcppo.gym_evaluate import evaluate_policy
+from funcppo.agent.gym_adapter import GymAdapter
+from funcppo.agent.gym_evaluate import evaluate_policy
+from funcppo.core.config import PPOConfig
 
 SMALL = {"torso_sizes": (8,), "compile": False, "update_epochs": 1, "num_minibatches": 2}
 NUM_ENVS, NUM_STEPS = 2, 8

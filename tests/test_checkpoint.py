@@ -13,8 +13,11 @@ import optree
 import pytest
 import torch
 
-from funcppo import random as jr
-from funcppo.checkpoint import (
+from funcppo.core import random as jr
+from funcppo.core.config import PPOConfig
+from funcppo.core.spec import ActionSpec
+from funcppo.envs.lifecycle_spec import esper_config, lifecycle_spec
+from funcppo.training.checkpoint import (
     CHECKPOINT_VERSION,
     CheckpointError,
     config_from_dict,
@@ -23,11 +26,9 @@ from funcppo.checkpoint import (
     save_checkpoint,
     upgrade_checkpoint,
 )
-from funcppo.config import PPOConfig, esper_config
-from funcppo.spec import ActionSpec, lifecycle_spec
-from funcppo.state import TrainState, init_train_state
-from funcppo.synthetic import synthetic_batch
-from funcppo.update import make_update_fn
+from funcppo.training.state import TrainState, init_train_state
+from funcppo.training.synthetic import synthetic_batch
+from funcppo.training.update import make_update_fn
 
 SMALL = {"torso_sizes": (8,), "lstm_size": 8, "bptt_len": 4, "compile": False}
 SMALL |= {"update_epochs": 2, "num_minibatches": 2}
@@ -290,11 +291,11 @@ def test_versions_are_refused_with_the_way_to_upgrade(tmp_path):
 _CHILD = """
 import os, sys, time
 from pathlib import Path
-from funcppo import random as jr
-from funcppo.checkpoint import save_checkpoint
-from funcppo.config import PPOConfig
-from funcppo.spec import ActionSpec
-from funcppo.state import init_train_state
+from funcppo.core import random as jr
+from funcppo.training.checkpoint import save_checkpoint
+from funcppo.core.config import PPOConfig
+from funcppo.core.spec import ActionSpec
+from funcppo.training.state import init_train_state
 
 path, flag = Path(sys.argv[1]), Path(sys.argv[2])
 causal = ({"a"}, {"a", "b"}, {"b"})

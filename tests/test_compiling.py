@@ -20,7 +20,7 @@ from hypothesis import strategies as st
 from torch._higher_order_ops.scan import scan
 from torch.fx.experimental.proxy_tensor import make_fx
 
-from funcppo.compiling import (
+from funcppo.accel.compiling import (
     CompileSettings,
     compile_fn,
     keep_input_guards,
@@ -29,8 +29,8 @@ from funcppo.compiling import (
     scan_cacheable,
     scan_carry,
 )
-from funcppo.flat import ravel_leaves, unravel_leaves
-from funcppo.rewrites import PowAsExp, ThinProducts
+from funcppo.accel.rewrites import PowAsExp, ThinProducts
+from funcppo.core.flat import ravel_leaves, unravel_leaves
 
 
 def entry(name: str, is_global: bool = False) -> SimpleNamespace:
@@ -164,10 +164,10 @@ def test_settings_are_values_that_share_nothing():
         torch.testing.assert_close(g(x), f(x))
     assert [len(graphs["a"]), len(graphs["b"])] == [1, 1]
     # Nothing module-level to patch: the settings object is the one place they live.
-    import funcppo.compiling
+    import funcppo.accel.compiling
 
     knobs = {"GUARD_FILTER", "CPP_WRAPPER", "INDUCTOR_OPTIONS"}
-    assert not knobs & set(vars(funcppo.compiling))
+    assert not knobs & set(vars(funcppo.accel.compiling))
 
 
 def test_settings_refuse_a_bad_thread_count_and_compile_fn_a_bad_settings():
@@ -318,7 +318,7 @@ def test_scan_carry_keeps_the_chosen_leaves_and_packs_the_rest():
 def test_vector_instruction_sets_trusted_unless_the_user_decides(env, expected):
     # A fresh interpreter: inductor reads TORCHINDUCTOR_VEC_ISA_OK when its config is imported.
     code = (
-        "import funcppo.compiling as c, torch._inductor.config as i; "
+        "import funcppo.accel.compiling as c, torch._inductor.config as i; "
         "s = c.CompileSettings.for_device('cpu'); "
         "print(dict(s.inductor_options).get('cpp.vec_isa_ok'), i.cpp.vec_isa_ok)"
     )

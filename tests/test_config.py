@@ -1,4 +1,4 @@
-"""Tests for funcppo.config: defaults, normalisation, validation messages, presets."""
+"""Tests for funcppo.core.config: defaults, normalisation, validation messages, presets."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcppo.config import PPOConfig, esper_config
-from funcppo.constants import ADAM_EPS
-from funcppo.spec import ActionSpec, lifecycle_spec
+from funcppo.core.config import PPOConfig
+from funcppo.core.constants import ADAM_EPS
+from funcppo.core.spec import ActionSpec
+from funcppo.envs.lifecycle_spec import esper_config, lifecycle_spec
 
 SPEC = ActionSpec({"op": 3, "arg": 4, "extra": 2}, "op", [{"op"}, {"arg"}, {"arg", "extra"}])
 

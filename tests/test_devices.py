@@ -14,15 +14,15 @@ import pytest
 import torch
 from torch.func import vmap
 
-from funcppo import random as jr
-from funcppo.config import PPOConfig
+from funcppo.core import random as jr
+from funcppo.core.config import PPOConfig
+from funcppo.core.networks import init_hidden, policy_apply
+from funcppo.core.normalize import init_reward_scale, init_running_stats
+from funcppo.core.spec import ActionSpec
 from funcppo.envs import make_env
-from funcppo.networks import init_hidden, policy_apply
-from funcppo.normalize import init_reward_scale, init_running_stats
-from funcppo.spec import ActionSpec
-from funcppo.state import init_train_state
-from funcppo.synthetic import synthetic_batch
-from funcppo.train import (
+from funcppo.training.state import init_train_state
+from funcppo.training.synthetic import synthetic_batch
+from funcppo.training.train import (
     TrainConfig,
     contiguous_outputs,
     init_runner,
@@ -56,7 +56,7 @@ def test_state_and_synthetic_batch_follow_the_key(recurrent):
     states = init_train_state(jr.split(jr.key(0, META), 2), config, learning_rate=1e-3)
     batch = synthetic_batch(config, state.params, jr.key(1, META), 8, 3)
     hidden, start = init_hidden(config, 3, META), batch.episode_start[0]
-    out = policy_apply(config, state.params, batch.obs[0], hidden, start)
+    out = policy_apply(state.params, config, batch.obs[0], hidden, start)
     assert elsewhere((state, states, batch, out), META) == []
     assert elsewhere((init_running_stats((6,), META), init_reward_scale(3, META)), META) == []
 

@@ -1,5 +1,5 @@
-"""funcppo.distributed: data-parallel updates against one process that saw every batch, seeds
-split over processes against one process running them all, and a failing process stopping
+"""funcppo.training.distributed: data-parallel updates against one process that saw every batch,
+seeds split over processes against one process running them all, and a failing process stopping
 the run. Multi-process tests spawn 2 CPU processes (gloo, loopback), bounded by a timeout."""
 
 import json
@@ -17,19 +17,19 @@ import optree
 import pytest
 import torch
 
-import funcppo.random as jr
-from funcppo.advantages import explained_variance, normalize_advantages
-from funcppo.config import PPOConfig
-from funcppo.distributed import (
+import funcppo.core.random as jr
+from funcppo.core.advantages import explained_variance, normalize_advantages
+from funcppo.core.config import PPOConfig
+from funcppo.core.distributions import mask_stats
+from funcppo.training.distributed import (
     SingleProcess,
     replicated_advantage_stats,
     replicated_mask_stats,
     shard_seeds,
 )
-from funcppo.distributions import mask_stats
-from funcppo.state import init_train_state
-from funcppo.synthetic import synthetic_batch
-from funcppo.update import make_update_fn
+from funcppo.training.state import init_train_state
+from funcppo.training.synthetic import synthetic_batch
+from funcppo.training.update import make_update_fn
 from test_update import B, T, small_config
 
 WORLD = 2
@@ -93,7 +93,7 @@ def _worker(rank: int, port: int, out: str, task: str, timeout_s: float) -> None
     )
     torch.set_num_threads(1)
     try:
-        from funcppo.distributed import close_distributed, data_parallel, init_distributed
+        from funcppo.training.distributed import close_distributed, data_parallel, init_distributed
 
         init_distributed(timeout_s=timeout_s)
         result = globals()[task](rank, data_parallel())
@@ -154,7 +154,7 @@ def collectives(rank: int, dp):
     """``tree_sum``/``tree_max`` eager, vmapped, and compiled (aot_eager) with and without vmap."""
     from torch.func import vmap
 
-    from funcppo.compiling import CompileSettings, compile_fn
+    from funcppo.accel.compiling import CompileSettings, compile_fn
 
     def both(tree):
         return dp.tree_sum(tree), dp.tree_max(tree)
@@ -175,7 +175,7 @@ def collectives(rank: int, dp):
 
 def train_config():
     from funcppo.envs import make_env
-    from funcppo.train import TrainConfig
+    from funcppo.training.train import TrainConfig
 
     env = make_env("cartpole", 2)
     ppo = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=False, torso_sizes=(16, 16))
@@ -184,7 +184,7 @@ def train_config():
 
 def data_parallel_train(rank: int, dp):
     """Two updates of ``make_train`` on CartPole, data parallel over the processes."""
-    from funcppo.train import make_train
+    from funcppo.training.train import make_train
 
     state, history = make_train(train_config(), num_seeds=2, data_parallel=dp)(
         jr.split(jr.key(11), 2)
@@ -256,8 +256,8 @@ def dp_results(tmp_path_factory):
 )
 def test_data_parallel_update_equals_one_process_with_every_batch(name, dp_results, monkeypatch):
     # Exact in math: each process weighs its part of minibatch k's means by its share of the
-    # global minibatch's counts (funcppo.accumulation), so the summed gradients are the gradient
-    # of the loss of the union of the ranks' minibatches k, which is what the reference's
+    # global minibatch's counts (funcppo.training.accumulation), so the summed gradients are the
+    # gradient of the loss of the union of the ranks' minibatches k, which is what the reference's
     # partition trains on; advantage normalisation uses the moments over both batches, as the
     # reference's does.
     expected_state, expected = reference(name, monkeypatch)
@@ -295,7 +295,7 @@ def test_collectives_sum_and_max_eager_vmapped_and_compiled(dp_results):
 
 
 def test_data_parallel_train_keeps_processes_in_step(dp_results):
-    from funcppo.train import make_train
+    from funcppo.training.train import make_train
 
     (state0, hist0), (state1, hist1) = dp_results[0]["train"], dp_results[1]["train"]
     assert max_diff(state0, state1) == 0.0
@@ -314,7 +314,7 @@ HANG_S = 8.0
 
 def failing_rank(rank: int, dp):
     """Rank 1 raises at once; rank 0 times its data-parallel update until the error."""
-    from funcppo.distributed import DistributedError
+    from funcppo.training.distributed import DistributedError
 
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose")
@@ -323,7 +323,7 @@ def failing_rank(rank: int, dp):
 
 def hanging_rank(rank: int, dp):
     """Rank 1 stops answering for HANG_S seconds, longer than the process group's timeout."""
-    from funcppo.distributed import DistributedError
+    from funcppo.training.distributed import DistributedError
 
     if rank == 1:
         time.sleep(HANG_S)
@@ -406,7 +406,7 @@ def test_replicated_formulas_over_one_process_equal_the_plain_ones():
 
 
 def test_data_parallel_without_process_group_names_the_problem(monkeypatch):
-    from funcppo.distributed import data_parallel, init_distributed
+    from funcppo.training.distributed import data_parallel, init_distributed
 
     with pytest.raises(ValueError, match="process group"):
         data_parallel()
@@ -422,8 +422,8 @@ CLI_ARGS += ["--num-steps", "16", "--no-compile"]
 @pytest.mark.slow
 def test_cli_seeds_split_over_two_processes_match_one_process(tmp_path):
     # 3 seeds over 2 processes: rank 0 runs seeds 0-1, rank 1 seed 2, vmapped each.
-    from funcppo.checkpoint import load_checkpoint
-    from funcppo.cli import main
+    from funcppo.cli.main import main
+    from funcppo.training.checkpoint import load_checkpoint
 
     port = free_port()
     split, alone = tmp_path / "split", tmp_path / "alone"

@@ -1,5 +1,5 @@
-"""Tests for funcppo.distributions: torch Categorical, reference loops, hand values, properties,
-vmap over seeds and compile."""
+"""Tests for funcppo.core.distributions: torch Categorical, reference loops, hand values,
+properties, vmap over seeds and compile."""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from hypothesis import strategies as st
 from torch.distributions import Categorical
 from torch.func import vmap
 
-from funcppo import random as R
-from funcppo.constants import MASK_FILL_FRACTION
-from funcppo.distributions import (
+from funcppo.core import random as R
+from funcppo.core.constants import MASK_FILL_FRACTION
+from funcppo.core.distributions import (
     factored_entropy,
     factored_logprob,
     factored_sample,
@@ -27,7 +27,8 @@ from funcppo.distributions import (
     masked_sample,
     validate_masks,
 )
-from funcppo.spec import ActionSpec, causal_masks, lifecycle_spec
+from funcppo.core.spec import ActionSpec, causal_masks
+from funcppo.envs.lifecycle_spec import lifecycle_spec
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

@@ -13,7 +13,7 @@ from gymnasium.envs.classic_control.cartpole import CartPoleEnv
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcppo import random
+from funcppo.core import random
 from funcppo.envs import (
     CARTPOLE_SPEC,
     ENVS,
@@ -26,7 +26,7 @@ from funcppo.envs import (
     where_done,
 )
 from funcppo.envs.cartpole import MAX_STEPS, cartpole_dynamics, cartpole_terminated
-from funcppo.spec import lifecycle_spec
+from funcppo.envs.lifecycle_spec import lifecycle_spec
 
 SETTINGS = settings(max_examples=50, deadline=None)
 # Box the random test states are drawn from: (x, x_dot, theta, theta_dot), past both thresholds.

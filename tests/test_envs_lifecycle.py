@@ -10,7 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcppo import random
+from funcppo.core import random
 from funcppo.envs import ENVS, Env, StepResult, lifecycle, make_env
 from funcppo.envs.lifecycle import (
     ACTION_COST,
@@ -59,7 +59,7 @@ from funcppo.envs.lifecycle_policy import (
     oracle_policy,
     random_policy,
 )
-from funcppo.spec import LIFECYCLE_OPS, lifecycle_spec
+from funcppo.envs.lifecycle_spec import LIFECYCLE_OPS, lifecycle_spec
 
 SETTINGS = settings(max_examples=30, deadline=None)
 SPEC = lifecycle_spec(3)

@@ -5,13 +5,13 @@ import optree
 import pytest
 import torch
 
-from funcppo import random as jr
-from funcppo.config import PPOConfig
+from funcppo.accel.precompile import fingerprint
+from funcppo.core import random as jr
+from funcppo.core.config import PPOConfig
 from funcppo.envs import make_env
-from funcppo.evaluate import make_evaluate
-from funcppo.precompile import fingerprint
-from funcppo.state import init_train_state
-from funcppo.train import TrainConfig, init_runner, make_env_step
+from funcppo.training.evaluate import make_evaluate
+from funcppo.training.state import init_train_state
+from funcppo.training.train import TrainConfig, init_runner, make_env_step
 
 
 def config(env_name: str = "cartpole", num_envs: int = 3, **ppo_changes) -> TrainConfig:

@@ -1,4 +1,4 @@
-"""funcppo.flat: parameters and optimizer state as flat groups, and back."""
+"""funcppo.core.flat: parameters and optimizer state as flat groups, and back."""
 
 import optree
 import pytest
@@ -6,12 +6,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcppo import random as jr
-from funcppo.config import PPOConfig
-from funcppo.flat import flat_layout, ravel, ravel_tree, tree_layout, unravel, unravel_tree
-from funcppo.networks import policy_init
-from funcppo.optim import adamw, is_critic_path
-from funcppo.spec import ActionSpec
+from funcppo.core import random as jr
+from funcppo.core.config import PPOConfig
+from funcppo.core.flat import flat_layout, ravel, ravel_tree, tree_layout, unravel, unravel_tree
+from funcppo.core.networks import policy_init
+from funcppo.core.optim import adamw, is_critic_path
+from funcppo.core.spec import ActionSpec
 
 SPEC = ActionSpec({"op": 3, "a": 5}, "op", [(), ("a",), ("a",)])
 

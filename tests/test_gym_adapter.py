@@ -12,11 +12,11 @@ import numpy as np
 import pytest
 import torch
 
-from funcppo.agent import PPOAgent
-from funcppo.config import PPOConfig
-from funcppo.gym_adapter import GymAdapter, env_action, gym_action_spec, head_masks
-from funcppo.networks import policy_apply
-from funcppo.normalize import normalize_obs
+from funcppo.agent.agent import PPOAgent
+from funcppo.agent.gym_adapter import GymAdapter, env_action, gym_action_spec, head_masks
+from funcppo.core.config import PPOConfig
+from funcppo.core.networks import policy_apply
+from funcppo.core.normalize import normalize_obs
 
 NEXT, SAME = gym.vector.AutoresetMode.NEXT_STEP, gym.vector.AutoresetMode.SAME_STEP
 SMALL = {"torso_sizes": (8,), "compile": False, "update_epochs": 1, "num_minibatches": 2}
@@ -100,7 +100,7 @@ def test_rollout_holds_real_transitions_and_bootstraps_from_final_obs(mode):
         assert torch.equal(batch.episode_start[:, b], t == 0)
         # next_values: V of the final obs [length, episode] at episode ends, of the next obs else.
         nxt = torch.stack([t + 1, batch.obs[:, b, 1]], -1)
-        want = policy_apply(agent.config, agent.state.params, nxt, None, None).value
+        want = policy_apply(agent.state.params, agent.config, nxt, None, None).value
         # Not to the bit: the agent evaluated these rows in other batch shapes, and on an
         # AVX-512 CPU MKL's sgemm rounds by shape (1-ulp differences). V of a wrong
         # observation (the reset one) is off by orders of magnitude more.
@@ -450,7 +450,7 @@ def test_learns_a_masked_multidiscrete_env_that_only_a_masked_policy_scores():
 
 
 def test_cli_trains_a_gym_env_and_writes_the_usual_outputs(tmp_path, capsys):
-    from funcppo.cli import main
+    from funcppo.cli.main import main
 
     argv = ["train", "--env", "gym:CartPole-v1", "--seeds", "1", "--num-envs", "2"]
     argv += ["--num-steps", "64", "--total-steps", "512", "--no-compile", "--out", str(tmp_path)]
@@ -473,7 +473,7 @@ def test_cli_trains_a_gym_env_and_writes_the_usual_outputs(tmp_path, capsys):
 
 
 def test_cli_sweep_over_a_gym_env_gives_each_agent_its_value(tmp_path, capsys):
-    from funcppo.cli import main
+    from funcppo.cli.main import main
 
     argv = ["train", "--env", "gym:CartPole-v1", "--seeds", "2", "--num-envs", "2"]
     argv += ["--num-steps", "64", "--total-steps", "128", "--no-compile", "--out", str(tmp_path)]

@@ -9,10 +9,10 @@ import optree
 import pytest
 import torch
 
-from funcppo.agent import PPOAgent
-from funcppo.config import PPOConfig
-from funcppo.gym_adapter import GymAdapter, env_action, head_masks
-from funcppo.gym_evaluate import episode_targets, evaluate_policy
+from funcppo.agent.agent import PPOAgent
+from funcppo.agent.gym_adapter import GymAdapter, env_action, head_masks
+from funcppo.agent.gym_evaluate import episode_targets, evaluate_policy
+from funcppo.core.config import PPOConfig
 
 NEXT, SAME = gym.vector.AutoresetMode.NEXT_STEP, gym.vector.AutoresetMode.SAME_STEP
 SMALL = {"torso_sizes": (8,), "compile": False}

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from funcppo.agent import PPOAgent
-from funcppo.config import PPOConfig
-from funcppo.gym_adapter import GymAdapter, gym_action_spec
-from funcppo.gym_spaces import ObsError, make_obs_encoder
+from funcppo.agent.agent import PPOAgent
+from funcppo.agent.gym_adapter import GymAdapter, gym_action_spec
+from funcppo.agent.gym_spaces import ObsError, make_obs_encoder
+from funcppo.core.config import PPOConfig
 
 S = gym.spaces
 IMAGE = S.Box(0, 255, (3, 4, 5), np.uint8)

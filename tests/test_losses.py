@@ -1,4 +1,4 @@
-"""Tests for funcppo.losses: reference loops, hand-worked values, properties, vmap, compile."""
+"""Tests for funcppo.core.losses: reference loops, hand-worked values, properties, vmap, compile."""
 
 from __future__ import annotations
 
@@ -11,13 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
 
-from funcppo.constants import (
+from funcppo.core.constants import (
     HEAD_LOG_RATIO_CLAMP,
     JOINT_LOG_RATIO_CLAMP,
     RATIO_COLLAPSE_THRESHOLD,
     RATIO_EXPLOSION_THRESHOLD,
 )
-from funcppo.losses import (
+from funcppo.core.losses import (
     LossCoefs,
     clip_fraction,
     clipped_surrogate,

@@ -1,4 +1,5 @@
-"""Tests for funcppo.networks: init, torch.nn.LSTM equivalence, resets, vmap, compile, checks."""
+"""Tests for funcppo.core.networks: init, torch.nn.LSTM equivalence, resets, vmap, compile,
+checks."""
 
 from __future__ import annotations
 
@@ -10,10 +11,10 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from funcppo import random as fr
-from funcppo.compiling import CompileSettings, compile_fn
-from funcppo.config import PPOConfig
-from funcppo.networks import (
+from funcppo.accel.compiling import CompileSettings, compile_fn
+from funcppo.core import random as fr
+from funcppo.core.config import PPOConfig
+from funcppo.core.networks import (
     LSTMState,
     PolicyOutput,
     check_params,
@@ -24,7 +25,7 @@ from funcppo.networks import (
     policy_apply,
     policy_init,
 )
-from funcppo.spec import ActionSpec
+from funcppo.core.spec import ActionSpec
 
 SPEC = ActionSpec({"op": 3, "arg": 4}, "op", [{"op"}, {"arg"}, {"arg"}])
 OBS = 5
@@ -174,14 +175,14 @@ def test_mlp_hand_worked():
         },
         "value": {"w": torch.tensor([[3.0], [-1.0]]), "b": torch.tensor([0.25])},
     }
-    out = policy_apply(cfg, spec_params, torch.tensor([[0.5, -0.25]]), None, None)
+    out = policy_apply(spec_params, cfg, torch.tensor([[0.5, -0.25]]), None, None)
     h0, h1 = math.tanh(0.5), math.tanh(-0.5 + 0.5)  # = tanh(0.5), 0
     torch.testing.assert_close(out.logits["op"], torch.tensor([[h0, h1, -h0]]))
     torch.testing.assert_close(out.logits["arg"], torch.tensor([[1.0, 2.0, 3.0, 4.0]]))
     torch.testing.assert_close(out.value, torch.tensor([3.0 * h0 - h1 + 0.25]))
     assert out.hidden is None
     relu = policy_apply(
-        cfg.replace(activation="relu"), spec_params, torch.tensor([[0.5, -1.0]]), None, None
+        spec_params, cfg.replace(activation="relu"), torch.tensor([[0.5, -1.0]]), None, None
     )
     torch.testing.assert_close(relu.value, torch.tensor([3.0 * 0.5 + 0.25]))
 
@@ -202,7 +203,7 @@ def test_mlp_matches_torch_modules_with_separate_critic():
 
     with torch.no_grad():
         actor, critic = seq("torso")(obs), seq("critic")(obs)
-    out = policy_apply(MLP, params, obs, None, None)
+    out = policy_apply(params, MLP, obs, None, None)
     for name in ("op", "arg"):
         ref = actor @ params["heads"][name]["w"] + params["heads"][name]["b"]
         torch.testing.assert_close(out.logits[name], ref)
@@ -237,7 +238,7 @@ def test_lstm_matches_torch_nn_lstm_without_resets():
     none = torch.zeros(9, 4, dtype=torch.bool)
     gen = torch.Generator().manual_seed(5)
     h0, c0 = torch.randn(4, 6, generator=gen), torch.randn(4, 6, generator=gen)
-    out = policy_apply(LSTM, params, obs, LSTMState(h0, c0), none)
+    out = policy_apply(params, LSTM, obs, LSTMState(h0, c0), none)
     feats = torch.tanh(
         torch.tanh(obs @ params["torso"]["w0"] + params["torso"]["b0"]) @ params["torso"]["w1"]
         + params["torso"]["b1"]
@@ -289,7 +290,7 @@ def test_lstm_resets_match_reference_loop():
 def chained_steps(cfg, params, obs, hidden, starts):
     outs = []
     for t in range(obs.shape[0]):
-        out = policy_apply(cfg, params, obs[t], hidden, starts[t])
+        out = policy_apply(params, cfg, obs[t], hidden, starts[t])
         hidden = out.hidden
         outs.append(out)
     logits = {k: torch.stack([o.logits[k] for o in outs]) for k in outs[0].logits}
@@ -308,11 +309,11 @@ def test_sequence_equals_chained_single_steps(t, b, seed, p):
     obs, starts = inputs(t, b, seed=seed, p_start=p)
     hidden = LSTMState(*torch.randn(2, b, 6, generator=torch.Generator().manual_seed(seed)))
     assert_trees_close(
-        policy_apply(LSTM, params, obs, hidden, starts),
+        policy_apply(params, LSTM, obs, hidden, starts),
         chained_steps(LSTM, params, obs, hidden, starts),
     )
     assert_trees_close(
-        policy_apply(MLP, policy_init(fr.key(0), MLP), obs, None, starts),
+        policy_apply(policy_init(fr.key(0), MLP), MLP, obs, None, starts),
         chained_steps(MLP, policy_init(fr.key(0), MLP), obs, None, starts),
     )
 
@@ -325,10 +326,10 @@ def test_episode_start_forgets_the_past(t, seed):
     obs, starts = inputs(t, 3, seed=seed)
     starts[0] = True
     gen = torch.Generator().manual_seed(seed)
-    a = policy_apply(LSTM, params, obs, LSTMState(*torch.randn(2, 3, 6, generator=gen)), starts)
-    b = policy_apply(LSTM, params, obs, LSTMState(*torch.randn(2, 3, 6, generator=gen)), starts)
+    a = policy_apply(params, LSTM, obs, LSTMState(*torch.randn(2, 3, 6, generator=gen)), starts)
+    b = policy_apply(params, LSTM, obs, LSTMState(*torch.randn(2, 3, 6, generator=gen)), starts)
     assert_trees_close(a, b, atol=0, rtol=0)
-    zero = policy_apply(LSTM, params, obs, None, starts)
+    zero = policy_apply(params, LSTM, obs, None, starts)
     assert_trees_close(a, zero, atol=0, rtol=0)
     assert all(torch.isfinite(x).all() for x in optree.tree_leaves(a))
 
@@ -337,7 +338,7 @@ def test_separate_critic_gradients_stay_apart():
     obs, _ = inputs(None, 4)
 
     def parts(cfg, params):
-        out = policy_apply(cfg, params, obs, None, None)
+        out = policy_apply(params, cfg, obs, None, None)
         return out.value.sum(), sum(x.sum() for x in out.logits.values())
 
     for cfg, shared in ((MLP, False), (SHARED, True)):
@@ -355,7 +356,7 @@ def test_func_grad_matches_autograd():
     obs, starts = inputs(5, 3)
 
     def loss(p):
-        out = policy_apply(LSTM, p, obs, None, starts)
+        out = policy_apply(p, LSTM, obs, None, starts)
         return out.value.square().mean() + sum(x.logsumexp(-1).mean() for x in out.logits.values())
 
     grads = torch.func.grad(loss)(params)
@@ -397,7 +398,7 @@ def test_vmap_over_seeds_equals_loop_recurrent(device):
     got = torch.func.vmap(make_policy_apply(LSTM))(params, obs, hidden, starts)
     for s in range(3):
         one = optree.tree_map(lambda x, s=s: x[s], params)
-        ref = policy_apply(LSTM, one, obs[s], LSTMState(hidden.h[s], hidden.c[s]), starts[s])
+        ref = policy_apply(one, LSTM, obs[s], LSTMState(hidden.h[s], hidden.c[s]), starts[s])
         assert_trees_close(optree.tree_map(lambda x, s=s: x[s], got), ref)
 
 
@@ -412,7 +413,7 @@ def test_vmap_over_seeds_equals_loop_mlp_shared_obs(device):
     assert got.hidden is None
     for s in range(3):
         one = optree.tree_map(lambda x, s=s: x[s], params)
-        ref = policy_apply(MLP, one, obs, None, None)
+        ref = policy_apply(one, MLP, obs, None, None)
         assert_trees_close(
             PolicyOutput(*[optree.tree_map(lambda x, s=s: x[s], got[i]) for i in range(2)], None),
             ref,
@@ -450,7 +451,7 @@ def test_compiled_gradients_over_seeds_equal_an_eager_loop(settings):
     obs, weights = torch.randn(3, 6, 4, generator=gen), torch.randn(3, 6, generator=gen)
 
     def loss(params, obs, weights):
-        out = policy_apply(THIN, params, obs, None, None)
+        out = policy_apply(params, THIN, obs, None, None)
         logits = sum(x.logsumexp(-1) for x in out.logits.values())
         return ((logits + out.value) * weights).sum(), (out.logits, out.value)
 
@@ -503,7 +504,7 @@ def test_compiled_gradients_over_seeds_equal_an_eager_loop(settings):
 def test_policy_apply_input_errors(cfg, obs, hidden, starts, fragment):
     params = policy_init(fr.key(0), cfg)
     with pytest.raises(ValueError) as info:
-        policy_apply(cfg, params, obs, hidden, starts)
+        policy_apply(params, cfg, obs, hidden, starts)
     assert fragment in str(info.value), str(info.value)
 
 
@@ -551,5 +552,5 @@ def test_empty_torso_is_a_linear_policy():
     params = policy_init(fr.key(0), cfg)
     check_params(params, cfg)
     obs, _ = inputs(None, 2)
-    out = policy_apply(cfg, params, obs, None, None)
+    out = policy_apply(params, cfg, obs, None, None)
     torch.testing.assert_close(out.logits["op"], obs @ params["heads"]["op"]["w"])

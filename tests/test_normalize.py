@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
 
-from funcppo.normalize import (
+from funcppo.core.normalize import (
     NORMALIZE_EPS,
     STATS_INIT_COUNT,
     init_reward_scale,

@@ -7,8 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
 
-from funcppo.constants import ADAM_EPS, CLIP_NORM_EPS
-from funcppo.optim import (
+from funcppo.core.constants import ADAM_EPS, CLIP_NORM_EPS
+from funcppo.core.optim import (
     EmptyState,
     ScaleByAdamState,
     adamw,

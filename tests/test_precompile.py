@@ -12,13 +12,13 @@ from typing import NamedTuple
 import pytest
 import torch
 
-from funcppo import precompile
-from funcppo.atomic import temporary_name
-from funcppo.compiling import CompileSettings, compile_fn
-from funcppo.config import TENSOR_HYPERPARAMS
-from funcppo.precompile import PRECOMPILE_ENV, fingerprint
-from funcppo.state import Hyperparams
-from funcppo.update import make_update_fn
+from funcppo.accel import precompile
+from funcppo.accel.compiling import CompileSettings, compile_fn
+from funcppo.accel.precompile import PRECOMPILE_ENV, fingerprint
+from funcppo.core.atomic import temporary_name
+from funcppo.core.config import TENSOR_HYPERPARAMS
+from funcppo.training.state import Hyperparams
+from funcppo.training.update import make_update_fn
 from test_update import make_case, max_diff, small_config
 
 SCALE = 2.0
@@ -219,7 +219,7 @@ def test_saved_guards_leave_out_the_closure_and_this_process_scopes(precompile_d
     """A namedtuple's ``__new__`` has globals of no module: dynamo guards them as
     ``G['___unnamed_scope_<id>_c<n>']``, a name that only this process has. The saved file
     keeps neither those guards nor the closure's, or no later process could load it."""
-    import funcppo.compiling
+    import funcppo.accel.compiling
 
     fn = make_fn(settings(rate=1.25))
 
@@ -230,7 +230,7 @@ def test_saved_guards_leave_out_the_closure_and_this_process_scopes(precompile_d
     x = torch.arange(3.0)
     torch.testing.assert_close(compile_fn(paired, "tiny", CPU)(x), paired(x))
     # dynamo installed such a scope where the compiled trampoline looks up its globals
-    assert any(name.startswith("___unnamed_scope") for name in vars(funcppo.compiling))
+    assert any(name.startswith("___unnamed_scope") for name in vars(funcppo.accel.compiling))
     (path,) = precompile_dir.iterdir()
     with path.open("rb") as file, torch._guards.tracing(torch._guards.TracingContext(None)):
         loaded = torch.compiler.load_compiled_function(file)
@@ -255,7 +255,7 @@ import torch._dynamo.utils
 torch.set_num_threads(1)
 sys.path.insert(0, sys.argv[1])
 import funcppo
-from funcppo.update import make_update_fn
+from funcppo.training.update import make_update_fn
 from test_update import make_case, small_config
 
 config = small_config(compile=True, update_epochs=1, num_minibatches=2)

@@ -1,4 +1,4 @@
-"""Tests for funcppo.random: plain-int reference, hand values, statistics, vmap, compile."""
+"""Tests for funcppo.core.random: plain-int reference, hand values, statistics, vmap, compile."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
 
-from funcppo import random as R
+from funcppo.core import random as R
 
 SETTINGS = settings(max_examples=30, deadline=None)
 N = 100_000

@@ -1,5 +1,6 @@
-"""funcppo.scanning: the scanned loop against a Python loop, compiled and vmapped, and the compile
-scopes' pieces called in order. The update through every scope is tested in test_update.py."""
+"""funcppo.accel.scanning: the scanned loop against a Python loop, compiled and vmapped, and the
+compile scopes' pieces called in order. The update through every scope is tested in
+test_update.py."""
 
 from __future__ import annotations
 
@@ -10,11 +11,11 @@ import pytest
 import torch
 from torch.func import vmap
 
-from funcppo.compiling import CompileSettings, compile_fn
-from funcppo.config import PPOConfig
-from funcppo.distributed import SingleProcess
-from funcppo.scanning import UpdatePieces, compose_update, scan_steps, stacked_tree_map
-from funcppo.spec import ActionSpec
+from funcppo.accel.compiling import CompileSettings, compile_fn
+from funcppo.accel.scanning import UpdatePieces, compose_update, scan_steps, stacked_tree_map
+from funcppo.core.config import PPOConfig
+from funcppo.core.spec import ActionSpec
+from funcppo.training.distributed import SingleProcess
 
 AOT = CompileSettings(backend="aot_eager")
 

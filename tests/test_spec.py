@@ -1,4 +1,4 @@
-"""Tests for funcppo.spec: validation, the lifecycle table, reference loops, vmap, compile."""
+"""Tests for funcppo.core.spec: validation, the lifecycle table, reference loops, vmap, compile."""
 
 from __future__ import annotations
 
@@ -10,15 +10,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch.func import vmap
 
-from funcppo.spec import (
-    LIFECYCLE_OPS,
+from funcppo.core.spec import (
     ActionSpec,
     availability_masks,
     causal_masks,
     entropy_floor_masks,
-    lifecycle_spec,
     resolve_masks,
 )
+from funcppo.envs.lifecycle_spec import LIFECYCLE_OPS, lifecycle_spec
 
 SETTINGS = settings(max_examples=40, deadline=None)
 

@@ -1,4 +1,5 @@
-"""Tests for funcppo.state: hyperparameters from the config, overrides, ``with_hparams``."""
+"""Tests for funcppo.training.state: hyperparameters from the config, overrides,
+``with_hparams``."""
 
 from __future__ import annotations
 
@@ -8,10 +9,10 @@ import optree
 import pytest
 import torch
 
-from funcppo import random as jr
-from funcppo.config import TENSOR_HYPERPARAMS, PPOConfig
-from funcppo.spec import ActionSpec
-from funcppo.state import Hyperparams, init_train_state, make_hyperparams, with_hparams
+from funcppo.core import random as jr
+from funcppo.core.config import TENSOR_HYPERPARAMS, PPOConfig
+from funcppo.core.spec import ActionSpec
+from funcppo.training.state import Hyperparams, init_train_state, make_hyperparams, with_hparams
 
 SPEC = ActionSpec({"op": 3, "arg": 4}, "op", [(), ("arg",), ("arg",)])
 

@@ -9,16 +9,16 @@ import pytest
 import torch
 from torch.func import vmap
 
-from funcppo import cli
-from funcppo import random as jr
-from funcppo.checkpoint import load_checkpoint
-from funcppo.cli import main, parse_sweep
-from funcppo.cli_report import smooth
-from funcppo.compiling import CompileSettings
-from funcppo.config import PPOConfig
+from funcppo.accel.compiling import CompileSettings
+from funcppo.cli import main as cli
+from funcppo.cli.main import main, parse_sweep
+from funcppo.cli.report import smooth
+from funcppo.core import random as jr
+from funcppo.core.config import PPOConfig
+from funcppo.core.networks import policy_apply
 from funcppo.envs import make_env
-from funcppo.networks import policy_apply
-from funcppo.train import (
+from funcppo.training.checkpoint import load_checkpoint
+from funcppo.training.train import (
     TrainConfig,
     contiguous_outputs,
     init_runner,
@@ -233,7 +233,7 @@ def test_compiled_rollout_compiles_once():
 def test_scan_is_marked_cacheable_only_inside_the_rollout_call():
     # Without the mark inductor's caches bypass any graph with a scan (torch 2.13), and every
     # process compiles the rollout afresh.
-    from funcppo.compiling import scan_cacheable
+    from funcppo.accel.compiling import scan_cacheable
 
     ops = (torch.ops.higher_order.scan, torch.ops.higher_order.while_loop)
     assert not any(op.cacheable() for op in ops)
@@ -251,7 +251,7 @@ def test_next_value_is_value_of_reached_observation():
         new_rs, tr = step(rs.train.params, rs)
         # The reached observation is the next obs where not done, the final obs where done.
         res = env.step(rs.env_state, tr.actions, jr.split(rs.key, 2)[1])
-        expected = policy_apply(config.ppo, rs.train.params, res.final_obs, None, None).value
+        expected = policy_apply(rs.train.params, config.ppo, res.final_obs, None, None).value
         assert torch.allclose(tr.next_values, expected, atol=1e-6)
         assert torch.equal(new_rs.episode_start, res.terminated | res.truncated)
         rs = new_rs

@@ -9,14 +9,14 @@ import optree
 import pytest
 import torch
 
-from funcppo import random as jr
-from funcppo.checkpoint import load_checkpoint, save_checkpoint
-from funcppo.cli import main
-from funcppo.config import PPOConfig
-from funcppo.constants import NORMALIZE_EPS, STATS_INIT_COUNT
+from funcppo.cli.main import main
+from funcppo.core import random as jr
+from funcppo.core.config import PPOConfig
+from funcppo.core.constants import NORMALIZE_EPS, STATS_INIT_COUNT
 from funcppo.envs import make_env
-from funcppo.evaluate import make_evaluate
-from funcppo.train import TrainConfig, init_runner, make_env_step, make_train
+from funcppo.training.checkpoint import load_checkpoint, save_checkpoint
+from funcppo.training.evaluate import make_evaluate
+from funcppo.training.train import TrainConfig, init_runner, make_env_step, make_train
 
 
 def config(**changes) -> TrainConfig:

@@ -7,17 +7,17 @@ import optree
 import pytest
 import torch
 
-from funcppo import random as jr
-from funcppo.advantages import gae, normalize_advantages, per_head_advantages
-from funcppo.config import PPOConfig
-from funcppo.constants import KL_EARLY_STOP_FACTOR
-from funcppo.distributions import factored_entropy, factored_logprob
-from funcppo.losses import LossCoefs, ppo_loss
-from funcppo.networks import policy_apply
-from funcppo.spec import ActionSpec, causal_masks, entropy_floor_masks
-from funcppo.state import init_train_state, make_hyperparams
-from funcppo.synthetic import synthetic_batch
-from funcppo.update import make_update_fn
+from funcppo.core import random as jr
+from funcppo.core.advantages import gae, normalize_advantages, per_head_advantages
+from funcppo.core.config import PPOConfig
+from funcppo.core.constants import KL_EARLY_STOP_FACTOR
+from funcppo.core.distributions import factored_entropy, factored_logprob
+from funcppo.core.losses import LossCoefs, ppo_loss
+from funcppo.core.networks import policy_apply
+from funcppo.core.spec import ActionSpec, causal_masks, entropy_floor_masks
+from funcppo.training.state import init_train_state, make_hyperparams
+from funcppo.training.synthetic import synthetic_batch
+from funcppo.training.update import make_update_fn
 
 SPEC = ActionSpec(
     {"op": 3, "a": 5, "b": 4, "c": 6}, "op", [(), ("a",), ("a", "b", "c")], op_conditioned=("a",)
@@ -90,7 +90,7 @@ def reference_update(config, state, batch):
     op = batch.actions["op"]
     causal = causal_masks(SPEC, op)
     availability = entropy_floor_masks(SPEC, batch.masks, op)
-    out = policy_apply(config, params, batch.obs, None, batch.episode_start)
+    out = policy_apply(params, config, batch.obs, None, batch.episode_start)
     new_lp, _ = factored_logprob(SPEC, out.logits, batch.masks, batch.actions)
     ent = factored_entropy(SPEC, out.logits, batch.masks, batch.actions)
     coefs = LossCoefs(
@@ -347,7 +347,7 @@ def test_finiteness_gate_leaves_params_untouched():
 def capture_steps(monkeypatch):
     """Record every update's per-step metrics, stacked on a leading step axis, as ``finish``
     receives them."""
-    import funcppo.update as update_module
+    import funcppo.training.update as update_module
 
     real, seen = update_module.finish, []
 
@@ -545,13 +545,13 @@ def test_grad_accumulation_keeps_the_finiteness_gate_per_minibatch():
 
 
 def test_grad_accumulation_runs_each_forward_on_one_micro_batch(monkeypatch):
-    import funcppo.update as update_module
+    import funcppo.training.update as update_module
 
     seen = []
 
-    def spy(config, params, obs, hidden, episode_start):
+    def spy(params, config, obs, hidden, episode_start):
         seen.append((obs.shape[1], torch.is_grad_enabled()))
-        return policy_apply(config, params, obs, hidden, episode_start)
+        return policy_apply(params, config, obs, hidden, episode_start)
 
     monkeypatch.setattr(update_module, "policy_apply", spy)
     config = small_config(

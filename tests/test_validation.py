@@ -1,5 +1,5 @@
-"""Tests for funcppo.validation: the update's boundary checks name the field, the head, what was
-expected and what came, before any computation; and the config's tensor hyperparameters are
+"""Tests for funcppo.training.validation: the update's boundary checks name the field, the head,
+what was expected and what came, before any computation; and the config's tensor hyperparameters are
 compared with the state's unless the update is told to take the state's."""
 
 from __future__ import annotations
@@ -10,13 +10,13 @@ import optree
 import pytest
 import torch
 
-from funcppo import random as jr
-from funcppo.config import PPOConfig
-from funcppo.spec import ActionSpec
-from funcppo.state import init_train_state, with_hparams
-from funcppo.synthetic import synthetic_batch
-from funcppo.update import make_update_fn
-from funcppo.validation import check_batch
+from funcppo.core import random as jr
+from funcppo.core.config import PPOConfig
+from funcppo.core.spec import ActionSpec
+from funcppo.training.state import init_train_state, with_hparams
+from funcppo.training.synthetic import synthetic_batch
+from funcppo.training.update import make_update_fn
+from funcppo.training.validation import check_batch
 
 # Head a is op-conditioned; op 0 uses no argument head, so b and c are irrelevant there.
 SPEC = ActionSpec(

@@ -1,10 +1,23 @@
 """funcppo: functional PPO for factored, masked and recurrent action spaces on torch.func.
 
-The public API is the explicit list below; everything is a pure function over pytrees of
-tensors; ``make_train`` and the CLI drive them, and checkpoints hold tensors and JSON only.
+The PPO API a user calls is the list below; everything else is in its subpackage:
+
+- ``funcppo.core``: the pure math over pytrees of tensors (action spaces and masks,
+  distributions, advantages, losses, the networks, the functional optimizer, normalisation,
+  counter-based random keys, ``PPOConfig``); it imports nothing from the other layers;
+- ``funcppo.accel``: everything that knows torch's compiler: compile settings per device, graph
+  rewrites, precompiled files, the scanned loops;
+- ``funcppo.training``: the update (``make_update_fn``), its state, checks and checkpoints, data
+  parallelism, and the vmapped training and evaluation loops on functional environments;
+- ``funcppo.envs``: functional environments (CartPole, Lifecycle with its action space and
+  presets);
+- ``funcppo.agent``: the stateful shell (``PPOAgent``), its gymnasium adapter, evaluation and
+  callbacks;
+- ``funcppo.cli``: ``python -m funcppo train``.
 
 Names are imported on first use (PEP 562), so that ``import funcppo`` and the command line's
-``--help`` and argument errors answer without importing torch, which takes seconds.
+``--help`` and argument errors answer without importing torch, and the compiler loads only when
+something is compiled.
 """
 
 from __future__ import annotations
@@ -16,222 +29,75 @@ __version__ = "0.1.0"
 
 # Where each public name lives: the submodule imported when the name is first read.
 _SOURCES: dict[str, tuple[str, ...]] = {
-    "advantages": ("gae", "normalize_advantages", "per_head_advantages"),
-    "agent": ("EnvStep", "PPOAgent"),
-    "callbacks": (
-        "Callback",
-        "CallbackList",
-        "CheckpointCallback",
-        "EvalCallback",
-        "TensorBoardCallback",
-    ),
-    "checkpoint": (
-        "CHECKPOINT_VERSION",
-        "CheckpointError",
-        "load_checkpoint",
-        "save_checkpoint",
-        "upgrade_checkpoint",
-    ),
-    "config": ("PPOConfig", "esper_config"),
-    "distributed": (
-        "DataParallel",
-        "DistributedError",
-        "close_distributed",
-        "data_parallel",
-        "gather_to_root",
-        "init_distributed",
-        "shard_seeds",
-    ),
-    "distributions": (
-        "MaskStats",
+    "core.spec": ("ActionSpec", "availability_masks", "causal_masks"),
+    "core.config": ("PPOConfig",),
+    "core.networks": ("LSTMState", "PolicyOutput", "init_hidden", "policy_apply", "policy_init"),
+    "core.distributions": (
         "factored_entropy",
         "factored_logprob",
         "factored_sample",
-        "mask_stats",
-        "masked_entropy",
-        "masked_entropy_raw",
-        "masked_log_softmax",
-        "masked_logits",
         "masked_logprob",
-        "masked_sample",
-        "validate_masks",
     ),
-    "evaluate": ("make_evaluate",),
-    "gym_adapter": ("GymAdapter", "gym_action_spec"),
-    "gym_evaluate": ("evaluate_policy",),
-    "gym_spaces": ("ObsEncoder", "make_obs_encoder"),
-    "losses": (
-        "LossCoefs",
-        "LossInfo",
-        "RatioDiagnostic",
-        "RatioStats",
-        "clip_fraction",
-        "clipped_surrogate",
-        "head_kl",
-        "head_log_ratios",
-        "joint_log_ratio",
-        "masked_mean",
-        "ppo_loss",
-        "ratio_diagnostic",
-        "value_loss",
-        "weighted_kl",
-    ),
-    "networks": (
-        "LSTMState",
-        "PolicyOutput",
-        "check_params",
-        "init_hidden",
-        "make_policy_apply",
-        "policy_apply",
-        "policy_init",
-    ),
-    "normalize": (
-        "RewardScaleState",
-        "RunningStats",
-        "init_reward_scale",
-        "init_running_stats",
-        "normalize_obs",
-        "scale_reward",
-        "update_reward_scale",
-        "update_running_stats",
-    ),
-    "optim": (
-        "GradientTransformation",
-        "ScaleByAdamState",
-        "adamw",
-        "add_decayed_weights",
-        "apply_updates",
-        "chain",
-        "clip_by_global_norm",
-        "global_norm",
-        "scale_by_adam",
-        "scale_by_learning_rate",
-    ),
-    "spec": (
-        "LIFECYCLE_OPS",
-        "ActionSpec",
-        "availability_masks",
-        "causal_masks",
-        "entropy_floor_masks",
-        "lifecycle_spec",
-        "resolve_masks",
-    ),
-    "state": (
-        "Batch",
-        "Hyperparams",
-        "TrainState",
-        "init_train_state",
-        "make_hyperparams",
-        "with_hparams",
-    ),
-    "synthetic": ("synthetic_batch",),
-    "train": ("TrainConfig", "make_train"),
-    "update": ("make_update_fn",),
-    "validation": ("check_batch",),
+    "core.advantages": ("gae",),
+    "core.losses": ("LossCoefs", "ppo_loss", "weighted_kl"),
+    "core.optim": ("adamw",),
+    "accel.compiling": ("CompileSettings",),
+    "training.state": ("Batch", "Hyperparams", "TrainState", "init_train_state", "with_hparams"),
+    "training.update": ("make_update_fn",),
+    "training.train": ("TrainConfig", "make_train"),
+    "training.evaluate": ("make_evaluate",),
+    "training.checkpoint": ("CheckpointError", "load_checkpoint", "save_checkpoint"),
+    "training.distributed": ("DataParallel",),
+    "agent.agent": ("PPOAgent",),
+    "agent.rollout": ("EnvStep",),
+    "agent.gym_adapter": ("GymAdapter",),
+    "agent.gym_evaluate": ("evaluate_policy",),
+    "agent.callbacks": ("Callback", "CheckpointCallback", "EvalCallback", "TensorBoardCallback"),
 }
 _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
-# Public submodules: ``funcppo.random`` is the API itself (``from funcppo import random``).
-_SUBMODULES = ("random",)
+# ``from funcppo import random``: the counter-based keys, used as a module (``jr.split``).
+_SUBMODULES = {"random": "core.random"}
 
 __all__ = [
-    "CHECKPOINT_VERSION",
-    "LIFECYCLE_OPS",
     "ActionSpec",
     "Batch",
     "Callback",
-    "CallbackList",
     "CheckpointCallback",
     "CheckpointError",
+    "CompileSettings",
     "DataParallel",
-    "DistributedError",
     "EnvStep",
     "EvalCallback",
-    "GradientTransformation",
     "GymAdapter",
     "Hyperparams",
     "LSTMState",
     "LossCoefs",
-    "LossInfo",
-    "MaskStats",
-    "ObsEncoder",
     "PPOAgent",
     "PPOConfig",
     "PolicyOutput",
-    "RatioDiagnostic",
-    "RatioStats",
-    "RewardScaleState",
-    "RunningStats",
-    "ScaleByAdamState",
     "TensorBoardCallback",
     "TrainConfig",
     "TrainState",
     "adamw",
-    "add_decayed_weights",
-    "apply_updates",
     "availability_masks",
     "causal_masks",
-    "chain",
-    "check_batch",
-    "check_params",
-    "clip_by_global_norm",
-    "clip_fraction",
-    "clipped_surrogate",
-    "close_distributed",
-    "data_parallel",
-    "entropy_floor_masks",
-    "esper_config",
     "evaluate_policy",
     "factored_entropy",
     "factored_logprob",
     "factored_sample",
     "gae",
-    "gather_to_root",
-    "global_norm",
-    "gym_action_spec",
-    "head_kl",
-    "head_log_ratios",
-    "init_distributed",
     "init_hidden",
-    "init_reward_scale",
-    "init_running_stats",
     "init_train_state",
-    "joint_log_ratio",
-    "lifecycle_spec",
     "load_checkpoint",
     "make_evaluate",
-    "make_hyperparams",
-    "make_obs_encoder",
-    "make_policy_apply",
     "make_train",
     "make_update_fn",
-    "mask_stats",
-    "masked_entropy",
-    "masked_entropy_raw",
-    "masked_log_softmax",
-    "masked_logits",
     "masked_logprob",
-    "masked_mean",
-    "masked_sample",
-    "normalize_advantages",
-    "normalize_obs",
-    "per_head_advantages",
     "policy_apply",
     "policy_init",
     "ppo_loss",
     "random",
-    "ratio_diagnostic",
-    "resolve_masks",
     "save_checkpoint",
-    "scale_by_adam",
-    "scale_by_learning_rate",
-    "scale_reward",
-    "shard_seeds",
-    "synthetic_batch",
-    "update_reward_scale",
-    "update_running_stats",
-    "upgrade_checkpoint",
-    "validate_masks",
-    "value_loss",
     "weighted_kl",
     "with_hparams",
 ]
@@ -239,7 +105,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{name}")
+        return importlib.import_module(f"{__name__}.{_SUBMODULES[name]}")
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -1,7 +1,7 @@
-"""``python -m funcppo``: see :mod:`funcppo.cli`."""
+"""``python -m funcppo``: see :mod:`funcppo.cli.main`."""
 
 import sys
 
-from funcppo.cli import main
+from funcppo.cli.main import main
 
 sys.exit(main())

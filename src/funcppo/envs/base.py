@@ -20,7 +20,7 @@ import optree
 import torch
 from torch import Tensor
 
-from funcppo.spec import ActionSpec
+from funcppo.core.spec import ActionSpec
 
 __all__ = ["Env", "ResetResult", "StepResult", "check_actions", "full_masks", "where_done"]
 

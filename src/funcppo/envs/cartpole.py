@@ -20,9 +20,9 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from funcppo import random
+from funcppo.core import random
+from funcppo.core.spec import ActionSpec
 from funcppo.envs.base import ResetResult, StepResult, check_actions, full_masks, where_done
-from funcppo.spec import ActionSpec
 
 __all__ = ["CARTPOLE_SPEC", "CartPole", "CartPoleState", "cartpole_dynamics", "cartpole_terminated"]
 

@@ -3,8 +3,8 @@
 Each of ``num_slots`` slots holds a seed whose stage moves
 ``DORMANT -> GERMINATED -> TRAINING -> BLENDING -> HOLDING -> FOSSILIZED`` under the agent's
 ops, or ``PRUNED -> EMBARGOED -> DORMANT`` on its own after a PRUNE. One op per step, on the
-eight heads of :func:`funcppo.spec.lifecycle_spec`; the slot mask row of op ``o`` lists the
-slots where ``o`` is legal (WAIT: all of them). An illegal action is a WAIT.
+eight heads of :func:`funcppo.envs.lifecycle_spec.lifecycle_spec`; the slot mask row of op ``o``
+lists the slots where ``o`` is legal (WAIT: all of them). An illegal action is a WAIT.
 
 Dynamics (one step = op, then automatic transitions, then one tick of every slot):
 
@@ -46,9 +46,10 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from funcppo import random
+from funcppo.core import random
+from funcppo.core.spec import ActionSpec
 from funcppo.envs.base import ResetResult, StepResult, check_actions, full_masks, where_done
-from funcppo.spec import LIFECYCLE_OPS, ActionSpec, lifecycle_spec
+from funcppo.envs.lifecycle_spec import LIFECYCLE_OPS, lifecycle_spec
 
 __all__ = [
     "ORACLE_RETURN",

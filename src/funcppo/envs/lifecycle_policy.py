@@ -31,8 +31,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from funcppo import random
-from funcppo.distributions import factored_sample
+from funcppo.core import random
+from funcppo.core.distributions import factored_sample
 from funcppo.envs.lifecycle import (
     ADVANCE,
     ALPHA_TARGETS,
@@ -51,7 +51,7 @@ from funcppo.envs.lifecycle import (
     Lifecycle,
     LifecycleState,
 )
-from funcppo.spec import lifecycle_spec
+from funcppo.envs.lifecycle_spec import lifecycle_spec
 
 __all__ = [
     "episode_returns",
