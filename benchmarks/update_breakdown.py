@@ -32,7 +32,6 @@ import torch._inductor.config as inductor_config
 from torch._dynamo.utils import compile_times
 from torch.profiler import ProfilerActivity, profile
 
-from funcppo.accel.precompile import PRECOMPILE_ENV
 from funcppo.training.update import make_update_fn
 from update_step import make_config, make_inputs, time_calls
 
@@ -81,9 +80,6 @@ def main() -> None:
     parser.add_argument("--updates", type=int, default=20, help="timed and profiled updates")
     parser.add_argument("--cold", action="store_true", help="compile into an empty cache")
     args = parser.parse_args()
-    # Precompiled files are keyed by funcppo's settings, not inductor's global ones: the
-    # profiled build must not load the plain one's file (or replace it).
-    os.environ.pop(PRECOMPILE_ENV, None)
     # Removed when the script ends (or by its finaliser).
     cold = tempfile.TemporaryDirectory(prefix="inductor-cold-") if args.cold else None
     if cold is not None:

@@ -77,20 +77,24 @@ def test_fingerprint_refuses_what_it_does_not_know():
 
 
 @pytest.fixture
-def precompile_dir(tmp_path, monkeypatch):
-    monkeypatch.setenv(PRECOMPILE_ENV, str(tmp_path))
+def precompile_dir(tmp_path):
     return tmp_path
+
+
+def saving(directory) -> CompileSettings:
+    """``CPU`` with precompiled files kept in ``directory``."""
+    return CPU.replace(precompile_dir=directory)
 
 
 def test_written_once_then_read_back(precompile_dir):
     fn = make_fn(settings())
     x = torch.linspace(-1, 1, 7)
-    torch.testing.assert_close(compile_fn(fn, "tiny", CPU)(x), fn(x))
+    torch.testing.assert_close(compile_fn(fn, "tiny", saving(precompile_dir))(x), fn(x))
     (path,) = precompile_dir.iterdir()
     written = path.stat().st_mtime_ns
 
     # A new compiled function (as in a new process) reads the file instead of compiling.
-    again = compile_fn(make_fn(settings()), "tiny", CPU)
+    again = compile_fn(make_fn(settings()), "tiny", saving(precompile_dir))
     torch.testing.assert_close(again(x), fn(x))
     assert path.stat().st_mtime_ns == written and len(list(precompile_dir.iterdir())) == 1
 
@@ -102,17 +106,17 @@ def test_written_once_then_read_back(precompile_dir):
 
     # Another closure value is another file, with its own result.
     other = make_fn(settings(rate=-1.0))
-    torch.testing.assert_close(compile_fn(other, "tiny", CPU)(x), other(x))
+    torch.testing.assert_close(compile_fn(other, "tiny", saving(precompile_dir))(x), other(x))
     assert len(list(precompile_dir.iterdir())) == 3
 
 
 def test_unreadable_file_is_replaced(precompile_dir):
     fn = make_fn(settings(rate=1.5))
     x = torch.arange(5.0)
-    compile_fn(fn, "tiny", CPU)(x)
+    compile_fn(fn, "tiny", saving(precompile_dir))(x)
     (path,) = precompile_dir.iterdir()
     path.write_bytes(b"not a compiled function")
-    torch.testing.assert_close(compile_fn(fn, "tiny", CPU)(x), fn(x))
+    torch.testing.assert_close(compile_fn(fn, "tiny", saving(precompile_dir))(x), fn(x))
     assert path.stat().st_size > 100
 
 
@@ -121,7 +125,7 @@ def test_written_file_follows_the_umask_and_clears_dead_writers_temporaries(prec
     x = torch.arange(6.0)
     before = os.umask(0o027)
     try:
-        compile_fn(fn, "tiny", CPU)(x)
+        compile_fn(fn, "tiny", saving(precompile_dir))(x)
         (path,) = precompile_dir.iterdir()
         assert path.stat().st_mode & 0o777 == 0o640  # as torch.save's files, not mkstemp's 0600
         dead = subprocess.Popen([sys.executable, "-c", "pass"])
@@ -129,7 +133,7 @@ def test_written_file_follows_the_umask_and_clears_dead_writers_temporaries(prec
         stale = precompile_dir / temporary_name(path, dead.pid)
         stale.write_bytes(b"the part a killed writer wrote")
         path.unlink()
-        torch.testing.assert_close(compile_fn(fn, "tiny", CPU)(x), fn(x))
+        torch.testing.assert_close(compile_fn(fn, "tiny", saving(precompile_dir))(x), fn(x))
     finally:
         os.umask(before)
     assert [p.name for p in precompile_dir.iterdir()] == [path.name]
@@ -149,7 +153,7 @@ def test_an_interrupted_write_leaves_no_temporary(precompile_dir, monkeypatch):
 
     monkeypatch.setattr(os, "fsync", killed_at_fsync)
     with pytest.raises(Killed):
-        compile_fn(make_fn(settings(rate=0.75)), "tiny", CPU)(torch.arange(4.0))
+        compile_fn(make_fn(settings(rate=0.75)), "tiny", saving(precompile_dir))(torch.arange(4.0))
     assert list(precompile_dir.iterdir()) == []
 
 
@@ -161,16 +165,20 @@ def test_unknown_closure_is_compiled_as_usual(precompile_dir):
         return x * 2
 
     x = torch.arange(4.0)
-    torch.testing.assert_close(compile_fn(fn, "locked", CPU)(x), x * 2)
+    torch.testing.assert_close(compile_fn(fn, "locked", saving(precompile_dir))(x), x * 2)
     assert not list(precompile_dir.iterdir())
 
 
 def test_off_without_a_folder(monkeypatch, tmp_path):
-    monkeypatch.delenv(PRECOMPILE_ENV, raising=False)
-    assert precompile.precompile_dir() is None
+    # The environment variable is the command line's, not the library's: settings decide.
+    monkeypatch.setenv(PRECOMPILE_ENV, str(tmp_path))
+    assert CPU.precompile_dir is None
     fn = make_fn(settings(rate=3.0))
     x = torch.arange(3.0)
-    torch.testing.assert_close(compile_fn(fn, "tiny", CPU)(x), fn(x))
+    compiled = compile_fn(fn, "tiny", CPU)
+    assert not isinstance(compiled, precompile.Precompiled)
+    torch.testing.assert_close(compiled(x), fn(x))
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_hyperparameter_values_are_not_in_the_key_and_do_not_reach_the_update():
@@ -191,14 +199,17 @@ def test_hyperparameter_values_are_not_in_the_key_and_do_not_reach_the_update():
     assert max_diff(got_a, got_b) == 0.0
 
 
-def test_precompiling_sets_and_restores_the_folder(monkeypatch, tmp_path):
-    monkeypatch.setenv(PRECOMPILE_ENV, "before")
-    with precompile.precompiling(tmp_path):
-        assert precompile.precompile_dir() == tmp_path
-        with precompile.precompiling(None):
-            assert precompile.precompile_dir() is None
-        assert precompile.precompile_dir() == tmp_path
-    assert precompile.precompile_dir() == Path("before")
+def test_the_command_lines_folder_and_the_settings_field(monkeypatch, tmp_path):
+    monkeypatch.setenv(PRECOMPILE_ENV, str(tmp_path / "named"))
+    assert precompile.default_precompile_dir() == tmp_path / "named"
+    monkeypatch.delenv(PRECOMPILE_ENV)
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "inductor"))
+    assert precompile.default_precompile_dir() == tmp_path / "inductor" / "funcppo"
+    # Kept on every device, as a plain string whatever path-like was given.
+    for device in ("cpu", "cuda"):
+        chosen = CompileSettings.for_device(device, precompile_dir=tmp_path)
+        assert chosen.precompile_dir == str(tmp_path)
+    assert CompileSettings.for_device("cpu").precompile_dir is None
 
 
 def test_savable_guards_by_kind():
@@ -228,7 +239,7 @@ def test_saved_guards_leave_out_the_closure_and_this_process_scopes(precompile_d
         return fn(p.a) + p.b
 
     x = torch.arange(3.0)
-    torch.testing.assert_close(compile_fn(paired, "tiny", CPU)(x), paired(x))
+    torch.testing.assert_close(compile_fn(paired, "tiny", saving(precompile_dir))(x), paired(x))
     # dynamo installed such a scope where the compiled trampoline looks up its globals
     assert any(name.startswith("___unnamed_scope") for name in vars(funcppo.accel.compiling))
     (path,) = precompile_dir.iterdir()
@@ -260,7 +271,10 @@ from test_update import make_case, small_config
 
 config = small_config(compile=True, update_epochs=1, num_minibatches=2)
 state, batch = make_case(config)
-new_state, _ = make_update_fn(config, compile_scope="scan")(state, batch)
+from funcppo import CompileSettings
+from funcppo.accel.precompile import default_precompile_dir
+compiler = CompileSettings.for_device("cpu", precompile_dir=default_precompile_dir())
+new_state, _ = make_update_fn(config, compile_scope="scan", compiler=compiler)(state, batch)
 digest = hashlib.sha256()
 for leaf in optree.tree_leaves(new_state.params):
     digest.update(leaf.detach().cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())

@@ -15,10 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+import os
 import re
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import optree
@@ -123,7 +125,9 @@ class CompileSettings:
     ``inductor_options``: inductor's config, as ``(name, value)`` pairs; with another
     backend, ``inductor_options`` and ``cpp_wrapper`` are not used. ``rollout_threads``:
     torch's intra-op threads while ``make_train``'s rollout runs (``train.with_threads``),
-    compiled or not; None leaves the caller's count.
+    compiled or not; None leaves the caller's count. ``precompile_dir``: a folder where each
+    function compiled by inductor is written whole once made and read back by later
+    processes (``funcppo.accel.precompile``), so that a warm start skips tracing; None: off.
 
     Frozen and made of plain values: two settings objects share nothing, and each compiled
     function reads its own when it is built. ``for_device`` gives the tuned choices.
@@ -134,8 +138,11 @@ class CompileSettings:
     guard_filter: bool = True
     inductor_options: tuple[tuple[str, Any], ...] = ()
     rollout_threads: int | None = None
+    precompile_dir: str | None = None
 
     def __post_init__(self) -> None:
+        if self.precompile_dir is not None:  # a plain value, whatever path-like was given
+            object.__setattr__(self, "precompile_dir", os.fspath(self.precompile_dir))
         threads = self.rollout_threads
         if threads is not None and (
             isinstance(threads, bool) or not isinstance(threads, int) or threads < 1
@@ -144,7 +151,11 @@ class CompileSettings:
 
     @classmethod
     def for_device(
-        cls, device: torch.device | str, *, rollout_threads: int | None = None
+        cls,
+        device: torch.device | str,
+        *,
+        rollout_threads: int | None = None,
+        precompile_dir: str | os.PathLike | None = None,
     ) -> CompileSettings:
         """The settings for compiling for ``device``.
 
@@ -157,13 +168,15 @@ class CompileSettings:
         that the count splits run on the CPU. The guard filter is kept everywhere: it chooses
         among dynamo's guards, which are the same Python checks on any device. Needs no
         accelerator: ``for_device("cuda")`` can be made on a CPU-only machine.
+        ``precompile_dir`` is kept on every device.
         """
         if torch.device(device).type != "cpu":
-            return cls()
+            return cls(precompile_dir=precompile_dir)
         return cls(
             cpp_wrapper=True,
             inductor_options=_cpu_inductor_options(),
             rollout_threads=rollout_threads,
+            precompile_dir=precompile_dir,
         )
 
     def replace(self, **changes: Any) -> CompileSettings:
@@ -211,8 +224,8 @@ def per_device(
 
 def compile_fn(fn: Callable, name: str, settings: CompileSettings) -> Callable:
     """``torch.compile(fn, fullgraph=True)`` with ``settings`` (``CompileSettings.for_device``
-    gives a device's) and a cache of its own; with inductor, kept on disk whole when
-    precompiling is on (``funcppo.accel.precompile``).
+    gives a device's) and a cache of its own; with inductor and ``settings.precompile_dir``,
+    kept on disk whole there (``funcppo.accel.precompile``).
 
     ``settings.cpp_wrapper``: the update's pieces take it: 1.11x on the MLP update, 1.14x on
     the LSTM's, whose unrolled sequence makes hundreds of calls per step, for some more
@@ -236,7 +249,8 @@ def compile_fn(fn: Callable, name: str, settings: CompileSettings) -> Callable:
     backend = settings.backend
     options = settings.options()
     compiled = torch.compile(fresh, fullgraph=True, backend=backend, options=options or None)
-    if backend != "inductor":  # only inductor's compiled code can be written to a file
+    # Only inductor's compiled code can be written to a file.
+    if backend != "inductor" or settings.precompile_dir is None:
         return compiled
     # Taken from the settings, not from ``options``: torch.compile pops ``guard_filter_fn``
     # out of the dict it is given. A file saved without the filter keeps the guards on the
@@ -254,7 +268,8 @@ def compile_fn(fn: Callable, name: str, settings: CompileSettings) -> Callable:
 
     inductor = sorted((k, v) for k, v in settings.options().items() if k != "guard_filter_fn")
     context = (inductor, getattr(guard_filter, "__qualname__", None))
-    return Precompiled(fn, name, compiled, make_savable, repr(context))
+    directory = Path(settings.precompile_dir)
+    return Precompiled(fn, name, compiled, make_savable, repr(context), directory)
 
 
 def scan_cacheable():

@@ -7,19 +7,19 @@ leaf by leaf). torch's AOT precompile (``torch.compile(...).aot_compile``, exper
 2.13) saves the traced graph, its guards and the compiled code in one file; loading it took
 the same first update to 2 s here (benchmarks/RESULTS.md).
 
-Off unless a folder is named by ``FUNCPPO_PRECOMPILE_DIR`` (the CLI names one by default). A
-file is found by a hash of everything the compiled code depends on and its guards do not
-check: torch's and Python's versions, the CPU, the thread count, the model of each GPU the
-arguments live on, funcppo's source, inductor's options, the function's closure (walked:
-functions' code, their closures and the plain globals they name, configs, tensors) and the
-arguments' structure, dtypes, shapes, devices, strides and aliasing. A closure holding a
-value the walk does not know, or a function whose guards or closure cannot be saved, is
-compiled as usual (with a warning in the latter case).
+Off unless the compile settings name a folder (``CompileSettings.precompile_dir``; the command
+line names one by default: ``FUNCPPO_PRECOMPILE_DIR``, else a folder of inductor's cache,
+``default_precompile_dir``). A file is found by a hash of everything the compiled code depends
+on and its guards do not check: torch's and Python's versions, the CPU, the thread count, the
+model of each GPU the arguments live on, funcppo's source, inductor's options, the function's
+closure (walked: functions' code, their closures and the plain globals they name, configs,
+tensors) and the arguments' structure, dtypes, shapes, devices, strides and aliasing. A closure
+holding a value the walk does not know, or a function whose guards or closure cannot be saved,
+is compiled as usual (with a warning in the latter case).
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import enum
 import functools
@@ -42,13 +42,21 @@ __all__ = [
     "PRECOMPILE_ENV",
     "Precompiled",
     "accelerator_models",
+    "default_precompile_dir",
     "fingerprint",
-    "precompile_dir",
-    "precompiling",
     "savable",
 ]
 
 PRECOMPILE_ENV = "FUNCPPO_PRECOMPILE_DIR"
+
+
+def default_precompile_dir() -> Path:
+    """The command line's folder of precompiled files: ``FUNCPPO_PRECOMPILE_DIR`` when set,
+    else ``funcppo`` in inductor's cache folder (``TORCHINDUCTOR_CACHE_DIR`` or its default)."""
+    from torch._inductor.runtime.cache_dir_utils import cache_dir
+
+    return Path(os.environ.get(PRECOMPILE_ENV) or os.path.join(cache_dir(), "funcppo"))
+
 
 # Guards that torch 2.13 cannot write to a file (CheckFunctionManager's list): dropped from a
 # precompiled function; what they check (classes, closures) is in the file's name instead.
@@ -73,30 +81,6 @@ def savable(entry: Any) -> bool:
     """Whether torch can write a guard (a ``guard_filter_fn`` entry) to a file."""
     kinds = (entry.guard_type, *(entry.derived_guard_types or ()))
     return not any(kind in UNSAVABLE_GUARDS for kind in kinds)
-
-
-def precompile_dir() -> Path | None:
-    """The folder of precompiled functions, or None (precompiling off)."""
-    value = os.environ.get(PRECOMPILE_ENV)
-    return Path(value) if value else None
-
-
-@contextlib.contextmanager
-def precompiling(directory: str | os.PathLike | None):
-    """Within the block, precompiled functions live in ``directory`` (None: precompiling off);
-    ``FUNCPPO_PRECOMPILE_DIR`` is restored on exit."""
-    before = os.environ.get(PRECOMPILE_ENV)
-    if directory is None:
-        os.environ.pop(PRECOMPILE_ENV, None)
-    else:
-        os.environ[PRECOMPILE_ENV] = os.fspath(directory)
-    try:
-        yield
-    finally:
-        if before is None:
-            os.environ.pop(PRECOMPILE_ENV, None)
-        else:
-            os.environ[PRECOMPILE_ENV] = before
 
 
 class _Unknown(Exception):
@@ -253,16 +237,22 @@ def accelerator_models(args: tuple) -> tuple[tuple[str, str], ...]:
 
 class Precompiled:
     """``torch.compile(fn, fullgraph=True, ...)`` whose compiled code, once made, is written to
-    ``precompile_dir()`` and read back by later processes; one file per argument signature.
+    ``directory`` and read back by later processes; one file per argument signature.
 
     ``compiled`` is the ordinary compiled function: used when precompiling is off, when the
     closure cannot be fingerprinted, or when saving fails.
     """
 
     def __init__(
-        self, fn: Callable, name: str, compiled: Callable, make_savable: Callable, context: str
+        self,
+        fn: Callable,
+        name: str,
+        compiled: Callable,
+        make_savable: Callable,
+        context: str,
+        directory: Path,
     ):
-        self._fn, self._name, self._compiled = fn, name, compiled
+        self._fn, self._name, self._compiled, self._directory = fn, name, compiled, directory
         self._make_savable = make_savable  # () -> torch.compile(...) with savable guards only
         self._context = context  # settings that change the generated code
         self._entries: list = []
@@ -273,10 +263,9 @@ class Precompiled:
         for entry in self._entries:
             if entry.guard_check(*args):
                 return entry.fn(*args)
-        directory = None if self._plain else precompile_dir()
-        if directory is None:
+        if self._plain:
             return self._compiled(*args)
-        entry = self._entry(directory, args)
+        entry = self._entry(self._directory, args)
         if entry is None:
             self._plain = True
             return self._compiled(*args)
