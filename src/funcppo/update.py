@@ -302,7 +302,7 @@ def make_update_fn(
         values) or a schedule that writes them between updates (``make_train``, ``PPOAgent``).
       num_seeds: S, the size of a leading seed axis of ``state`` and ``batch``, vmapped over.
       compile_scope: ``"scan"`` (default: the steps one scan looped in C++), ``"minibatch"``
-        (a compiled step called from Python, 1.06-1.25x slower here: benchmarks/RESULTS.md)
+        (a compiled step called from Python, 1.06-1.25x slower here: docs/design-notes.md)
         or ``"update"`` (the whole update as one graph); see ``funcppo.scanning``.
       compiler: how ``config.compile`` compiles, a ``CompileSettings``; None: ``for_device``
         of the state's device at the first call. ``backend`` replaces its backend if given.
