@@ -3,12 +3,11 @@
 CartPole, the main job's shape (8 seeds vmapped, 4 envs x 128 steps per seed, CleanRL's
 64 x 64 MLP). In one process: the compile time (first call) and the median of later calls of
 
-* ``loop``: ``torch.compile`` of one vmapped env step, called 128 times from Python (what
-  ``make_train`` did before the scan);
+* ``loop``: ``torch.compile`` of one vmapped env step, called 128 times from Python;
 * ``scan``: ``make_train``'s rollout, the same step under ``scan``, compiled as one call
   whose loop runs in inductor's C++ wrapper;
 * ``scan, python wrapper``: the same scan with the loop run by inductor's Python wrapper
-  (what ``make_train`` ran before session 10);
+  instead of its C++ one;
 * ``eager``: the Python loop over the uncompiled step (what ``--no-compile`` runs).
 
 The later calls alternate between the rollouts (one call of each per round), so that a slow

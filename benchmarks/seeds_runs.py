@@ -11,7 +11,7 @@ the first update (compilation included when compiled; the rest is one steady upd
 steady state (env steps per second per seed and over all seeds, from the per-update times of
 every update after the first); the mean over seeds of each seed's training return over its
 last 10 updates; the evaluation return (``evaluation.json``). ``--total-steps`` shortens a run
-(the default is the issue's 500k per seed).
+(the default is the main job's 500k per seed).
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """Update-step benchmark: eager against compiled, vmapped seeds against a loop, MLP and LSTM.
 
-Workload (the update-step issue's): observation 64; heads of sizes 3, 5, 4, 6 with random masks
+Workload: observation 64; heads of sizes 3, 5, 4, 6 with random masks
 (at least one valid action per row, the slot-like head conditioned on the op); 8 envs x 128
 steps; 4 epochs x 4 minibatches; MLP 2 x 128 tanh, and the same with an LSTM of 128.
 

@@ -7,7 +7,8 @@ for the recurrent rows an LSTM of 128.
 Contenders, each fed a rollout it produced itself on the same kind of data (random
 observations, random masks, rewards and dones from ``synthetic_batch``):
 
-* funcppo, compiled (minibatch scope) and eager, MLP and LSTM, with masks;
+* funcppo, compiled (``make_update_fn``'s default scope, the minibatch steps as one scan)
+  and eager, MLP and LSTM, with masks;
 * sb3-contrib ``MaskablePPO.train()`` on ``MultiDiscrete([3, 5, 4, 6])`` with masks (only
   ``.train()`` is timed: the buffer is filled once, before timing);
 * a CleanRL-style eager update (``cleanrl_style.py``), with masks;

@@ -137,8 +137,8 @@ def test_compiled_matches_eager(device):
     [
         ("lifecycle", False, None, False, "aot_eager"),
         ("cartpole-pomdp", True, 2, True, "aot_eager"),
-        # Inductor's C++ loop: CartPole's observation is its float32 state, the carry that
-        # crashed the loop when each field was carried on its own (now packed by dtype).
+        # Inductor's C++ loop: CartPole's observation is its float32 state, a carry that
+        # crashes the loop when each field is carried on its own (hence packed by dtype).
         ("cartpole", False, 2, False, "inductor"),
     ],
 )

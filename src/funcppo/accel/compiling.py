@@ -51,12 +51,12 @@ _counter = itertools.count()
 # costs more than some of the kernels it guards. The compiled function's entry is guarded
 # by dynamo on the same sizes and strides, and a loop's carry is made by its own body, so
 # the checks are off: 1.10x on 8 vmapped CartPole seeds' rollout and update, 1.03-1.07x on
-# the update benchmark (benchmarks/RESULTS.md). And vectorised tanh as 2 / (1 + exp(-2x)) - 1:
+# the update benchmark (docs/design-notes.md). And vectorised tanh as 2 / (1 + exp(-2x)) - 1:
 # the library's tanh cost 3 ns per element here, 2.4x the exp form, for every hidden layer
-# (the results agree to 2e-7; benchmarks/RESULTS.md). And under the C++ wrapper, the entry
+# (the results agree to 2e-7; docs/design-notes.md). And under the C++ wrapper, the entry
 # function and the kernels built as two libraries, not one file: a small update with its
 # steps scanned in C++ compiled cold in 83 s instead of 145 s here, and ran as fast
-# (benchmarks/RESULTS.md). All measured on CPUs, and all about inductor's C++ code, so
+# (docs/design-notes.md). All measured on CPUs, and all about inductor's C++ code, so
 # ``CompileSettings.for_device`` gives them to CPUs only. The CPU's vector instruction sets
 # and the graph rewrites of ``funcppo.accel.rewrites`` are added there too (see
 # ``_cpu_inductor_options``).
@@ -107,7 +107,7 @@ def keep_input_guards(entries: list) -> list[bool]:
     torch's modules; dynamo guarded every value it read from them (about a thousand checks,
     0.4 ms per call of the minibatch step, against 3 ms for the step itself), though
     nothing rebinds them. Only the arguments vary between calls, and their tensors, types
-    and structure stay guarded: 1.10x on 8 vmapped CartPole seeds (benchmarks/RESULTS.md).
+    and structure stay guarded: 1.10x on 8 vmapped CartPole seeds (docs/design-notes.md).
     Monkeypatching funcppo or torch after the first call is not seen by a compiled step.
     """
     return [not (e.is_global or _FIXED_SOURCE.match(e.name)) for e in entries]
@@ -230,7 +230,7 @@ def compile_fn(fn: Callable, name: str, settings: CompileSettings) -> Callable:
     ``settings.cpp_wrapper``: the update's pieces take it: 1.11x on the MLP update, 1.14x on
     the LSTM's, whose unrolled sequence makes hundreds of calls per step, for some more
     seconds of cold compile; and the scans, the rollout's (1.48x) and the update's
-    minibatch steps (1.06-1.25x), their loop bodies run without Python (benchmarks/RESULTS.md).
+    minibatch steps (1.06-1.25x), their loop bodies run without Python (docs/design-notes.md).
     No two carries of a scan under it may be one buffer: torch 2.13's C++ loop moves each
     carried output into its slot, so two carries that inductor computes as one buffer
     (CartPole's observation is its float32 state) leave the second slot empty and the next

@@ -40,7 +40,7 @@ class ThinProducts(_Rewrite):
     reductions ``(x * w[:, j]).sum(-1)`` stacked. Inductor fuses them, and the gradients that
     autograd derives from them, into the kernels around them, where a batched matmul call for
     such a shape cost far more than its arithmetic on CPU (97 us for 8 seeds x
-    ``[128, 64] @ [64, 2]``, against 142 us for ``[128, 64] @ [64, 64]``; benchmarks/RESULTS.md).
+    ``[128, 64] @ [64, 2]``, against 142 us for ``[128, 64] @ [64, 64]``; docs/design-notes.md).
     Shapes are the traced ones, so under vmap a seed axis does not count. The values are the
     matmul's up to rounding.
     """
@@ -106,7 +106,7 @@ class PowAsExp(_Rewrite):
     Adam's bias corrections ``1 - beta^t``: inductor inlines a ``pow`` into every vector of each
     loop that reads it (two double-precision ``pow`` calls per 8 parameters, most of the
     optimizer's time on a small network), but computes a value that holds an ``exp`` once, into
-    a buffer of its own (benchmarks/RESULTS.md).
+    a buffer of its own (docs/design-notes.md).
     """
 
     def __repr__(self) -> str:

@@ -22,6 +22,7 @@ import optree
 import torch
 from torch import Tensor
 
+from funcppo.core.config import PPOConfig
 from funcppo.core.constants import ADAM_EPS, CLIP_NORM_EPS
 
 __all__ = [
@@ -37,6 +38,7 @@ __all__ = [
     "critic_mask",
     "global_norm",
     "is_critic_path",
+    "make_optimizer",
     "scale_by_adam",
     "scale_by_learning_rate",
 ]
@@ -302,6 +304,22 @@ def adamw(
         scale_by_adam(b1, b2, eps),
         _identity() if no_decay else add_decayed_weights(weight_decay, decay_mask),
         scale_by_learning_rate(learning_rate),
+    )
+
+
+def make_optimizer(config: PPOConfig, hparams: Any) -> GradientTransformation:
+    """PPO's optimizer for ``config``: AdamW with decay on the critic only and clipping by
+    global norm, its learning rate and clip from ``hparams`` (a ``Hyperparams``: tensors, per
+    seed under vmap), ``adam_eps`` and ``weight_decay`` from ``config``.
+
+    Decay on actor layers kills exploration (docs/design.md, Critic-only weight decay).
+    """
+    return adamw(
+        learning_rate=hparams.learning_rate,
+        eps=config.adam_eps,
+        weight_decay=config.weight_decay,
+        decay_mask=is_critic_path,
+        max_grad_norm=hparams.max_grad_norm,
     )
 
 

@@ -20,8 +20,8 @@ compiled update or fine-tuned with another learning rate. The loaded state's hyp
 (``TrainState.hparams``) take the caller's config's value for each one that the config changes
 from the stored config, and keep the stored values (a sweep's per-seed ones) for the rest.
 
-Version 1 files, written before checksums, load unverified; ``upgrade_checkpoint`` rewrites
-them, and the old CLI's version 0 files, as the current version.
+Version 1 files, which carry no checksums, load unverified; ``upgrade_checkpoint`` rewrites
+them, and version 0 files (parameters and step only), as the current version.
 """
 
 from __future__ import annotations
@@ -325,7 +325,7 @@ def upgrade_checkpoint(
 
     Version 1 (no checksums) is read unverified, as ``load_checkpoint`` reads it, and written
     with checksums; ``config``, when given, applies as it does in ``load_checkpoint``.
-    Version 0 (the old CLI's ``{"params", "step", "config"}``) kept no optimizer state, no RNG
+    Version 0 (``{"params", "step", "config"}`` only) kept no optimizer state, no RNG
     key, no hyperparameters and only a ``repr`` of the config, so ``config`` must be given (the
     params are checked against it); the upgraded state has fresh AdamW moments (count 0),
     hyperparameters from ``config`` and keys from ``seed``.

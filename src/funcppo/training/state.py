@@ -12,7 +12,7 @@ from funcppo.core import random as jr
 from funcppo.core.config import PPOConfig, check_hparam
 from funcppo.core.losses import LossCoefs
 from funcppo.core.networks import policy_init
-from funcppo.core.optim import adamw, is_critic_path
+from funcppo.core.optim import make_optimizer
 
 __all__ = [
     "Batch",
@@ -21,7 +21,6 @@ __all__ = [
     "init_train_state",
     "make_hyperparams",
     "make_loss_coefs",
-    "make_optimizer",
     "with_hparams",
 ]
 
@@ -154,20 +153,6 @@ def with_hparams(state: TrainState, **changes: Any) -> TrainState:
         # Fresh and dense: compiled functions guard on strides (an expanded tensor has 0).
         new[name] = value.expand_as(ref).clone()
     return state._replace(hparams=old._replace(**new))
-
-
-def make_optimizer(config: PPOConfig, hparams: Hyperparams):
-    """AdamW with decay on the critic only and per-seed clipping by global norm.
-
-    Decay on actor layers kills exploration (docs/design.md, Critic-only weight decay).
-    """
-    return adamw(
-        learning_rate=hparams.learning_rate,
-        eps=config.adam_eps,
-        weight_decay=config.weight_decay,
-        decay_mask=is_critic_path,
-        max_grad_norm=hparams.max_grad_norm,
-    )
 
 
 def make_loss_coefs(config: PPOConfig, hparams: Hyperparams) -> LossCoefs:

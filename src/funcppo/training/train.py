@@ -5,7 +5,7 @@ observation for truncation bootstrap) is a pure function, vmapped over seeds. Co
 rollout is one call: torch's ``scan`` (``jax.lax.scan``'s counterpart) over ``num_steps`` of that
 step, which inductor lowers to one loop, so compile time does not grow with the rollout's length
 and dynamo's per-call cost is paid once per rollout rather than once per step (3.1x on
-CartPole's rollout, benchmarks/RESULTS.md). Eager, a Python loop drives the step. Then the compiled
+CartPole's rollout, docs/design-notes.md). Eager, a Python loop drives the step. Then the compiled
 update runs on the rollout.
 """
 
@@ -280,7 +280,7 @@ def with_threads(fn: Callable, threads: int) -> Callable:
     runs. A CartPole rollout is 128 steps of kernels over a few hundred numbers, where
     waking a second thread costs more than it saves: 8 seeds trained 1.04-1.09x faster with
     the rollout on one thread and the update on two than with both on two
-    (benchmarks/threads.py, benchmarks/RESULTS.md). Lifecycle's 64 envs per seed went the other
+    (benchmarks/threads.py, docs/design-notes.md). Lifecycle's 64 envs per seed went the other
     way (0.81x), so ``make_train`` keeps the caller's count unless its settings name one
     (``CompileSettings.rollout_threads``).
     """
@@ -381,7 +381,7 @@ def make_train(
 
     ``compile_scope`` is the update's (``make_update_fn``): ``"scan"`` (default) runs each
     update's minibatch steps as one compiled scan looped in C++ (1.07-1.13x over
-    ``"minibatch"``'s Python loop on 8 CartPole seeds' training loop, benchmarks/RESULTS.md);
+    ``"minibatch"``'s Python loop on 8 CartPole seeds' training loop, docs/design-notes.md);
     the rollout is one compiled scan either way.
 
     ``compiler`` (``funcppo.accel.compiling.CompileSettings``) compiles the rollout and the update,

@@ -3,9 +3,8 @@
 As PureJaxRL's ``_update_step``: ``prepare`` (GAE, advantage normalisation, masks, sequences),
 ``update_epochs * num_minibatches`` calls of ``minibatch_step`` (one gradient step, gated by KL
 early stopping and finiteness, its metrics a dict), then ``finish`` (the metrics, stacked,
-reduced by tree maps). The processes are an object (``funcppo.training.distributed``),
-micro-batches sum in ``funcppo.training.accumulation``, and ``funcppo.accel.scanning`` vmaps,
-compiles and loops the pieces.
+reduced by tree maps). The processes are an object (``training.distributed``), micro-batches
+sum in ``training.accumulation``, and ``accel.scanning`` vmaps, compiles and loops the pieces.
 """
 
 from __future__ import annotations
@@ -27,17 +26,11 @@ from funcppo.core.config import PPOConfig
 from funcppo.core.constants import KL_EARLY_STOP_FACTOR
 from funcppo.core.distributions import factored_entropy, factored_logprob, mask_stats
 from funcppo.core.networks import policy_apply, policy_init
-from funcppo.core.optim import apply_updates, global_norm, is_critic_path
+from funcppo.core.optim import apply_updates, global_norm, is_critic_path, make_optimizer
 from funcppo.core.spec import causal_masks, entropy_floor_masks
 from funcppo.training.accumulation import accumulate, split_tree
 from funcppo.training.distributed import DataParallel, SingleProcess
-from funcppo.training.state import (
-    Batch,
-    TrainState,
-    make_hyperparams,
-    make_loss_coefs,
-    make_optimizer,
-)
+from funcppo.training.state import Batch, TrainState, make_hyperparams, make_loss_coefs
 from funcppo.training.validation import HPARAMS_SOURCES, check_batch
 
 __all__ = ["Carry", "Prepared", "Setup", "finish", "make_update_fn", "minibatch_step", "prepare"]
@@ -309,7 +302,7 @@ def make_update_fn(
         values) or a schedule that writes them between updates (``make_train``, ``PPOAgent``).
       num_seeds: S, the size of a leading seed axis of ``state`` and ``batch``, vmapped over.
       compile_scope: ``"scan"`` (default: the steps one scan looped in C++), ``"minibatch"``
-        (a compiled step called from Python, 1.06-1.25x slower here: benchmarks/RESULTS.md)
+        (a compiled step called from Python, 1.06-1.25x slower here: docs/design-notes.md)
         or ``"update"`` (the whole update as one graph); see ``funcppo.accel.scanning``.
       compiler: how ``config.compile`` compiles, a ``CompileSettings``; None: ``for_device``
         of the state's device at the first call. ``backend`` replaces its backend if given.
