@@ -443,15 +443,14 @@ def test_first_compile_is_announced_and_its_time_printed_until_it_ends(capsys):
     assert eager.stop() == "ran" and capsys.readouterr().err == "running eagerly (--no-compile)\n"
 
 
-def test_first_compile_tells_loaded_from_compiled_by_the_precompiled_files(tmp_path, monkeypatch):
+def test_first_compile_tells_loaded_from_compiled_by_the_precompiled_files(tmp_path):
     # A tiny function through the library's precompiled path: the first instance compiles
     # and writes its file, a second one (as a later process would) loads it.
     from funcppo.accel.compiling import CompileSettings, compile_fn
-    from funcppo.accel.precompile import PRECOMPILE_ENV
 
-    monkeypatch.setenv(PRECOMPILE_ENV, str(tmp_path))
     x = torch.linspace(-1, 1, 5)
-    plain = CompileSettings.for_device("cpu").replace(cpp_wrapper=False)
+    cpu = CompileSettings.for_device("cpu", precompile_dir=tmp_path)
+    plain = cpu.replace(cpp_wrapper=False)
     said = []
     for _ in range(2):
         first = FirstCompile(True, tmp_path, every=HANG)
