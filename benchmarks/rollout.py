@@ -32,6 +32,7 @@ import torch
 from torch.func import vmap
 
 from funcppo.accel.compiling import CompileSettings, compile_fn
+from funcppo.accel.scanning import scan_rollout
 from funcppo.cli.args import ppo_config
 from funcppo.core import random as jr
 from funcppo.envs import make_env
@@ -41,7 +42,6 @@ from funcppo.training.train import (
     init_runner,
     make_env_step,
     make_rollout,
-    scan_rollout,
 )
 
 NUM_ENVS, NUM_STEPS = 4, 128

@@ -165,3 +165,24 @@ def test_no_import_cycles_and_no_private_names_across_modules():
 
     cycles = [c for m in graph if (c := cycle_from(m)) is not None]
     assert cycles == []
+
+
+def test_torchs_private_apis_are_used_inside_the_seam_only():
+    """torch's private and experimental modules (``torch._*``, ``torch.utils._*``) are imported
+    by ``funcppo.accel`` only, the one place to change for another torch release."""
+
+    def private(name: str) -> bool:
+        return any(part.startswith("_") for part in name.split(".")[1:])
+
+    found = []
+    for module, path in package_modules().items():
+        if module.startswith("funcppo.accel"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = []
+            if isinstance(node, ast.ImportFrom) and node.module:
+                names = [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            found += [f"{module}: {n}" for n in names if n.startswith("torch") and private(n)]
+    assert found == []

@@ -1,4 +1,5 @@
-"""How an update's pieces are vmapped, compiled and looped: the compile scopes, the scanned loop.
+"""How an update's pieces are vmapped, compiled and looped: the compile scopes, the scanned
+loops of the update's minibatch steps and of the rollout (``scan_rollout``).
 
 ``make_update_fn`` writes one PPO update as five plain pieces (``UpdatePieces``), per seed and
 eager. ``compose_update`` runs them: the seeds vmapped, the pieces compiled in one of three
@@ -36,7 +37,14 @@ from funcppo.accel.compiling import (
 )
 from funcppo.core.config import PPOConfig
 
-__all__ = ["SCOPES", "UpdatePieces", "compose_update", "scan_steps", "stacked_tree_map"]
+__all__ = [
+    "SCOPES",
+    "UpdatePieces",
+    "compose_update",
+    "scan_rollout",
+    "scan_steps",
+    "stacked_tree_map",
+]
 
 SCOPES = ("minibatch", "scan", "update")
 
@@ -178,3 +186,46 @@ def compose_update(
 
         return drive(shuffle, wrap(prepare), steps, wrap(finish, finish_dims))
     return drive(shuffle, wrap(prepare), loop(wrap(step, step_dims)), wrap(finish, finish_dims))
+
+
+def scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[Callable, Callable]:
+    """``(scanned, drive)``: ``scanned(rs)``, one ``scan`` over time to be compiled, and
+    ``drive(compiled, rs) -> (rs, batch)``, which calls the compiled one: ``num_steps`` calls
+    of ``env_step(params, rs) -> (rs, transition)`` (``rs`` a runner state, a NamedTuple with
+    ``train``, the train state, and ``key``), the transitions stacked on ``time_axis``.
+
+    The carry is the runner state without the train state (parameters are read, not carried)
+    packed into one vector per dtype (``scan_carry``), the form a scan body takes and
+    returns, and one that inductor's C++ loop can carry. ``batch``'s tree structure comes
+    from one eager step on the first call (a traced body cannot hand it out).
+    """
+    batch_spec: list[pytree.TreeSpec] = []
+
+    def scanned(rs: Any) -> tuple[Any, list[Tensor]]:
+        train = rs.train
+        params = optree.tree_map(torch.clone, train.params)
+        leaves, spec = pytree.tree_flatten(rs._replace(train=()))
+        pack, unpack = scan_carry(leaves)
+
+        def body(carry: list[Tensor], _: Tensor) -> tuple[list[Tensor], list[Tensor]]:
+            state = pytree.tree_unflatten(unpack(carry), spec)
+            new, transition = env_step(params, state)
+            return pack(pytree.tree_leaves(new._replace(train=()))), fresh(
+                pytree.tree_leaves(transition)
+            )
+
+        xs = torch.zeros(num_steps, device=rs.key.device)  # scan's length; the body ignores it
+        carry, ys = scan(body, pack(leaves), xs)
+        ys = [y.movedim(0, time_axis).contiguous() for y in ys]
+        # Fresh tensors, not views of the packed carry (the next call guards on strides).
+        carry = fresh(unpack(carry))
+        return pytree.tree_unflatten(carry, spec)._replace(train=train), ys
+
+    def rollout(compiled: Callable, rs: Any) -> tuple[Any, Any]:
+        if not batch_spec:
+            batch_spec.append(pytree.tree_structure(env_step(rs.train.params, rs)[1]))
+        with scan_cacheable():
+            rs, ys = compiled(unaliased(rs))
+        return rs, pytree.tree_unflatten(ys, batch_spec[0])
+
+    return scanned, rollout

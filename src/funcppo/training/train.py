@@ -20,20 +20,15 @@ from typing import Any, NamedTuple
 
 import optree
 import torch
-import torch.utils._pytree as pytree
 from torch import Tensor
-from torch._higher_order_ops.scan import scan
 from torch.func import vmap
 
 from funcppo.accel.compiling import (
     CompileSettings,
     compile_fn,
-    fresh,
     per_device,
-    scan_cacheable,
-    scan_carry,
-    unaliased,
 )
+from funcppo.accel.scanning import scan_rollout
 from funcppo.core import random as jr
 from funcppo.core.config import PPOConfig, anneal_left
 from funcppo.core.constants import CLIP_OBS
@@ -53,7 +48,6 @@ __all__ = [
     "make_env_step",
     "make_rollout",
     "make_train",
-    "scan_rollout",
     "with_threads",
 ]
 
@@ -309,47 +303,6 @@ def _loop_rollout(env_step: Callable, num_steps: int, time_axis: int) -> Callabl
         return rs, _stack(transitions, time_axis)
 
     return rollout
-
-
-def scan_rollout(env_step: Callable, num_steps: int, time_axis: int) -> tuple[Callable, Callable]:
-    """``(scanned, drive)``: ``scanned(rs)``, one ``scan`` over time to be compiled, and
-    ``drive(compiled, rs) -> (rs, batch)``, which calls the compiled one.
-
-    The carry is the runner state without the train state (parameters are read, not carried)
-    packed into one vector per dtype (``scan_carry``), the form a scan body takes and
-    returns, and one that inductor's C++ loop can carry. ``batch``'s tree structure comes
-    from one eager step on the first call (a traced body cannot hand it out).
-    """
-    batch_spec: list[pytree.TreeSpec] = []
-
-    def scanned(rs: RunnerState) -> tuple[RunnerState, list[Tensor]]:
-        train = rs.train
-        params = optree.tree_map(torch.clone, train.params)
-        leaves, spec = pytree.tree_flatten(rs._replace(train=()))
-        pack, unpack = scan_carry(leaves)
-
-        def body(carry: list[Tensor], _: Tensor) -> tuple[list[Tensor], list[Tensor]]:
-            state = pytree.tree_unflatten(unpack(carry), spec)
-            new, transition = env_step(params, state)
-            return pack(pytree.tree_leaves(new._replace(train=()))), fresh(
-                pytree.tree_leaves(transition)
-            )
-
-        xs = torch.zeros(num_steps, device=rs.key.device)  # scan's length; the body ignores it
-        carry, ys = scan(body, pack(leaves), xs)
-        ys = [y.movedim(0, time_axis).contiguous() for y in ys]
-        # Fresh tensors, not views of the packed carry (the next call guards on strides).
-        carry = fresh(unpack(carry))
-        return pytree.tree_unflatten(carry, spec)._replace(train=train), ys
-
-    def rollout(compiled: Callable, rs: RunnerState) -> tuple[RunnerState, Batch]:
-        if not batch_spec:
-            batch_spec.append(pytree.tree_structure(env_step(rs.train.params, rs)[1]))
-        with scan_cacheable():
-            rs, ys = compiled(unaliased(rs))
-        return rs, pytree.tree_unflatten(ys, batch_spec[0])
-
-    return scanned, rollout
 
 
 def make_train(
