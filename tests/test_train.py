@@ -269,6 +269,18 @@ def test_ctrl_c_keeps_finished_updates():
     assert int(state.step) == 2
 
 
+def test_a_callback_returning_false_stops_the_run_and_none_or_true_go_on():
+    config = cartpole_config(total_steps=2 * 16 * 4)
+    seen = []
+
+    def callback(u, metrics):
+        seen.append(u)
+        return {0: None, 1: True}.get(u, False)
+
+    state, hist = make_train(config)(jr.key(0), callback)
+    assert seen == [0, 1, 2] and hist["loss"].shape == (3,) and int(state.step) == 3
+
+
 @pytest.mark.slow
 def test_cartpole_learns_on_a_small_budget():
     env = make_env("cartpole", 4)

@@ -321,7 +321,8 @@ def make_train(
     key gives the same run. ``callback(update_index, metrics)`` is called after each update
     with host floats (one device-to-host transfer per update), lists of them with seeds,
     except ``ratio_worst_head``: the head's name (``ActionSpec.head_name``; None where no head
-    qualifies), where the history keeps the update's index; returning True stops the run.
+    qualifies), where the history keeps the update's index; returning False stops the run
+    (as a callback of ``PPOAgent.learn`` does).
     ``hparams`` maps fields of ``Hyperparams`` to a float or an ``[S]`` tensor, set with
     ``funcppo.training.state.with_hparams`` (its errors prefixed ``hparams:``): a sweep, one setting
     per seed in one program (the learning rate is the start of the annealed schedule).
@@ -442,7 +443,7 @@ def make_train(
                         else [ppo.spec.head_name(i) for i in worst]
                     )
                     host["update_seconds"] = time.perf_counter() - start
-                    if callback(u, host):
+                    if callback(u, host) is False:
                         break
         except KeyboardInterrupt:
             # Ctrl-C ends the run; every finished update is kept, a half-done one is dropped.
