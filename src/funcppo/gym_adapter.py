@@ -245,11 +245,13 @@ class GymAdapter:
             if "action_mask" in info:
                 self._mask_source = "info"
             else:
-                try:
-                    self._call_action_masks()
-                    self._mask_source = "method"
-                except AttributeError:
-                    self._mask_source = "none"
+                # Asked, not tried: a failed call shuts an async vector env's workers down.
+                if self.is_vector:
+                    call = getattr(self.env, "call", None)  # a native vector env may have none
+                    has = call is not None and all(call("has_wrapper_attr", "action_masks"))
+                else:
+                    has = self.env.has_wrapper_attr("action_masks")
+                self._mask_source = "method" if has else "none"
         if self._mask_source == "none":
             return None
         if self._mask_source == "method":
