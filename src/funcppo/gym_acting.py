@@ -34,7 +34,16 @@ from funcppo.normalize import (
 )
 from funcppo.state import Batch
 
-__all__ = ["ActCarry", "Acted", "Acting", "act", "init_act_carry", "make_acting", "observe"]
+__all__ = [
+    "ActCarry",
+    "Acted",
+    "Acting",
+    "act",
+    "init_act_carry",
+    "make_acting",
+    "observe",
+    "observe_act",
+]
 
 
 class ActCarry(NamedTuple):
@@ -190,12 +199,37 @@ def observe(
     return carry, row
 
 
+def observe_act(
+    config: PPOConfig,
+    clip_obs: float,
+    clip_reward: float,
+    params: Params,
+    key: Tensor,
+    gamma: Tensor,
+    carry: ActCarry,
+    acted: Acted,
+    step: tuple[Tensor, ...],
+    room: Tensor,
+    obs: Tensor,
+    masks: dict[str, Tensor],
+    next_room: Tensor,
+) -> tuple[ActCarry, Batch, Acted, dict[str, Tensor]]:
+    """``observe`` of one env step, then ``act`` on the observation it reached (``next_room``:
+    the columns with room after the step): one call per env step inside a rollout.
+    Returns ``(carry, row, acted, actions)``."""
+    carry, row = observe(config, clip_obs, clip_reward, params, gamma, carry, acted, step, room)
+    carry, acted, actions = act(config, clip_obs, params, key, carry, obs, masks, next_room)
+    return carry, row, acted, actions
+
+
 class Acting(NamedTuple):
-    """``act(params, key, carry, obs, masks, room)`` and ``observe(params, gamma, carry,
-    acted, step, room)`` for one seed's arguments or, vmapped, for ``[S, ...]`` stacks."""
+    """``act(params, key, carry, obs, masks, room)``, ``observe(params, gamma, carry, acted,
+    step, room)`` and ``observe_act(params, key, gamma, carry, acted, step, room, obs, masks,
+    next_room)``, for one seed's arguments or, vmapped, for ``[S, ...]`` stacks."""
 
     act: Callable
     observe: Callable
+    observe_act: Callable
 
 
 def make_acting(
@@ -214,6 +248,7 @@ def make_acting(
     fns = {
         "act": functools.partial(act, config, clip_obs),
         "observe": functools.partial(observe, config, clip_obs, clip_reward),
+        "observe_act": functools.partial(observe_act, config, clip_obs, clip_reward),
     }
     if num_seeds is not None:
         fns = {name: torch.func.vmap(fn, randomness="error") for name, fn in fns.items()}

@@ -31,10 +31,19 @@ from funcppo.compiling import CompileSettings
 from funcppo.config import PPOConfig, anneal_left
 from funcppo.constants import CLIP_OBS
 from funcppo.gym_acting import init_act_carry, make_acting
+from funcppo.gym_adapter import GymAdapter
 from funcppo.state import Batch, init_train_state, with_hparams
 from funcppo.update import make_update_fn
 
 __all__ = ["SeedsAgent"]
+
+
+def _dense(tree: Any) -> Any:
+    """Every leaf with the strides of a new tensor. The update's parameters come back as
+    copies of views into flat groups; with one seed such a copy keeps the group's stride on
+    its size-1 seed axis, which the compiled act and update guard on: each would compile
+    again, with symbolic strides, for 12 more inputs per call."""
+    return optree.tree_map(lambda x: x.clone(memory_format=torch.contiguous_format), tree)
 
 
 def _config_value(name: str, value: Any) -> Any:
@@ -98,7 +107,7 @@ class SeedsAgent:
         ]
         keys = torch.stack([jr.key(s, self.device) for s in seeds])
         overrides = {k: torch.as_tensor(v, dtype=torch.float32) for k, v in (hparams or {}).items()}
-        self.state = init_train_state(keys, config, **overrides)
+        self.state = _dense(init_train_state(keys, config, **overrides))
         # The reward normaliser discounts in float64 by the config's value, as PPOAgent's.
         gamma = (hparams or {}).get("gamma", [config.gamma] * self.num_seeds)
         self._gamma = torch.as_tensor(gamma, dtype=torch.float64, device=self.device)
@@ -127,6 +136,13 @@ class SeedsAgent:
         """``[S * E, ...]`` as ``[S, E, ...]``: seed i's envs are rows ``i * E`` onwards."""
         return x.view(self.num_seeds, self.num_envs, *x.shape[1:])
 
+    def _room(self, counts: np.ndarray) -> Tensor:
+        """Bool ``[S, E]``: the env columns that still lack ``num_steps`` transitions."""
+        return self._seeded(torch.from_numpy(counts < self.num_steps).to(self.device))
+
+    def _inputs(self, obs: Tensor, masks: dict[str, Tensor]) -> tuple[Tensor, dict]:
+        return self._seeded(obs), {h: self._seeded(m) for h, m in masks.items()}
+
     def collect(self, env: Any) -> None:
         """Step ``env`` (a ``GymAdapter`` over ``S * E`` envs, or anything with its
         ``num_envs``, ``obs``, ``masks`` and ``step``) until every env column holds
@@ -136,29 +152,35 @@ class SeedsAgent:
                 f"env: expected num_envs={self.total_envs} ({self.num_seeds} seeds x "
                 f"{self.num_envs}), got {getattr(env, 'num_envs', None)}"
             )
-        act, observe = self._acting
+        act, observe, observe_act = self._acting
         params, key, gamma = self.state.params, self.state.key, self._gamma
+        trusted = {"validate": False} if isinstance(env, GymAdapter) else {}
         counts = np.zeros(self.total_envs, dtype=np.int64)
-        obs, masks, carry = env.obs, env.masks, self.carry
-        room_np = counts < self.num_steps
-        room = self._seeded(torch.from_numpy(room_np).to(self.device))
-        while room_np.any():
-            seeded_masks = {h: self._seeded(m) for h, m in masks.items()}
-            carry, acted, actions = act(params, key, carry, self._seeded(obs), seeded_masks, room)
-            step = env.step({h: a.view(-1) for h, a in actions.items()})
+        room = self._room(counts)
+        carry, acted, actions = act(
+            params, key, self.carry, *self._inputs(env.obs, env.masks), room
+        )
+        while True:
+            # The sampler draws in range and under the masks: nothing for the adapter to check.
+            step = env.step({h: a.view(-1) for h, a in actions.items()}, **trusted)
             fields = (step.reward, step.terminated, step.truncated, step.final_obs, step.valid,
                       step.episode_start, step.next_valid)  # fmt: skip
-            carry, row = observe(
-                params, gamma, carry, acted, tuple(map(self._seeded, fields)), room
-            )
+            fields = tuple(map(self._seeded, fields))
             valid = step.valid.cpu().numpy()
-            self._rows.append(row)
             self._valid.append(valid)
-            obs, masks = step.obs, step.masks
             counts += valid
-            if (counts == self.num_steps).any():  # a column just filled: the room changes
-                room_np = counts < self.num_steps
-                room = self._seeded(torch.from_numpy(room_np).to(self.device))
+            if (counts >= self.num_steps).all():
+                carry, row = observe(params, gamma, carry, acted, fields, room)
+                self._rows.append(row)
+                break
+            # A column that just filled changes the room: rare, so the tensor is kept till then.
+            next_room = self._room(counts) if (counts == self.num_steps).any() else room
+            carry, row, acted, actions = observe_act(
+                params, key, gamma, carry, acted, fields, room,
+                *self._inputs(step.obs, step.masks), next_room,
+            )  # fmt: skip
+            self._rows.append(row)
+            room = next_room
         self.carry = carry
 
     def discard_rollout(self) -> None:
@@ -194,7 +216,7 @@ class SeedsAgent:
         given = {k: v for k, v in given.items() if v is not None}
         state = with_hparams(self.state, **given) if given else self.state
         new_state, metrics = self._update(state, batch)
-        self.state = new_state._replace(hparams=self.state.hparams)
+        self.state = _dense(new_state._replace(hparams=self.state.hparams))
         host = self._host_metrics(metrics, discarded)
         self.carry = self.carry._replace(
             act_count=torch.zeros_like(self.carry.act_count),
