@@ -213,7 +213,7 @@ class GymAdapter:
             obs_space, act_space = env.observation_space, env.action_space
             self.autoreset_mode = None
         self.action_space = act_space
-        self.spec, self._nvec, _ = _action_layout(act_space)
+        self.spec, self._nvec, self._start = _action_layout(act_space)
         self.obs_encoder = make_obs_encoder(obs_space)
         self.obs_dim = self.obs_encoder.dim
         self.obs_shape = obs_space.shape
@@ -222,6 +222,7 @@ class GymAdapter:
         self._pending_reset = np.zeros(self.num_envs, dtype=bool)
         self._obs: Tensor | None = None
         self._masks: dict[str, Tensor] | None = None
+        self._all_valid: dict[str, Tensor] | None = None
 
     def _next_step_mode(self) -> bool:
         return self.is_vector and self.autoreset_mode.name == "NEXT_STEP"
@@ -245,11 +246,13 @@ class GymAdapter:
             if "action_mask" in info:
                 self._mask_source = "info"
             else:
-                try:
-                    self._call_action_masks()
-                    self._mask_source = "method"
-                except AttributeError:
-                    self._mask_source = "none"
+                # Asked, not tried: a failed call shuts an async vector env's workers down.
+                if self.is_vector:
+                    call = getattr(self.env, "call", None)  # a native vector env may have none
+                    has = call is not None and all(call("has_wrapper_attr", "action_masks"))
+                else:
+                    has = self.env.has_wrapper_attr("action_masks")
+                self._mask_source = "method" if has else "none"
         if self._mask_source == "none":
             return None
         if self._mask_source == "method":
@@ -271,9 +274,12 @@ class GymAdapter:
         return [self.env.get_wrapper_attr("action_masks")()]
 
     def _mask_tensors(self, info: dict, ignored: np.ndarray) -> dict[str, Tensor]:
-        """Head -> bool ``[num_envs, size]``; rows whose next action is ignored are all True."""
+        """Head -> bool ``[num_envs, size]``; rows whose next action is ignored are all True.
+        An env without masks gets the same all-True tensors every step (nobody writes them)."""
         total = int(self._nvec.sum())
         raw = self._raw_masks(info)
+        if raw is None and self._all_valid is not None:
+            return self._all_valid
         flat = np.ones((self.num_envs, total), dtype=bool)
         if raw is not None:
             for i, row in enumerate(raw):
@@ -282,10 +288,13 @@ class GymAdapter:
                 flat[i] = _flat_mask(row, self._nvec, f"action mask of env {i}")
         flat[ignored] = True
         parts = np.split(flat, np.cumsum(self._nvec)[:-1], axis=1)
-        return {
+        masks = {
             name: torch.from_numpy(part.copy()).to(self.device)
             for name, part in zip(self.spec.names, parts, strict=True)
         }
+        if raw is None:
+            self._all_valid = masks
+        return masks
 
     def reset(self, seed: int | None = None) -> tuple[Tensor, dict[str, Tensor]]:
         """Start every env afresh; returns ``obs`` ``[num_envs, obs_dim]`` and ``masks``."""
@@ -309,16 +318,25 @@ class GymAdapter:
             self.reset()
         return self._masks
 
-    def _env_actions(self, actions: Mapping[str, Tensor]) -> Any:
-        check_actions(self.spec, self.num_envs, actions)
-        values = env_action(self.action_space, actions)
+    def _env_actions(self, actions: Mapping[str, Tensor], validate: bool) -> Any:
+        if validate:
+            check_actions(self.spec, self.num_envs, actions)
+            values = env_action(self.action_space, actions)
+        else:
+            cols = [actions[name].cpu().numpy() for name in self.spec.names]
+            values = np.stack(cols, axis=-1) + self._start
+            values = values[..., 0] if len(cols) == 1 else values
         return values if self.is_vector else values[0]
 
-    def step(self, actions: Mapping[str, Tensor]) -> EnvStep:
-        """Apply ``actions`` (head -> int64 ``[num_envs]``) and report an ``EnvStep``."""
+    def step(self, actions: Mapping[str, Tensor], validate: bool = True) -> EnvStep:
+        """Apply ``actions`` (head -> int64 ``[num_envs]``) and report an ``EnvStep``.
+
+        ``validate`` False skips the checks of the actions' shapes and ranges, for a caller
+        whose sampler guarantees them (``SeedsAgent``)."""
         if self._obs is None:
             raise RuntimeError("step: reset the env first (or read .obs)")
-        obs, reward, terminated, truncated, info = self.env.step(self._env_actions(actions))
+        env_actions = self._env_actions(actions, validate)
+        obs, reward, terminated, truncated, info = self.env.step(env_actions)
         terminated = np.asarray(terminated, dtype=bool).reshape(self.num_envs)
         truncated = np.asarray(truncated, dtype=bool).reshape(self.num_envs)
         reward = np.asarray(reward, dtype=np.float32).reshape(self.num_envs)

@@ -1,9 +1,10 @@
-"""``python -m funcppo train --env gym:ID``: PPOAgent on a gymnasium environment.
+"""``python -m funcppo train --env gym:ID``: a ``SeedsAgent`` on a gymnasium environment.
 
-Gymnasium environments run on the host, so seeds are not vmapped: ``--seeds S`` makes S agents,
-each with its own ``gymnasium.make_vec(ID, num_envs)`` (seeded ``--seed + i``), stepped one
-after the other within each update. The outputs are the built-in path's: ``metrics.jsonl``
-(each metric a list over seeds), the learning curve, the summary table, and the checkpoint
+``--seeds S`` trains S agents as one program (``funcppo.agent.gym_vector``): one vector env of
+S x ``--num-envs`` environments (``--vector sync|async``, ``--autoreset``), seed i's envs seeded
+as a single agent's with seed ``--seed + i``, one compiled act call per env step for every
+seed and one vmapped update. The outputs are the built-in path's: ``metrics.jsonl`` (each
+metric a list over seeds), the learning curve, the summary table, and the checkpoint
 (``checkpoint.pt`` for one seed, ``checkpoint-<i>.pt`` per seed otherwise, read back with
 ``PPOAgent.load``). Ctrl-C keeps every finished update, as the built-in path does.
 """
@@ -13,11 +14,14 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
 
 import torch
 
-from funcppo.agent.agent import PPOAgent
+from funcppo.accel.compiling import CompileSettings
+from funcppo.accel.precompile import default_precompile_dir
 from funcppo.agent.gym_adapter import GymAdapter, require_gymnasium
+from funcppo.agent.gym_vector import SeedsAgent
 from funcppo.cli.args import (
     UsageError,
     check_sweep_values,
@@ -40,81 +44,110 @@ __all__ = ["run_gym_train"]
 
 PREFIX = "gym:"
 
-# The update step of a gymnasium agent, compiled when it first runs; inductor's caches, not
-# precompiled files, make later runs quicker.
-USUAL_COMPILE = "usually a minute or more on a first run, less when inductor's caches are warm"
+# The acting and the update of gymnasium agents, compiled when they first run; precompiled
+# files (funcppo.accel.precompile) make later runs start in seconds.
+USUAL_COMPILE = "usually a minute or more on a first run, seconds when precompiled files exist"
+
+
+def _make_env(args: argparse.Namespace, env_id: str, device: torch.device) -> GymAdapter:
+    """One vector env of ``seeds x num_envs`` envs, seed i's seeded ``--seed + i + j`` as a
+    single agent's vector env reset with seed ``--seed + i``; a mistake the env shows (an
+    action space funcppo cannot drive) as a ``UsageError``."""
+    gym = require_gymnasium()
+    mode = gym.vector.AutoresetMode[args.autoreset.upper().replace("-", "_")]
+    seeds = [args.seed + i + j for i in range(args.seeds) for j in range(args.num_envs)]
+    vec = None
+    try:
+        vec = gym.make_vec(
+            env_id,
+            num_envs=args.seeds * args.num_envs,
+            vectorization_mode=args.vector,
+            vector_kwargs={"autoreset_mode": mode},
+        )
+        return GymAdapter(vec, seed=seeds, device=device)
+    except (ValueError, gym.error.Error) as error:
+        if vec is not None:
+            vec.close()
+        raise UsageError(f"--env {PREFIX}{env_id}: {error}") from None
 
 
 def _agents(
     args: argparse.Namespace,
-    env_id: str,
+    env: GymAdapter,
     sweep: tuple[str, list[float]] | None,
     device: torch.device,
-) -> list[tuple[PPOAgent, GymAdapter]]:
-    """One agent and vector env per seed; a mistake the env or the sweep shows (an action
-    space funcppo cannot drive, a swept value out of range) as a ``UsageError``."""
-    gym = require_gymnasium()
-    pairs = []
-    for i in range(args.seeds):
-        try:
-            vec = gym.make_vec(env_id, num_envs=args.num_envs, vectorization_mode="sync")
-            env = GymAdapter(vec, seed=args.seed + i, device=device)
-        except (ValueError, gym.error.Error) as error:
-            raise UsageError(f"--env {PREFIX}{env_id}: {error}") from None
-        config = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=not args.no_compile)
-        if i == 0:
-            check_sweep_values(sweep, config.replace)
-        if sweep is not None:
-            value = sweep[1][i]
-            if sweep[0] == "target_kl" and value == float("inf"):
-                value = None  # no early stopping
-            config = config.replace(**{sweep[0]: value})
-        agent = PPOAgent(
-            config,
-            args.num_envs,
-            args.num_steps,
-            seed=args.seed + i,
-            normalize_obs=args.normalize_obs,
-            device=device,
-        )
-        pairs.append((agent, env))
-    return pairs
+    folder: Path | None,
+) -> SeedsAgent:
+    """The seeds' agents, their compiled pieces kept in ``folder`` (None: not kept); a swept
+    value out of range as a ``UsageError``."""
+    config = PPOConfig(obs_dim=env.obs_dim, spec=env.spec, compile=not args.no_compile)
+    check_sweep_values(sweep, config.replace)
+    hparams = None if sweep is None else {sweep[0]: sweep[1]}
+    return SeedsAgent(
+        config,
+        args.num_envs,
+        args.num_steps,
+        seeds=[args.seed + i for i in range(args.seeds)],
+        normalize_obs=args.normalize_obs,
+        device=device,
+        hparams=hparams,
+        compiler=CompileSettings.for_device(device, precompile_dir=folder),
+    )
 
 
 def run_gym_train(args: argparse.Namespace) -> int:
     """Train ``args.seeds`` agents on ``args.env`` (``gym:ID``), as ``run_train`` does."""
     torch.set_num_threads(args.threads)
+    folder = default_precompile_dir() if args.precompile and not args.no_compile else None
+    return _run(args, folder)
+
+
+def _run(args: argparse.Namespace, folder: Path | None) -> int:
     env_id = args.env.removeprefix(PREFIX)
     sweep = parse_sweep(args.sweep, args.seeds)
-    pairs = _agents(args, env_id, sweep, torch_device(args.device))
+    device = torch_device(args.device)
+    env = _make_env(args, env_id, device)
+    try:
+        agents = _agents(args, env, sweep, device, folder)
+        return _train(args, env_id, env, agents, sweep, folder)
+    finally:
+        env.env.close()
+
+
+def _train(
+    args: argparse.Namespace,
+    env_id: str,
+    env: GymAdapter,
+    agents: SeedsAgent,
+    sweep: tuple[str, list[float]] | None,
+    folder: Path | None,
+) -> int:
     steps_per_update = args.num_envs * args.num_steps
     num_updates = args.total_steps // steps_per_update
     out = make_out_dir(args)
     print(
-        f"training {args.seeds} agents on gymnasium {env_id} for {num_updates} updates "
-        f"({num_updates * steps_per_update:,} env steps per seed), one after the other, "
-        f"writing to {out}",
+        f"training {args.seeds} seeds on gymnasium {env_id} for {num_updates} updates "
+        f"({num_updates * steps_per_update:,} env steps per seed), one {args.vector} vector "
+        f"env of {env.num_envs} envs, writing to {out}",
         file=sys.stderr,
         flush=True,
     )
-    first = FirstCompile(not args.no_compile, None, USUAL_COMPILE)
+    first = FirstCompile(not args.no_compile, folder, USUAL_COMPILE)
     progress = Progress(num_updates, steps_per_update, args.seeds, first)
-    base = [(float(a.config.learning_rate), float(a.config.clip_coef)) for a, _ in pairs]
+    base = agents.state.hparams
     with open(out / "metrics.jsonl", "w") as log:
         recorder = Recorder(log, out / "tb", progress, steps_per_update)
         try:
             progress.start()
             for u in range(num_updates):
                 start = time.perf_counter()
-                per_seed = []
                 left = anneal_left(u, num_updates)
-                for (agent, env), (lr, clip) in zip(pairs, base, strict=True):
-                    agent.collect(env)
-                    # Linear decay to 0, as the built-in path (TrainConfig.anneal_lr/_clip).
-                    lr_now, clip_now = lr * left, clip * left if args.anneal_clip else clip
-                    metrics = agent.update(lr_now, clip_coef=clip_now)
-                    per_seed.append(metrics | {"learning_rate": lr_now, "clip_coef": clip_now})
-                metrics = {k: [m[k] for m in per_seed] for k in per_seed[0]}
+                agents.collect(env)
+                # Linear decay to 0, as the built-in path (TrainConfig.anneal_lr/_clip).
+                lr = base.learning_rate * left
+                clip = base.clip_coef * left if args.anneal_clip else base.clip_coef
+                metrics = agents.update(lr, clip_coef=clip)
+                metrics |= {"learning_rate": lr.tolist(), "clip_coef": clip.tolist()}
                 metrics["update_seconds"] = time.perf_counter() - start
                 recorder(u, metrics)
         except KeyboardInterrupt:
@@ -125,15 +158,8 @@ def run_gym_train(args: argparse.Namespace) -> int:
     with held_interrupts() as held:
         kept = [out / "metrics.jsonl"]
         if done > 0:
-            names = (
-                ["checkpoint.pt"]
-                if len(pairs) == 1
-                else [f"checkpoint-{i}.pt" for i in range(len(pairs))]
-            )
-            for (agent, _), name in zip(pairs, names, strict=True):
-                agent.discard_rollout()  # after Ctrl-C mid-rollout: keep the last finished update
-                agent.save(out / name)
-                kept.append(out / name)
+            agents.discard_rollout()  # after Ctrl-C mid-rollout: keep the last finished update
+            kept += [Path(p) for p in agents.save(out)]
         curve = out / "learning_curve.png"
         if write_plot(curve, recorder.returns, steps_per_update, args.env, sweep):
             kept.append(curve)

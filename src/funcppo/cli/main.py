@@ -45,14 +45,15 @@ PRECOMPILE_ENV = "FUNCPPO_PRECOMPILE_DIR"
 DESCRIPTION = """\
 funcppo trains PPO agents: several seeds of one job at once, vmapped into one compiled
 program on the built-in environments (CartPole, velocity-hidden CartPole with an LSTM,
-Lifecycle's factored and masked actions), or one agent per seed on a gymnasium environment.
+Lifecycle's factored and masked actions), or on a gymnasium environment, one vector env for
+every seed's envs.
 """
 
 EPILOG = """\
 examples:
   python -m funcppo train --env cartpole
       8 seeds of CartPole, 500k env steps each, into a new folder runs/cartpole-<time>
-  python -m funcppo train --env gym:CartPole-v1 --seeds 1 --no-compile --out runs/gym
+  python -m funcppo train --env gym:CartPole-v1 --seeds 4 --vector async --out runs/gym
   python -m funcppo train --help
       every option of a training run and its default
 """
@@ -103,7 +104,7 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         default=8,
         help=_positive_help(
             "how many independent agents to train, each from its own random key (split from "
-            "--seed): vmapped into one program on a built-in env, one after the other on gym:ID"
+            "--seed), vmapped into one program (gym:ID: one vector env for all seeds)"
         ),
     )
     train.add_argument(
@@ -140,6 +141,20 @@ def _parsers() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
         default=None,
         help="decay the clipping range linearly to 0 over the run, as the learning rate "
         "(default: the env's preset; off for gym:ID)",
+    )
+    train.add_argument(
+        "--vector",
+        choices=("sync", "async"),
+        default="sync",
+        help="gym:ID only: gymnasium's vector env, its envs stepped in this process (sync) or "
+        "each in a subprocess of its own (async, for envs whose step is expensive)",
+    )
+    train.add_argument(
+        "--autoreset",
+        choices=("same-step", "next-step"),
+        default="same-step",
+        help="gym:ID only: the vector env's autoreset mode; same-step wastes no env step, and "
+        "only with it is each seed exactly the run of a single agent with that seed",
     )
     train.add_argument("--no-compile", action="store_true", help="run eagerly, no torch.compile")
     train.add_argument(
