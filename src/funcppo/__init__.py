@@ -23,6 +23,7 @@ something is compiled.
 from __future__ import annotations
 
 import importlib
+import sys
 from typing import Any
 
 __version__ = "0.1.0"
@@ -52,6 +53,7 @@ _SOURCES: dict[str, tuple[str, ...]] = {
     "agent.rollout": ("EnvStep",),
     "agent.gym_adapter": ("GymAdapter",),
     "agent.gym_evaluate": ("evaluate_policy",),
+    "agent.gym_vector": ("SeedsAgent",),
     "agent.callbacks": ("Callback", "CheckpointCallback", "EvalCallback", "TensorBoardCallback"),
 }
 _MODULE_OF = {name: module for module, names in _SOURCES.items() for name in names}
@@ -75,6 +77,7 @@ __all__ = [
     "PPOAgent",
     "PPOConfig",
     "PolicyOutput",
+    "SeedsAgent",
     "TensorBoardCallback",
     "TrainConfig",
     "TrainState",
@@ -105,7 +108,10 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in _SUBMODULES:
-        return importlib.import_module(f"{__name__}.{_SUBMODULES[name]}")
+        module = importlib.import_module(f"{__name__}.{_SUBMODULES[name]}")
+        # ``funcppo.random`` by its public name too, for tools that import what they document.
+        sys.modules.setdefault(f"{__name__}.{name}", module)
+        return module
     module = _MODULE_OF.get(name)
     if module is None:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
