@@ -21,6 +21,11 @@ import pytest
 import torch
 
 torch.set_num_threads(1)
+# Inductor's own compiles (a plain torch.compile in a test) take the CPU's vector instruction
+# sets from its flags, as CompileSettings.for_device("cpu") does, instead of proving each with a
+# compiled probe: 14 s of the suite's first compile into an empty cache. Read when inductor's
+# config is first imported, here or in a test's subprocess; a value the user set is kept.
+os.environ.setdefault("TORCHINDUCTOR_VEC_ISA_OK", "1")
 
 DEVICE_ENV = "FUNCPPO_TEST_DEVICE"
 _DEVICE_KEY = pytest.StashKey[torch.device]()
