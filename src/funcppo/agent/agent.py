@@ -67,7 +67,7 @@ from funcppo.training.state import Batch, init_train_state
 from funcppo.training.update import make_update_fn
 from funcppo.training.validation import check_batch
 
-__all__ = ["EnvStep", "PPOAgent"]
+__all__ = ["EnvStep", "PPOAgent", "learn_rounds"]
 
 
 class PPOAgent:
@@ -360,30 +360,9 @@ class PPOAgent:
         checkpoints, TensorBoard); one that returns False stops training after that update,
         as in Stable-Baselines3. Returns the metrics of every update.
         """
-        num_updates = total_steps // (self.num_envs * self.num_steps)
-        if num_updates < 1:
-            raise ValueError(
-                f"total_steps: expected at least num_envs * num_steps = "
-                f"{self.num_envs * self.num_steps}, got {total_steps}"
-            )
-        callbacks = as_callback(callback)
-        lr, clip = float(self.state.hparams.learning_rate), float(self.state.hparams.clip_coef)
-        history = []
-        callbacks.on_training_start(self)
-        try:
-            for u in range(num_updates):
-                self.collect(env)
-                left = anneal_left(u, num_updates)
-                metrics = self.update(
-                    lr * left if anneal_lr else None,
-                    clip_coef=clip * left if anneal_clip else None,
-                )
-                history.append(metrics)
-                if not callbacks.on_update(self, metrics):
-                    break
-        finally:
-            callbacks.on_training_end(self)
-        return history
+        hp = self.state.hparams
+        lr, clip = float(hp.learning_rate), float(hp.clip_coef)
+        return learn_rounds(self, env, total_steps, callback, lr, clip, anneal_lr, anneal_clip)
 
     def _carry(self) -> AgentCarry:
         return AgentCarry(*(getattr(self, name) for name in AgentCarry._fields))
@@ -420,3 +399,43 @@ class PPOAgent:
         constructor arguments (``num_envs=1`` to evaluate, ``device``, ...) or config fields
         (``learning_rate`` to fine-tune, ...), within what ``load`` accepts."""
         return agent_from_checkpoint(cls, path, overrides)
+
+
+def learn_rounds(
+    agent: Any,
+    env: Any,
+    total_steps: int,
+    callback: Any,
+    learning_rate: Any,
+    clip_coef: Any,
+    anneal_lr: bool,
+    anneal_clip: bool,
+) -> list:
+    """``learn``'s loop for ``PPOAgent`` and ``SeedsAgent``: ``total_steps // (num_envs *
+    num_steps)`` rounds of ``agent.collect(env)`` and ``agent.update(lr, clip)``, the callbacks
+    after each update (one returning False stops), their start and end around the rounds.
+    ``learning_rate`` and ``clip_coef`` (numbers, or per-seed tensors) are what ``anneal_lr``
+    and ``anneal_clip`` decay linearly over the rounds. Returns every update's metrics."""
+    num_updates = total_steps // (agent.num_envs * agent.num_steps)
+    if num_updates < 1:
+        raise ValueError(
+            f"total_steps: expected at least num_envs * num_steps = "
+            f"{agent.num_envs * agent.num_steps}, got {total_steps}"
+        )
+    callbacks = as_callback(callback)
+    history = []
+    callbacks.on_training_start(agent)
+    try:
+        for u in range(num_updates):
+            agent.collect(env)
+            left = anneal_left(u, num_updates)
+            metrics = agent.update(
+                learning_rate * left if anneal_lr else None,
+                clip_coef=clip_coef * left if anneal_clip else None,
+            )
+            history.append(metrics)
+            if not callbacks.on_update(agent, metrics):
+                break
+    finally:
+        callbacks.on_training_end(agent)
+    return history

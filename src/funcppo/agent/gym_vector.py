@@ -23,14 +23,13 @@ import torch
 from torch import Tensor
 
 from funcppo.accel.compiling import CompileSettings
-from funcppo.agent.agent import PPOAgent
-from funcppo.agent.callbacks import as_callback
+from funcppo.agent.agent import PPOAgent, learn_rounds
 from funcppo.agent.checks import check_agent_args
 from funcppo.agent.gym_acting import init_act_carry, make_acting
 from funcppo.agent.gym_adapter import GymAdapter
 from funcppo.agent.rollout import compact_rollout
 from funcppo.core import random as jr
-from funcppo.core.config import PPOConfig, anneal_left
+from funcppo.core.config import PPOConfig
 from funcppo.core.constants import CLIP_OBS
 from funcppo.training.state import Batch, init_train_state, with_hparams
 from funcppo.training.update import make_update_fn
@@ -255,30 +254,10 @@ class SeedsAgent:
     ) -> list[dict[str, list]]:
         """``total_steps // (E * num_steps)`` rounds of ``collect`` and ``update`` (steps per
         seed), as ``PPOAgent.learn``; ``callback(agents, metrics)`` returning False stops."""
-        num_updates = total_steps // (self.num_envs * self.num_steps)
-        if num_updates < 1:
-            raise ValueError(
-                f"total_steps: expected at least num_envs * num_steps = "
-                f"{self.num_envs * self.num_steps}, got {total_steps}"
-            )
-        callbacks = as_callback(callback)
         hp = self.state.hparams
-        history = []
-        callbacks.on_training_start(self)
-        try:
-            for u in range(num_updates):
-                self.collect(env)
-                left = anneal_left(u, num_updates)
-                metrics = self.update(
-                    hp.learning_rate * left if anneal_lr else None,
-                    hp.clip_coef * left if anneal_clip else None,
-                )
-                history.append(metrics)
-                if not callbacks.on_update(self, metrics):
-                    break
-        finally:
-            callbacks.on_training_end(self)
-        return history
+        return learn_rounds(
+            self, env, total_steps, callback, hp.learning_rate, hp.clip_coef, anneal_lr, anneal_clip
+        )
 
     def seed_agent(self, i: int) -> PPOAgent:
         """Seed ``i`` as a ``PPOAgent`` of its own (copies: training this one changes nothing
