@@ -38,7 +38,6 @@ from __future__ import annotations
 
 import argparse
 import math
-import platform
 import statistics
 import sys
 import time
@@ -51,6 +50,7 @@ from funcppo.core import random as jr
 from funcppo.envs import make_env
 from funcppo.training.train import TrainConfig, make_train
 from funcppo.training.update import make_update_fn
+from machine import cpu_name
 from update_step import loop_over_seeds, make_config, make_inputs, sync, time_calls
 
 MAIN_SEEDS = 8
@@ -62,17 +62,10 @@ def seeds_label(n: int) -> str:
 
 
 def device_name(device: torch.device) -> str:
-    """The GPU's name, or the CPU model from /proc/cpuinfo (the platform's name elsewhere)."""
+    """The GPU's name, or the CPU's model."""
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    return cpu_name()
 
 
 def check_device(name: str) -> torch.device:

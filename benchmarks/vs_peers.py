@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import time
 from collections.abc import Callable
@@ -41,20 +40,10 @@ from torch import nn
 
 import cleanrl_style
 from funcppo.training.update import make_update_fn
+from machine import cpu_name
 from update_step import NUM_ENVS, NUM_STEPS, make_config, make_inputs
 
 EPOCHS, MINIBATCHES, HIDDEN = 4, 4, 128
-
-
-def cpu_name() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def median_time(fn: Callable[[], object], repeats: int) -> tuple[float, float]:

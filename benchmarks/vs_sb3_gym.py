@@ -24,25 +24,15 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
+from machine import cpu_name
+
 TOTAL_STEPS = 51_200
 NUM_ENVS, NUM_STEPS = 4, 128
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def run_funcppo(seeds: int, total_steps: int, vector: str) -> dict:
@@ -156,7 +146,7 @@ def main() -> None:
         from torch._inductor.runtime.cache_dir_utils import cache_dir
 
         os.environ["FUNCPPO_PRECOMPILE_DIR"] = os.path.join(cache_dir(), "funcppo")
-    print(f"CPU: {_cpu()}, {os.cpu_count()} cores; one torch thread per process", flush=True)
+    print(f"CPU: {cpu_name()}, {os.cpu_count()} cores; one torch thread per process", flush=True)
     runs: dict[str, list[dict]] = {}
     for seeds in args.seeds:
         warm = _child("funcppo", seeds, args.total_steps, args.vector)
@@ -177,7 +167,7 @@ def main() -> None:
               f"{s / f:.2f}x |")  # fmt: skip
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"cpu": _cpu(), "args": vars(args), "runs": runs}, f, indent=1)
+            json.dump({"cpu": cpu_name(), "args": vars(args), "runs": runs}, f, indent=1)
 
 
 if __name__ == "__main__":
