@@ -101,9 +101,9 @@ CPU_OPTIONS = {
     "alignment_asserts": False,
     "cpp.use_decompose_tanh": True,
     "cpp_wrapper_build_separate": True,
+    "cpp.vec_isa_ok": True,
     "pre_grad_custom_pass": ThinProducts(),
     "post_grad_custom_post_pass": PowAsExp(),
-    "cpp.vec_isa_ok": True,
     "cpp_wrapper": True,
 }
 
@@ -347,13 +347,46 @@ def test_vector_instruction_sets_decided_when_the_settings_are_made():
 
 def test_the_cpu_settings_carry_the_rewrites_and_compare_equal():
     cpu, other = CompileSettings.for_device("cpu"), CompileSettings.for_device("meta")
-    options = dict(cpu.inductor_options)
+    assert cpu.rewrites == ("thin_products", "pow_as_exp") and other.rewrites == ()
+    options = cpu.options()
     assert options["pre_grad_custom_pass"] == ThinProducts()
     assert options["post_grad_custom_post_pass"] == PowAsExp()
-    assert "pre_grad_custom_pass" not in dict(other.inductor_options)
+    assert "pre_grad_custom_pass" not in other.options()
     assert cpu == CompileSettings.for_device("cpu") and hash(cpu) == hash(
         CompileSettings.for_device("cpu")
     )
+    with pytest.raises(ValueError, match=r"rewrites: expected names in .*got \['tanh'\]"):
+        CompileSettings(rewrites=("thin_products", "tanh"))
+
+
+def test_agent_settings_compile_ahead_of_time_into_the_command_lines_folder():
+    from funcppo.accel.precompile import default_precompile_dir
+
+    agent = CompileSettings.for_agent("cpu")
+    assert agent == CompileSettings.for_device(
+        "cpu", precompile_dir=default_precompile_dir(), ahead_of_time=True
+    )
+    assert agent.plain() == agent.replace(ahead_of_time=False)
+    # Off the CPU, where ahead-of-time code was never run: torch.compile, files kept.
+    gpu = CompileSettings.for_agent("cuda")
+    assert not gpu.ahead_of_time and gpu.precompile_dir == agent.precompile_dir
+
+
+@pytest.mark.slow
+def test_settings_and_the_precompile_folder_import_no_compiler():
+    # A process that loads ahead-of-time code must not pay for dynamo's import (1.2 s here).
+    code = (
+        "import sys, funcppo.accel.compiling as c\n"
+        "s = c.CompileSettings.for_agent('cpu')\n"
+        "print(sorted(m for m in ('torch._dynamo', 'torch._inductor') if m in sys.modules))\n"
+        "import torch._inductor.runtime.cache_dir_utils as u, os\n"
+        "print(s.precompile_dir == os.path.join(u.cache_dir(), 'funcppo'))"
+    )
+    environ = {k: v for k, v in os.environ.items() if k != "FUNCPPO_PRECOMPILE_DIR"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=environ, capture_output=True, text=True, check=True
+    )
+    assert out.stdout.split("\n")[:2] == ["[]", "True"]
 
 
 # The seam's forms for inductor's CPU code, equal to the plain ones ----------------------------

@@ -17,6 +17,7 @@ import dataclasses
 import itertools
 import os
 import re
+import sys
 import types
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -32,6 +33,7 @@ from funcppo.core.flat import FlatLayout, ravel_leaves, unravel_leaves
 
 __all__ = [
     "CPU_INDUCTOR_OPTIONS",
+    "REWRITES",
     "CompileSettings",
     "compile_fn",
     "fresh",
@@ -74,22 +76,26 @@ def _cpu_inductor_options() -> tuple[tuple[str, Any], ...]:
     process, which took 13.9 s of every first compile into an empty cache here and 1.5 s of
     every later process, for the same list of instruction sets (3.1 s and 0.4 s trusted).
     A user's choice (``TORCHINDUCTOR_VEC_ISA_OK``, or inductor's config set before the
-    settings are made) still decides. And two rewrites of the plain math into forms that
-    inductor's C++ runs faster (``funcppo.accel.rewrites``): thin matrix products as pointwise work
-    (5-8% on the CartPole job) and ``pow`` of a constant base as ``exp`` (4-7% on the update
-    benchmark; docs/design-notes.md)."""
-    import torch._inductor.config as inductor_config
+    settings are made) still decides. Read without importing inductor, which loads dynamo
+    (1.2 s here): a process that only loads ahead-of-time compiled code never needs either."""
+    inductor_config = sys.modules.get("torch._inductor.config")
+    if inductor_config is not None:
+        decided = inductor_config.cpp.vec_isa_ok is not None
+    else:  # inductor's own reading of the variable, when it is imported
+        decided = os.environ.get("TORCHINDUCTOR_VEC_ISA_OK") in ("0", "1")
+    if decided:
+        return CPU_INDUCTOR_OPTIONS
+    return (*CPU_INDUCTOR_OPTIONS, ("cpp.vec_isa_ok", True))
 
-    from funcppo.accel.rewrites import PowAsExp, ThinProducts
 
-    options = (
-        *CPU_INDUCTOR_OPTIONS,
-        ("pre_grad_custom_pass", ThinProducts()),
-        ("post_grad_custom_post_pass", PowAsExp()),
-    )
-    if inductor_config.cpp.vec_isa_ok is None:
-        return (*options, ("cpp.vec_isa_ok", True))
-    return options
+# ``CompileSettings.rewrites``: each name's inductor option and pass (``funcppo.accel.rewrites``,
+# imported when a function is compiled): thin matrix products as pointwise work (5-8% on the
+# CartPole job) and ``pow`` of a constant base as ``exp`` (4-7% on the update benchmark;
+# docs/design-notes.md).
+REWRITES = {
+    "thin_products": ("pre_grad_custom_pass", "ThinProducts"),
+    "pow_as_exp": ("post_grad_custom_post_pass", "PowAsExp"),
+}
 
 
 # A guard whose source is rooted in the compiled function's closure or in a module's globals.
@@ -128,6 +134,11 @@ class CompileSettings:
     compiled or not; None leaves the caller's count. ``precompile_dir``: a folder where each
     function compiled by inductor is written whole once made and read back by later
     processes (``funcppo.accel.precompile``), so that a warm start skips tracing; None: off.
+    ``rewrites``: names in ``REWRITES``, graph rewrites given to inductor as passes.
+    ``ahead_of_time``: each function traced once per argument signature, compiled by
+    AOTInductor and called through torch's C++ runner (``funcppo.accel.ahead``), for code
+    driven step by step from Python (the agents): a later process loads it without importing
+    the compiler, and a call skips dynamo's guards and wrappers; CPU only, inductor only.
 
     Frozen and made of plain values: two settings objects share nothing, and each compiled
     function reads its own when it is built. ``for_device`` gives the tuned choices.
@@ -139,8 +150,13 @@ class CompileSettings:
     inductor_options: tuple[tuple[str, Any], ...] = ()
     rollout_threads: int | None = None
     precompile_dir: str | None = None
+    rewrites: tuple[str, ...] = ()
+    ahead_of_time: bool = False
 
     def __post_init__(self) -> None:
+        unknown = [name for name in self.rewrites if name not in REWRITES]
+        if unknown:
+            raise ValueError(f"rewrites: expected names in {tuple(REWRITES)}, got {unknown}")
         if self.precompile_dir is not None:  # a plain value, whatever path-like was given
             object.__setattr__(self, "precompile_dir", os.fspath(self.precompile_dir))
         threads = self.rollout_threads
@@ -156,19 +172,22 @@ class CompileSettings:
         *,
         rollout_threads: int | None = None,
         precompile_dir: str | os.PathLike | None = None,
+        ahead_of_time: bool = False,
     ) -> CompileSettings:
         """The settings for compiling for ``device``.
 
         CPU: the options measured there (``CPU_INDUCTOR_OPTIONS``, the CPU's vector
-        instruction sets trusted unless the user decided, read when this is called), the C++
-        wrapper and ``rollout_threads``. Any other device: a plain
-        ``torch.compile(fullgraph=True)``, since those options and the C++ wrapper tune
-        inductor's C++ code, which a GPU's graphs do not run in, and were never measured
-        there; and the caller's thread count, ``rollout_threads`` ignored, since the kernels
-        that the count splits run on the CPU. The guard filter is kept everywhere: it chooses
-        among dynamo's guards, which are the same Python checks on any device. Needs no
-        accelerator: ``for_device("cuda")`` can be made on a CPU-only machine.
-        ``precompile_dir`` is kept on every device.
+        instruction sets trusted unless the user decided, read when this is called), the
+        rewrites, the C++ wrapper, ``rollout_threads`` and ``ahead_of_time``. Any other
+        device: a plain ``torch.compile(fullgraph=True)``, since those options and the C++
+        wrapper tune inductor's C++ code, which a GPU's graphs do not run in, and were never
+        measured there; and the caller's thread count, ``rollout_threads`` ignored, since
+        the kernels that the count splits run on the CPU. The guard filter is kept
+        everywhere: it chooses among dynamo's guards, which are the same Python checks on
+        any device. Needs no accelerator: ``for_device("cuda")`` can be made on a CPU-only
+        machine. ``precompile_dir`` is kept on every device; ``ahead_of_time`` is ignored
+        off the CPU, where it was never run. Imports no compiler: settings can be made in a
+        process that only loads ahead-of-time code.
         """
         if torch.device(device).type != "cpu":
             return cls(precompile_dir=precompile_dir)
@@ -177,10 +196,28 @@ class CompileSettings:
             inductor_options=_cpu_inductor_options(),
             rollout_threads=rollout_threads,
             precompile_dir=precompile_dir,
+            rewrites=tuple(REWRITES),
+            ahead_of_time=ahead_of_time,
         )
+
+    @classmethod
+    def for_agent(cls, device: torch.device | str) -> CompileSettings:
+        """What an agent (``PPOAgent``, ``SeedsAgent``) compiles with when given no settings:
+        ``for_device``'s, with the pieces kept in ``default_precompile_dir()`` (the command
+        line's folder) and, on a CPU, compiled ahead of time. An agent calls its pieces from
+        Python once per env step: on CartPole a call took 27 us ahead of time against 54 us
+        through torch.compile, and a later process starts without importing the compiler
+        (benchmarks/RESULTS.md)."""
+        from funcppo.accel.precompile import default_precompile_dir
+
+        return cls.for_device(device, precompile_dir=default_precompile_dir(), ahead_of_time=True)
 
     def replace(self, **changes: Any) -> CompileSettings:
         return dataclasses.replace(self, **changes)
+
+    def plain(self) -> CompileSettings:
+        """These settings compiling through torch.compile, not ahead of time."""
+        return self.replace(ahead_of_time=False)
 
     def options(self) -> dict[str, Any]:
         """``torch.compile``'s ``options``: the guard filter and, with inductor, its config.
@@ -190,8 +227,16 @@ class CompileSettings:
         if self.guard_filter:
             options["guard_filter_fn"] = keep_input_guards
         if self.backend == "inductor":
-            options |= dict(self.inductor_options) | {"cpp_wrapper": self.cpp_wrapper}
+            options |= self.inductor_config() | {"cpp_wrapper": self.cpp_wrapper}
         return options
+
+    def inductor_config(self) -> dict[str, Any]:
+        """Inductor's config: ``inductor_options`` and the rewrites' passes (importing
+        inductor)."""
+        from funcppo.accel import rewrites
+
+        passes = {REWRITES[n][0]: getattr(rewrites, REWRITES[n][1])() for n in self.rewrites}
+        return dict(self.inductor_options) | passes
 
 
 def per_device(
@@ -238,6 +283,10 @@ def compile_fn(fn: Callable, name: str, settings: CompileSettings) -> Callable:
     """
     if not isinstance(settings, CompileSettings):
         raise TypeError(f"settings: expected a CompileSettings, got {settings!r}")
+    if settings.ahead_of_time and settings.backend == "inductor":
+        from funcppo.accel.ahead import AheadOfTime
+
+        return AheadOfTime(fn, name, settings, lambda: compile_fn(fn, name, settings.plain()))
 
     def trampoline(*args):
         return fn(*args)
@@ -269,7 +318,8 @@ def compile_fn(fn: Callable, name: str, settings: CompileSettings) -> Callable:
     inductor = sorted((k, v) for k, v in settings.options().items() if k != "guard_filter_fn")
     context = (inductor, getattr(guard_filter, "__qualname__", None))
     directory = Path(settings.precompile_dir)
-    return Precompiled(fn, name, compiled, make_savable, repr(context), directory)
+    load = dict(settings.inductor_options)
+    return Precompiled(fn, name, compiled, make_savable, repr(context), directory, load)
 
 
 def scan_cacheable():

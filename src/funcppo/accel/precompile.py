@@ -23,9 +23,12 @@ from __future__ import annotations
 import dataclasses
 import enum
 import functools
+import getpass
 import hashlib
 import os
+import re
 import sys
+import tempfile
 import types
 import warnings
 from collections.abc import Callable
@@ -44,6 +47,7 @@ __all__ = [
     "accelerator_models",
     "default_precompile_dir",
     "fingerprint",
+    "precompile_key",
     "savable",
 ]
 
@@ -51,11 +55,23 @@ PRECOMPILE_ENV = "FUNCPPO_PRECOMPILE_DIR"
 
 
 def default_precompile_dir() -> Path:
-    """The command line's folder of precompiled files: ``FUNCPPO_PRECOMPILE_DIR`` when set,
-    else ``funcppo`` in inductor's cache folder (``TORCHINDUCTOR_CACHE_DIR`` or its default)."""
-    from torch._inductor.runtime.cache_dir_utils import cache_dir
-
-    return Path(os.environ.get(PRECOMPILE_ENV) or os.path.join(cache_dir(), "funcppo"))
+    """The folder of precompiled files of the command line and the agents:
+    ``FUNCPPO_PRECOMPILE_DIR`` when set, else ``funcppo`` in inductor's cache folder
+    (``TORCHINDUCTOR_CACHE_DIR`` or its default, worked out as inductor does without importing
+    it: importing inductor loads dynamo, which ahead-of-time code never needs)."""
+    chosen = os.environ.get(PRECOMPILE_ENV)
+    if chosen:
+        return Path(chosen)
+    cache = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if cache is None:
+        try:
+            user = getpass.getuser()
+        except (KeyError, ModuleNotFoundError, OSError):
+            getuid = getattr(os, "getuid", None)
+            user = f"uid_{getuid()}" if callable(getuid) else "unknown_user"
+        user = re.sub(r'[\\/:*?"<>|]', "_", user)
+        cache = os.path.join(tempfile.gettempdir(), "torchinductor_" + user)
+    return Path(os.path.abspath(cache)) / "funcppo"
 
 
 # Guards that torch 2.13 cannot write to a file (CheckFunctionManager's list): dropped from a
@@ -235,6 +251,32 @@ def accelerator_models(args: tuple) -> tuple[tuple[str, str], ...]:
     return tuple(sorted(found))
 
 
+def precompile_key(
+    fn: Callable, context: str, args: tuple, closure: str | None = None
+) -> str | None:
+    """The name of ``fn``'s compiled file for ``args`` (see the module), or None when its
+    closure cannot be fingerprinted. ``context``: the settings that change the generated
+    code; ``closure``: ``fingerprint(fn)`` when already known."""
+    closure = fingerprint(fn) if closure is None else closure
+    if not closure:
+        return None
+    parts = (
+        "funcppo precompile 1",
+        torch.__version__,
+        sys.version,
+        torch.backends.cpu.get_cpu_capability(),
+        torch.get_num_threads(),
+        _source_hash(),
+        context,
+        closure,
+        _signature(args),
+    )
+    accelerators = accelerator_models(args)
+    if accelerators:  # CPU-only arguments keep the key they had without this part
+        parts += (accelerators,)
+    return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+
+
 class Precompiled:
     """``torch.compile(fn, fullgraph=True, ...)`` whose compiled code, once made, is written to
     ``directory`` and read back by later processes; one file per argument signature.
@@ -251,8 +293,13 @@ class Precompiled:
         make_savable: Callable,
         context: str,
         directory: Path,
+        load_options: dict[str, Any] | None = None,
     ):
         self._fn, self._name, self._compiled, self._directory = fn, name, compiled, directory
+        # Inductor's config while a file is loaded: loading runs some of inductor's checks
+        # again, and without the CPU's trusted instruction sets (``cpp.vec_isa_ok``) it proves
+        # each in a fresh Python process: 1.3 s of a process that loads six files here.
+        self._load_options = load_options or {}
         self._make_savable = make_savable  # () -> torch.compile(...) with savable guards only
         self._context = context  # settings that change the generated code
         self._entries: list = []
@@ -275,23 +322,7 @@ class Precompiled:
     def _key(self, args: tuple) -> str | None:
         if self._closure is None:
             self._closure = fingerprint(self._fn) or ""
-        if not self._closure:
-            return None
-        parts = (
-            "funcppo precompile 1",
-            torch.__version__,
-            sys.version,
-            torch.backends.cpu.get_cpu_capability(),
-            torch.get_num_threads(),
-            _source_hash(),
-            self._context,
-            self._closure,
-            _signature(args),
-        )
-        accelerators = accelerator_models(args)
-        if accelerators:  # CPU-only arguments keep the key they had without this part
-            parts += (accelerators,)
-        return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
+        return precompile_key(self._fn, self._context, args, closure=self._closure)
 
     def _entry(self, directory: Path, args: tuple):
         key = self._key(args)
@@ -300,7 +331,7 @@ class Precompiled:
         path = directory / f"{self._name}-{key}.pt2"
         if path.exists():
             try:
-                entry = _load(path)
+                entry = _load(path, self._load_options)
                 if entry.guard_check(*args):
                     return entry
             except Exception:  # an unreadable or foreign file: compile again and replace it
@@ -322,9 +353,15 @@ class Precompiled:
         return entry
 
 
-def _load(path: Path):
+def _load(path: Path, options: dict[str, Any]):
+    import torch._inductor.config as inductor_config
+
     # torch 2.13 rebuilds the guards' sources on load, and one kind registers a guard with the
     # current trace as it is made: give it an empty trace context to register with.
     context = torch._guards.TracingContext(None)
-    with path.open("rb") as file, torch._guards.tracing(context):
+    with (
+        path.open("rb") as file,
+        torch._guards.tracing(context),
+        inductor_config.patch(options),
+    ):
         return torch.compiler.load_compiled_function(file)

@@ -11,8 +11,9 @@ scopes, the minibatch steps looped in Python or, scanned, in inductor's C++.
   a Python loop, which bounds compile time.
 - ``"scan"``: as ``"minibatch"``, with the steps one compiled ``scan`` over the step index
   (``scan_steps``) looped in inductor's C++: one call and one guard check per update, compile
-  time as bounded as the step's. Graphs holding collectives (data parallel) and eager updates
-  loop in Python instead.
+  time as bounded as the step's. Graphs holding collectives (data parallel), eager updates
+  and updates compiled ahead of time (``CompileSettings.ahead_of_time``: a gradient inside a
+  scan cannot be exported) loop in Python instead.
 """
 
 from __future__ import annotations
@@ -176,7 +177,7 @@ def compose_update(
     finish_dims = (0, 0, 0, 0, 1)
     if scope == "update":
         return wrap(drive(shuffle, prepare, loop(step), finish))
-    if scope == "scan" and settings is not None and not collectives:
+    if scope == "scan" and settings is not None and not collectives and not settings.ahead_of_time:
         scanned = compile_fn(scan_steps(seeded(step, step_dims), num_steps), "update", settings)
 
         def steps(carry, prep, hparams):

@@ -81,7 +81,7 @@ class PPOAgent:
       normalize_reward, clip_reward: rewards divided by the running std of the discounted return.
       device: where the state lives (None: CPU). compile_scope, backend: see ``make_update_fn``.
       compiler: how the update is compiled (``funcppo.accel.compiling.CompileSettings``); None:
-        ``CompileSettings.for_device(device)``.
+        ``CompileSettings.for_agent(device)``, ahead of time on a CPU, kept on disk.
     """
 
     def __init__(
@@ -111,6 +111,8 @@ class PPOAgent:
             "clip_reward": float(clip_reward),
         }
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        if compiler is None and config.compile:
+            compiler = CompileSettings.for_agent(self.device)
         self.state = init_train_state(jr.key(seed, self.device), config)
         # The state's hyperparameters: update(learning_rate=, clip_coef=) sets them per call.
         self._update = make_update_fn(

@@ -64,7 +64,8 @@ class SeedsAgent:
       hparams: per-seed hyperparameters, ``{name: [S] values}`` (a sweep), fields of
         ``funcppo.training.state.Hyperparams``.
       compile_acting: compile ``act``/``observe`` (None: ``config.compile``).
-      compiler: ``funcppo.accel.compiling.CompileSettings`` for both (None: the device's).
+      compiler: ``funcppo.accel.compiling.CompileSettings`` for both (None:
+        ``CompileSettings.for_agent(device)``, ahead of time on a CPU, kept on disk).
 
     ``update`` and ``learn`` return metrics as host values, each a list over seeds.
     ``seed_agent(i)`` gives seed i as a ``PPOAgent`` (to save, predict or evaluate).
@@ -93,6 +94,8 @@ class SeedsAgent:
         self.config, self.num_envs, self.num_steps = config, num_envs, num_steps
         self.seeds, self.num_seeds = seeds, len(seeds)
         self.device = torch.device("cpu") if device is None else torch.device(device)
+        if compiler is None:
+            compiler = CompileSettings.for_agent(self.device)
         self.settings = {
             "normalize_obs": bool(normalize_obs),
             "normalize_reward": bool(normalize_reward),

@@ -91,7 +91,11 @@ def _agents(
         normalize_obs=args.normalize_obs,
         device=device,
         hparams=hparams,
-        compiler=CompileSettings.for_device(device, precompile_dir=folder),
+        # Ahead of time where the pieces are kept: compiled anew by every process it would
+        # cost more than torch.compile with inductor's caches.
+        compiler=CompileSettings.for_device(
+            device, precompile_dir=folder, ahead_of_time=folder is not None
+        ),
     )
 
 
