@@ -6,11 +6,13 @@ For S seeds x 4 envs (sync vector env, same-step autoreset), each part timed alo
 * ``vector env``: gymnasium's ``step`` on the S x 4 envs alone (fixed actions, no funcppo);
 * ``adapter``: ``GymAdapter.step`` without its action checks, less the vector env: actions to
   numpy, observations, masks, final observations and flags to tensors;
-* ``act``: the compiled (or eager) ``observe_act`` call, every seed in one call;
+* ``act``: the ``observe_act`` call, every seed in one call: compiled ahead of time (the
+  agents' default, ``CompileSettings.for_agent``), through torch.compile (``--plain``) or eager;
 * ``whole step``: ``collect``'s time per env step, its loop included; ``glue`` is what the
   parts leave of it (the loop's own Python: views of the seed axis, the rows kept, counts).
 
     python benchmarks/gym_step.py --seeds 1 8
+    python benchmarks/gym_step.py --seeds 1 --plain     # torch.compile's precompiled files
     python benchmarks/gym_step.py --seeds 1 --eager     # acting eager instead of compiled
 """
 
@@ -113,16 +115,22 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seeds", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--eager", action="store_true", help="acting eager, not compiled")
+    parser.add_argument(
+        "--plain", action="store_true", help="torch.compile, not ahead of time (files kept)"
+    )
     parser.add_argument("--steps", type=int, default=500)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    # The command line's precompiled files: a warm start, as a second run of the CLI has.
-    compiler = CompileSettings.for_device("cpu", precompile_dir=default_precompile_dir())
+    # The agents' settings, their files in the command line's folder: a warm start, as a
+    # second run has.
+    compiler = CompileSettings.for_agent("cpu")
+    if args.plain:
+        compiler = CompileSettings.for_device("cpu", precompile_dir=default_precompile_dir())
     for seeds in args.seeds:
         parts = measure(seeds, args.eager, args.steps, args.repeats, compiler)
-        mode = "eager" if args.eager else "compiled"
+        mode = "eager" if args.eager else "torch.compile" if args.plain else "ahead of time"
         line = ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in parts.items())
         print(f"{seeds} seeds x {NUM_ENVS} envs, acting {mode}: {line}", flush=True)
 

@@ -6,8 +6,9 @@ gamma 0.99, GAE lambda 0.95, clip 0.2, entropy 0.01, 64 x 64 tanh actor and crit
 thread, ``--total-steps`` env steps per seed.
 
 * funcppo: ``SeedsAgent`` (``funcppo.agent.gym_vector``) on one gymnasium sync vector env of
-  S x 4 envs (same-step autoreset), acting and update compiled, its precompiled files warm
-  (a first, untimed run writes them);
+  S x 4 envs (same-step autoreset), with its default settings: acting and update compiled
+  ahead of time, the packages warm in the command line's folder (a first, untimed run
+  writes them);
 * SB3: ``PPO("MlpPolicy", make_vec_env(CartPole-v1, 4))`` and ``learn``, S runs one after
   the other in one process (the most favourable way to run S seeds with SB3: one import).
 
