@@ -129,6 +129,11 @@ def test_a_function_that_cannot_be_exported_runs_through_torch_compile(tmp_path)
     with pytest.warns(UserWarning, match="aot_counts compiled by torch.compile, not ahead"):
         y, n = fn(torch.ones(3))
     assert torch.equal(y, torch.full((3,), 2.0)) and n == 3
+    # A leaf that is neither a tensor nor a plain value: its value would be baked in unkeyed.
+    odd = compile_fn(lambda x, dtype: x.to(dtype) * 2, "aot_odd", _settings(tmp_path))
+    with pytest.warns(UserWarning, match=r"aot_odd compiled by torch.compile: .*\['dtype'\]"):
+        y = odd(torch.ones(2), torch.float64)
+    assert y.dtype == torch.float64 and torch.equal(y, torch.full((2,), 2.0, dtype=torch.float64))
     y, n = fn(torch.ones(4))  # the torch.compile form from now on, no second warning
     # No package; torch.compile's form is kept in the folder as precompiled files are.
     assert n == 4 and not list(tmp_path.glob("*-aot-*")) and list(tmp_path.glob("*.pt2"))

@@ -12,8 +12,9 @@ be), runs, and rebuilds the output tree.
 
 Tracing: ``make_fx`` (which goes through ``torch.func``'s ``vmap`` and ``grad``) gives a
 graph of aten ops, ``torch.export`` lifts its constants, and AOTInductor compiles it with
-the settings' inductor config. Non-tensor leaves of the arguments (None, numbers) are part of
-the signature, as dynamo's guards would make them. The packages are kept in the settings'
+the settings' inductor config. Non-tensor leaves of the arguments (None, numbers, strings) are
+part of the signature, as dynamo's guards would make them; any other kind of leaf goes to
+``torch.compile``. The packages are kept in the settings'
 ``precompile_dir`` under the key that ``funcppo.accel.precompile`` gives whole compiled
 functions (without one, in a temporary folder of this process). A function that cannot be
 traced or compiled this way (data-dependent control flow, outputs that are not tensors) is
@@ -41,6 +42,7 @@ from funcppo.core.atomic import write_atomic
 __all__ = ["AheadOfTime", "load_package"]
 
 _SPEC_KEY = "funcppo_output_spec"
+_PLAIN = (bool, int, float, str, type(None))
 
 
 def _layout(leaves: list) -> tuple:
@@ -110,6 +112,14 @@ class AheadOfTime:
             warnings.warn(
                 f"funcppo: {self._name} compiled by torch.compile: ahead-of-time code runs on "
                 f"the CPU only here, got tensors on {sorted(devices - {'cpu'})}",
+                stacklevel=3,
+            )
+            return None
+        odd = {type(x).__name__ for x in leaves if not isinstance(x, (Tensor, *_PLAIN))}
+        if odd:  # a value the trace would bake in and the key would not tell apart
+            warnings.warn(
+                f"funcppo: {self._name} compiled by torch.compile: arguments hold "
+                f"{sorted(odd)}, neither tensors nor plain values",
                 stacklevel=3,
             )
             return None
