@@ -137,6 +137,37 @@ def test_compose_update_runs_the_pieces_in_order_and_names_a_bad_scope():
         compose_update(pieces, config, "epoch", None, SingleProcess(), None)
 
 
+def test_the_python_loop_makes_the_step_index_on_the_datas_device():
+    # The eager and "minibatch" loops index minibatch k of data on the state's device: an
+    # index made on the CPU failed on a GPU (an H200), and fails on the meta device here.
+    meta = torch.device("meta")
+
+    class State(NamedTuple):
+        step: torch.Tensor
+        key: torch.Tensor
+        hparams: torch.Tensor
+
+    def step(carry, prep, hparams, k):
+        return carry + prep.index_select(0, k.reshape(1)).sum() * hparams, {"k": k}
+
+    pieces = UpdatePieces(
+        lambda state, batch: torch.arange(3, device=batch.device),
+        lambda state, batch, order: (batch[order], {}, state.step.float()),
+        lambda state, groups: groups,
+        step,
+        lambda step_, key, carry, stats, metrics: (carry, metrics),
+    )
+    config = PPOConfig(
+        obs_dim=2, spec=ActionSpec({"op": 2}, "op", [(), ()]), update_epochs=3, compile=False
+    )
+    state = State(*(torch.zeros((), device=meta) for _ in range(3)))
+    for scope in ("minibatch", "scan"):  # eager: both loop in Python
+        run = compose_update(pieces, config, scope, None, SingleProcess(), None)
+        carry, metrics = run(state, torch.ones(3, device=meta))
+        assert carry.device == meta and metrics["k"].device == meta
+        assert metrics["k"].shape == (3 * config.num_minibatches,)
+
+
 def test_stacked_tree_map_equals_tree_map_eager_and_compiled():
     g = torch.Generator().manual_seed(0)
     tree = {"a": torch.randn(6, generator=g), "b": {"x": torch.randn(6, generator=g), "e": {}}}

@@ -165,8 +165,9 @@ def compose_update(
     def loop(step: Callable) -> Callable:
         def steps(carry, prep, hparams):
             metrics = []
+            device = optree.tree_leaves(carry)[0].device  # the step index lives with the data
             for k in range(num_steps):
-                carry, m = step(carry, prep, hparams, torch.tensor(k))
+                carry, m = step(carry, prep, hparams, torch.tensor(k, device=device))
                 metrics.append(m)
             return carry, _stacked(metrics)
 
